@@ -1,0 +1,3 @@
+"""fedrelay: live telemetry for federated and centralized training."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,240 @@
+"""``fedrelay serve | runs | schema``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # websockets logs every failed handshake at INFO; keep ours readable.
+    logging.getLogger("websockets").setLevel(max(root.level, logging.WARNING))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .relay import Relay, RelayConfig
+    from .relay.store import StoreError
+
+    try:
+        config = RelayConfig.from_env(
+            host=args.host,
+            port=args.port,
+            db=":memory:" if args.memory else args.db,
+            replay_size=args.replay_size,
+            retain_events=args.retain_events,
+            max_frame_bytes=args.max_frame_bytes,
+            max_events_per_frame=args.max_events_per_frame,
+            max_queue_bytes=args.max_queue_bytes,
+            publish_token=args.publish_token,
+            subscribe_token=args.subscribe_token,
+            allow_origins=args.allow_origin or None,
+            stall_after=args.stall_after,
+            compression=True if args.compression else None,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except (ValueError, TypeError) as exc:
+        print(f"fedrelay serve: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level, config.log_format)
+
+    async def run() -> int:
+        relay = Relay(config)
+        try:
+            await relay.start()
+        except StoreError as exc:
+            logging.getLogger("fedrelay").error("%s", exc)
+            return 1
+        except OSError as exc:
+            logging.getLogger("fedrelay").error(
+                "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
+            )
+            await relay.store.close()
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.request_stop)
+        print(
+            f"fedrelay {__version__} relay on {relay.url}  (dashboard: http{relay.url[2:]}/)",
+            flush=True,
+        )
+        await relay.serve_until_stopped()
+        return 0
+
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is not on Windows
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(run())
+
+
+def _http_get(url: str, token: str | None) -> Any:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _http_base(url: str) -> str:
+    url = url.rstrip("/")
+    if url.startswith("ws://") or url.startswith("wss://"):
+        url = "http" + url[2:]
+    return url
+
+
+def _runs(args: argparse.Namespace) -> int:
+    try:
+        payload = _http_get(_http_base(args.url) + "/api/runs", args.token)
+    except urllib.error.HTTPError as exc:
+        print(
+            f"fedrelay runs: {args.url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
+            file=sys.stderr,
+        )
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(
+            f"fedrelay runs: no relay at {args.url} ({getattr(exc, 'reason', exc)})",
+            file=sys.stderr,
+        )
+        return 1
+    runs = payload["runs"]
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print("no runs yet")
+        return 0
+    rows = [("RUN", "STATUS", "MODE", "PROGRESS", "EVENTS", "STARTED")]
+    for run in runs:
+        if run.get("round") is not None:
+            progress = f"round {run['round']}/{run.get('num_rounds') or '?'}"
+        elif run.get("epoch") is not None:
+            progress = f"epoch {run['epoch']}/{run.get('max_epochs') or '?'}"
+        else:
+            progress = "-"
+        started = run.get("started_at") or run.get("created_at")
+        rows.append(
+            (
+                run["run_id"],
+                run["status"],
+                run.get("training_mode") or "-",
+                progress,
+                str(run["last_seq"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter
+
+    from .schemas import Event, RelayControl, SubscriberControl
+
+    parts = {
+        "event": TypeAdapter(Event),
+        "relay_control": TypeAdapter(RelayControl),
+        "subscriber_control": TypeAdapter(SubscriberControl),
+    }
+    if args.part != "all":
+        print(json.dumps(parts[args.part].json_schema(), indent=2))
+        return 0
+    print(json.dumps({name: a.json_schema() for name, a in parts.items()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedrelay", description="Live telemetry relay for Flower and Lightning training."
+    )
+    parser.add_argument("--version", action="version", version=f"fedrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. Every option can also be set as FEDRELAY_<OPTION> "
+        "(e.g. FEDRELAY_PORT, FEDRELAY_PUBLISH_TOKEN); flags win over the environment.",
+    )
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    serve.add_argument("--db", help="SQLite file (default: the user data dir, relay.db)")
+    serve.add_argument("--memory", action="store_true", help="keep events in memory only")
+    serve.add_argument("--replay-size", type=int, help="events per run kept in memory (1000)")
+    serve.add_argument("--retain-events", type=int, help="events per run kept on disk (0 = all)")
+    serve.add_argument("--max-frame-bytes", type=int, help="largest accepted frame (1 MiB)")
+    serve.add_argument("--max-events-per-frame", type=int, help="events per frame (1000)")
+    serve.add_argument(
+        "--max-queue-bytes", type=int, help="send queue per subscriber before cutting it (4 MiB)"
+    )
+    serve.add_argument("--publish-token", help="token producers must present")
+    serve.add_argument("--subscribe-token", help="token subscribers and /api must present")
+    serve.add_argument(
+        "--allow-origin", action="append", help="extra browser origin allowed ('*' = any)"
+    )
+    serve.add_argument(
+        "--stall-after", type=float, help="seconds of silence before 'stalled' (300)"
+    )
+    serve.add_argument("--compression", action="store_true", help="enable permessage-deflate")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.set_defaults(func=_serve)
+
+    runs = commands.add_parser("runs", help="list the runs a relay knows")
+    runs.add_argument("--url", default="http://127.0.0.1:8765", help="relay address")
+    runs.add_argument("--token", help="subscribe token, if the relay needs one")
+    runs.add_argument("--json", action="store_true", help="print JSON")
+    runs.set_defaults(func=_runs)
+
+    schema = commands.add_parser("schema", help="print the wire contract as JSON Schema")
+    schema.add_argument(
+        "--part", choices=["all", "event", "relay_control", "subscriber_control"], default="all"
+    )
+    schema.set_defaults(func=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,83 @@
+"""Relay settings: one dataclass, filled from flags or ``FEDRELAY_*`` env vars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from platformdirs import user_data_dir
+
+from .store import MEMORY
+
+
+def default_db_path() -> str:
+    return str(Path(user_data_dir("fedrelay", appauthor=False)) / "relay.db")
+
+
+@dataclass
+class RelayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    db: str = field(default_factory=default_db_path)
+    """SQLite file, or ``:memory:`` for a relay that forgets on exit."""
+    replay_size: int = 1000
+    """Events per run kept in memory for instant catch-up."""
+    retain_events: int = 0
+    """Events per run kept in the store; 0 keeps everything."""
+    max_frame_bytes: int = 1 << 20
+    """Larger frames get an error frame; 4x this closes the connection."""
+    max_events_per_frame: int = 1000
+    max_queue_bytes: int = 4 << 20
+    """Bytes waiting for one subscriber before it is cut as a slow consumer."""
+    max_store_lag: int = 200_000
+    """Uncommitted events past which producers are read no further (backpressure)."""
+    publish_token: str | None = None
+    subscribe_token: str | None = None
+    allow_origins: list[str] = field(default_factory=list)
+    """Extra browser origins allowed; '*' allows any."""
+    stall_after: float = 300.0
+    """Seconds without events after which a running run shows as stalled."""
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    compression: bool = False
+    """permessage-deflate: saves bandwidth, costs CPU per subscriber."""
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def in_memory(self) -> bool:
+        return self.db == MEMORY
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> RelayConfig:
+        """Defaults, then ``FEDRELAY_<FIELD>`` variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"FEDRELAY_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("list"):
+            return [item.strip() for item in raw.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"FEDRELAY_{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw or None if kind.startswith("str |") else raw

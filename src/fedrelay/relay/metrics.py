@@ -1,0 +1,57 @@
+"""Prometheus metrics, one registry per relay so tests can run several."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "fedrelay_connections", "Open WebSocket connections", ["endpoint"], registry=r
+        )
+        self.events_in = Counter("fedrelay_events_in", "Events accepted from producers", registry=r)
+        self.events_out = Counter(
+            "fedrelay_events_out", "Events written to subscribers", registry=r
+        )
+        self.duplicates = Counter(
+            "fedrelay_duplicates", "Resent events dropped as already stored", registry=r
+        )
+        self.rejected = Counter(
+            "fedrelay_rejected", "Frames or events refused, by reason", ["code"], registry=r
+        )
+        self.slow_consumers = Counter(
+            "fedrelay_slow_consumers", "Subscribers cut for a full send queue", registry=r
+        )
+        self.handshakes_refused = Counter(
+            "fedrelay_handshakes_refused", "Handshakes refused, by reason", ["reason"], registry=r
+        )
+        self.store_commits = Counter(
+            "fedrelay_store_commits", "Store transactions committed", registry=r
+        )
+        self.store_lag = Gauge(
+            "fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r
+        )
+        self.store_failing = Gauge(
+            "fedrelay_store_failing", "1 while store commits fail", registry=r
+        )
+        self.runs = Gauge("fedrelay_runs", "Runs known to the relay", registry=r)
+
+    def bind(
+        self,
+        *,
+        store_lag: Callable[[], float],
+        store_failing: Callable[[], float],
+        runs: Callable[[], float],
+    ) -> None:
+        """Gauges read live state at scrape time instead of being kept in sync."""
+        self.store_lag.set_function(store_lag)
+        self.store_failing.set_function(store_failing)
+        self.runs.set_function(runs)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

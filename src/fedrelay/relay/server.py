@@ -1,0 +1,507 @@
+"""WebSocket I/O: the handshake gate, producer, subscriber and root connections.
+
+All decisions live in :mod:`.hub` (who gets what) and :mod:`.schemas.wire`
+(what is valid); this module reads frames, calls them, and writes results.
+Writes to subscribers are synchronous and never await a slow peer: a
+subscriber's backlog is its transport buffer, bounded by
+``max_queue_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..schemas.events import RUN_ID_RE
+from ..schemas.wire import Refused, encode, legacy_to_event, parse_json, split_frame, validate_event
+from .access import origin_ok, presented_token, token_ok
+from .config import RelayConfig
+from .fanout import Frame, queued_bytes
+from .http import HttpApi, first_param, text_response, whole_number
+from .hub import Delivery, Hub, Sequenced, Subscription
+from .metrics import RelayMetrics
+from .store import EventStore
+
+log = logging.getLogger("fedrelay.relay")
+
+CATCH_UP_PAGE = 5000
+"""Events per store read (and per frame) while a subscriber catches up."""
+BACKLOG_CHUNK = 1000
+"""Events per frame when sending the in-memory backlog."""
+SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
+HARD_SIZE_FACTOR = 4
+
+
+class Relay:
+    """One relay: a hub, a store, and the sockets between them."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.hub = Hub(replay_size=config.replay_size)
+        self.metrics = RelayMetrics()
+        self.store = EventStore(
+            config.db,
+            runs=self.hub.runs,
+            on_commit=self._on_commit,
+            retain_events=config.retain_events,
+            on_pruned=self.hub.pruned,
+        )
+        self.http = HttpApi(self)
+        self.started_at = time.time()
+        self._server: Server | None = None
+        self._subscribers: dict[Subscription, ServerConnection] = {}
+        self._catch_ups: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        restored = await self.store.open()
+        for run in restored.runs:
+            self.hub.restore_run(run)
+        for name, last_id in restored.producers.items():
+            self.hub.restore_producer(name, last_id)
+        self.metrics.bind(
+            store_lag=lambda: self.store.lag,
+            store_failing=lambda: 1.0 if self.store.failing else 0.0,
+            runs=lambda: len(self.hub.runs),
+        )
+        cfg = self.config
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._gate,
+            compression="deflate" if cfg.compression else None,
+            max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
+            max_queue=64,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            close_timeout=5,
+            server_header=None,
+        )
+        log.info(
+            "relay listening on %s (store %s, %d runs restored)",
+            self.url,
+            cfg.db,
+            len(restored.runs),
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}"
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, close connections, and flush the store."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._catch_ups):
+            task.cancel()
+        await self.store.close()
+        log.info("relay stopped; store flushed")
+
+    # -- handshake ---------------------------------------------------------
+
+    async def _gate(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Route plain HTTP; check origin and tokens before a WebSocket opens."""
+        try:
+            url = urlsplit(request.path)
+            query = parse_qs(url.query, keep_blank_values=True)
+        except ValueError:
+            return text_response(400, "malformed request target\n")
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade:
+            return await self.http.respond(url.path, query, request.headers)
+        endpoint = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}.get(url.path)
+        if endpoint is None:
+            return text_response(404, f"no WebSocket endpoint at {url.path[:100]}\n")
+        try:
+            origin = request.headers.get("Origin")
+        except Exception:  # several Origin headers
+            return self._refuse("origin", 403, "several Origin headers\n")
+        if not origin_ok(origin, request.headers.get("Host"), self.config.allow_origins):
+            return self._refuse("origin", 403, f"origin {origin[:100]!r} is not allowed\n")
+        token = presented_token(request.headers.get("Authorization"), first_param(query, "token"))
+        needs = {
+            "publish": (self.config.publish_token,),
+            "subscribe": (self.config.subscribe_token,),
+            "root": (self.config.publish_token, self.config.subscribe_token),
+        }[endpoint]
+        if not all(token_ok(expected, token) for expected in needs):
+            return self._refuse(
+                "token", 401, "missing or wrong token: send Authorization: Bearer TOKEN\n"
+            )
+        return None
+
+    def _refuse(self, reason: str, status: int, text: str) -> Response:
+        self.metrics.handshakes_refused.labels(reason).inc()
+        return text_response(status, text)
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        assert conn.request is not None
+        url = urlsplit(conn.request.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        endpoint = {"/publish": "publish", "/subscribe": "subscribe"}.get(url.path, "root")
+        gauge = self.metrics.connections.labels(endpoint)
+        gauge.inc()
+        try:
+            if endpoint == "publish":
+                await self._publisher(conn, query)
+            elif endpoint == "subscribe":
+                await self._subscriber(conn, query)
+            else:
+                await self._root(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            gauge.dec()
+
+    # -- producers ---------------------------------------------------------
+
+    async def _publisher(self, conn: ServerConnection, query: dict[str, list[str]]) -> None:
+        name = first_param(query, "producer")
+        if name is None:
+            name = self.hub.new_producer_name()
+        elif not _valid_name(name):
+            self._send(
+                conn,
+                _error(
+                    "bad_producer",
+                    "producer must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+                ),
+            )
+            await conn.close(1008, "bad producer name")
+            return
+        self._send(conn, {"op": "hello", "producer": name, "last_id": self.hub.producers.get(name)})
+        acked = [0]
+        async for frame in conn:
+            self._ingest(conn, name, frame, acked)
+            if self.store.lag > self.config.max_store_lag:
+                await self.store.wait_for_room(self.config.max_store_lag)
+
+    def _ingest(
+        self, conn: ServerConnection, producer: str, frame: str | bytes, acked: list[int]
+    ) -> None:
+        """Validate, sequence and queue one producer frame; ack after commit."""
+        try:
+            self._check_size(frame)
+            raws = split_frame(parse_json(frame), self.config.max_events_per_frame)
+        except Refused as exc:
+            self._reject(conn, exc)
+            return
+        valid: list[dict[str, Any]] = []
+        top_id = 0
+        for index, raw in enumerate(raws):
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+                top_id = max(top_id, raw_id)
+            try:
+                valid.append(validate_event(raw))
+            except Refused as exc:
+                self._reject(conn, exc, event_id=raw_id, index=index if len(raws) > 1 else None)
+        accepted = self.hub.accept(producer, valid, origin=conn)
+        self.store.append(accepted.new)
+        self.metrics.events_in.inc(len(accepted.new))
+        if accepted.duplicates:
+            self.metrics.duplicates.inc(accepted.duplicates)
+        if top_id > acked[0]:
+            acked[0] = top_id
+            ack = encode({"op": "ack", "producer": producer, "upto": top_id})
+            self.store.after_commit(lambda: self._send_text(conn, ack))
+
+    def _check_size(self, frame: str | bytes) -> None:
+        if len(frame) > self.config.max_frame_bytes:
+            raise Refused(
+                "too_large",
+                f"frame of {len(frame)} bytes; at most {self.config.max_frame_bytes} are accepted",
+            )
+
+    def _reject(
+        self,
+        conn: ServerConnection,
+        exc: Refused,
+        *,
+        event_id: Any = None,
+        index: int | None = None,
+        run_id: str | None = None,
+        legacy: bool = False,
+    ) -> None:
+        self.metrics.rejected.labels(exc.code).inc()
+        if legacy:
+            self._send(conn, {"type": "error", "data": {"code": exc.code, "detail": exc.detail}})
+            return
+        frame = _error(exc.code, exc.detail)
+        if isinstance(event_id, int) and not isinstance(event_id, bool):
+            frame["id"] = event_id
+        if index is not None:
+            frame["index"] = index
+        if run_id is not None:
+            frame["run_id"] = run_id
+        self._send(conn, frame)
+
+    # -- subscribers -------------------------------------------------------
+
+    async def _subscriber(self, conn: ServerConnection, query: dict[str, list[str]]) -> None:
+        sub = Subscription(handle=conn)
+        self._subscribers[sub] = conn
+        try:
+            runs = query.get("run_id", [])
+            since_text = first_param(query, "since")
+            since = 0
+            if since_text is not None:
+                since = whole_number(since_text)
+                if since is None:
+                    self._reject(
+                        conn,
+                        Refused(
+                            "bad_since",
+                            f"since must be a whole number >= 0, not {since_text[:40]!r}",
+                        ),
+                    )
+                    runs = []
+            for run_id in runs:
+                self._join(conn, sub, run_id, since)
+            async for frame in conn:
+                self._subscriber_frame(conn, sub, frame)
+        finally:
+            self._subscribers.pop(sub, None)
+            self.hub.drop(sub)
+
+    def _subscriber_frame(
+        self, conn: ServerConnection, sub: Subscription, frame: str | bytes
+    ) -> None:
+        try:
+            self._check_size(frame)
+            msg = parse_json(frame)
+            if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+                raise Refused("bad_frame", 'send {"op": "subscribe"|"unsubscribe"|"ping", ...}')
+            op = msg["op"]
+            if op == "ping":
+                self._send(conn, {"op": "pong"})
+                return
+            if op not in ("subscribe", "unsubscribe"):
+                raise Refused(
+                    "bad_op", f"unknown op {op[:40]!r}; use subscribe, unsubscribe or ping"
+                )
+            run_id = msg.get("run_id")
+            if not isinstance(run_id, str):
+                raise Refused("bad_run_id", "run_id must be a string")
+            if op == "unsubscribe":
+                self.hub.unsubscribe(sub, run_id)
+                self._send(conn, {"op": "unsubscribed", "run_id": run_id})
+                return
+            since = msg.get("since", 0)
+            if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+                raise Refused("bad_since", "since must be a whole number >= 0")
+        except Refused as exc:
+            self._reject(conn, exc)
+            return
+        self._join(conn, sub, run_id, since)
+
+    def _join(self, conn: ServerConnection, sub: Subscription, run_id: str, since: int) -> None:
+        """Subscribe to one run: acknowledge, send what the ring has, page the rest."""
+        if run_id == "*":
+            self.hub.subscribe_all(sub)
+            self._send(conn, {"op": "subscribed", "run_id": "*", "since": None, "last_seq": None})
+            return
+        if not _valid_name(run_id):
+            self._reject(
+                conn,
+                Refused(
+                    "bad_run_id",
+                    "run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-', or '*'",
+                ),
+            )
+            return
+        try:
+            joined = self.hub.subscribe(sub, run_id, since)
+        except Refused as exc:
+            self._reject(conn, exc, run_id=run_id)
+            return
+        self._send(
+            conn,
+            {"op": "subscribed", "run_id": run_id, "since": since, "last_seq": joined.last_seq},
+        )
+        if joined.gap_resume_from is not None:
+            self._send_gap(conn, run_id, since, joined.gap_resume_from)
+        self._write_events(conn, sub, joined.backlog)
+        if joined.from_store:
+            task = asyncio.create_task(self._catch_up(conn, sub, run_id))
+            self._catch_ups.add(task)
+            task.add_done_callback(self._catch_ups.discard)
+
+    async def _catch_up(self, conn: ServerConnection, sub: Subscription, run_id: str) -> None:
+        """Page a run's history from the store until the replay ring reaches."""
+        try:
+            while run_id in sub.catching_up and sub in self._subscribers:
+                cursor = sub.cursors[run_id]
+                rows = await self.store.read(run_id, cursor, CATCH_UP_PAGE)
+                if run_id not in sub.catching_up or sub.cursors.get(run_id) != cursor:
+                    return  # unsubscribed or re-subscribed meanwhile
+                if rows and rows[0][0] != cursor + 1:
+                    self._send_gap(conn, run_id, cursor, rows[0][0])
+                if rows:
+                    body = (
+                        rows[0][1] if len(rows) == 1 else "[" + ",".join(r[1] for r in rows) + "]"
+                    )
+                    if not Frame.text(body).write_to(conn):
+                        return
+                    self.metrics.events_out.inc(len(rows))
+                    await conn.drain()
+                    cursor = rows[-1][0]
+                else:
+                    ring = self.hub.runs[run_id].ring
+                    if ring:  # pruned under us: jump to what memory holds
+                        self._send_gap(conn, run_id, cursor, ring[0].seq)
+                        cursor = ring[0].seq - 1
+                rest = self.hub.caught_up_to(sub, run_id, cursor)
+                if rest is not None:
+                    self._write_events(conn, sub, rest)
+                    return
+        except ConnectionClosed:
+            return
+        except Exception:
+            log.exception("catch-up of run %s failed", run_id)
+            await conn.close(1011, "catch-up failed")
+
+    def _send_gap(self, conn: ServerConnection, run_id: str, since: int, resume_from: int) -> None:
+        self._send(
+            conn, {"op": "gap", "run_id": run_id, "since": since, "resume_from": resume_from}
+        )
+
+    # -- root path (compatibility) -------------------------------------------
+
+    async def _root(self, conn: ServerConnection) -> None:
+        """The ``{type, timestamp, data}`` relay that existing frontends speak."""
+        sub = Subscription(handle=conn, legacy=True)
+        self._subscribers[sub] = conn
+        self.hub.subscribe_all(sub)
+        producer = self.hub.new_producer_name()
+        try:
+            async for frame in conn:
+                self._root_frame(conn, producer, frame)
+                if self.store.lag > self.config.max_store_lag:
+                    await self.store.wait_for_room(self.config.max_store_lag)
+        finally:
+            self._subscribers.pop(sub, None)
+            self.hub.drop(sub)
+
+    def _root_frame(self, conn: ServerConnection, producer: str, frame: str | bytes) -> None:
+        try:
+            self._check_size(frame)
+            raw = parse_json(frame)
+            if isinstance(raw, dict) and raw.get("type") == "ping":
+                self._send(conn, {"type": "pong"})
+                return
+            event = legacy_to_event(raw)
+        except Refused as exc:
+            self._reject(conn, exc, legacy=True)
+            return
+        accepted = self.hub.accept(producer, [event], origin=conn)
+        self.store.append(accepted.new)
+        self.metrics.events_in.inc(len(accepted.new))
+
+    # -- delivery ------------------------------------------------------------
+
+    def _on_commit(self, batch: list[Sequenced]) -> None:
+        """Stored events become visible: write them to every live subscriber."""
+        self.metrics.store_commits.inc()
+        deliveries = self.hub.committed(batch)
+        if deliveries:
+            self._deliver(deliveries)
+
+    def _deliver(self, deliveries: Iterable[Delivery]) -> None:
+        frames: dict[int, Frame] = {}
+        limit = self.config.max_queue_bytes
+        sent = 0
+        for sub, items in deliveries:
+            conn = self._subscribers.get(sub)
+            if conn is None:
+                continue
+            if sub.legacy:
+                for item in items:
+                    Frame.text(item.legacy_body()).write_to(conn)
+            else:
+                frame = frames.get(id(items))
+                if frame is None:
+                    frame = frames[id(items)] = _events_frame(items)
+                frame.write_to(conn)
+            sent += len(items)
+            if queued_bytes(conn) > limit:
+                self._cut_slow(sub, conn)
+        self.metrics.events_out.inc(sent)
+
+    def _write_events(
+        self, conn: ServerConnection, sub: Subscription, items: list[Sequenced]
+    ) -> None:
+        for start in range(0, len(items), BACKLOG_CHUNK):
+            _events_frame(items[start : start + BACKLOG_CHUNK]).write_to(conn)
+        self.metrics.events_out.inc(len(items))
+
+    def _cut_slow(self, sub: Subscription, conn: ServerConnection) -> None:
+        """Drop a subscriber whose queue is full; it resumes with since=N."""
+        self.metrics.slow_consumers.inc()
+        self._subscribers.pop(sub, None)
+        self.hub.drop(sub)
+        log.warning(
+            "cut slow consumer %s: over %d bytes queued", _peer(conn), self.config.max_queue_bytes
+        )
+        asyncio.get_running_loop().create_task(
+            conn.close(SLOW_CONSUMER, "slow consumer: resume with since=<last seq>")
+        )
+
+    # -- small helpers -------------------------------------------------------
+
+    def _send(self, conn: ServerConnection, frame: dict[str, Any]) -> None:
+        self._send_text(conn, encode(frame))
+
+    @staticmethod
+    def _send_text(conn: ServerConnection, text: str) -> None:
+        Frame.text(text).write_to(conn)
+
+
+def _events_frame(items: list[Sequenced]) -> Frame:
+    if len(items) == 1:
+        return Frame.text(items[0].body)
+    return Frame.text("[" + ",".join(item.body for item in items) + "]")
+
+
+def _error(code: str, detail: str) -> dict[str, Any]:
+    return {"op": "error", "code": code, "detail": detail}
+
+
+def _valid_name(name: str) -> bool:
+    return RUN_ID_RE.fullmatch(name) is not None
+
+
+def _peer(conn: ServerConnection) -> str:
+    try:
+        host, port = conn.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"

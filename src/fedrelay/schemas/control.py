@@ -1,0 +1,86 @@
+"""Control frames: everything on the wire that is not an event.
+
+The relay builds these as plain dicts on its hot path; the models exist to
+document the contract and to generate JSON Schema for frontends.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hello(_Frame):
+    """Sent to a producer on connect: where the relay's dedup stands for it."""
+
+    op: Literal["hello"]
+    producer: str
+    last_id: int | None
+
+
+class Ack(_Frame):
+    """Every event of ``producer`` with id <= ``upto`` is stored or was refused."""
+
+    op: Literal["ack"]
+    producer: str
+    upto: int
+
+
+class Subscribed(_Frame):
+    op: Literal["subscribed"]
+    run_id: str
+    since: int | None
+    last_seq: int | None
+
+
+class Unsubscribed(_Frame):
+    op: Literal["unsubscribed"]
+    run_id: str
+
+
+class Gap(_Frame):
+    """History no longer holds ``since + 1``: events resume at ``resume_from``."""
+
+    op: Literal["gap"]
+    run_id: str
+    since: int
+    resume_from: int
+
+
+class ErrorFrame(_Frame):
+    op: Literal["error"]
+    code: str
+    detail: str
+    id: int | None = None
+    index: int | None = None
+    run_id: str | None = None
+
+
+class Pong(_Frame):
+    op: Literal["pong"]
+
+
+class Subscribe(_Frame):
+    """Subscriber -> relay: add a run (or ``*``) to this connection."""
+
+    op: Literal["subscribe"]
+    run_id: str
+    since: int = 0
+
+
+class Unsubscribe(_Frame):
+    op: Literal["unsubscribe"]
+    run_id: str
+
+
+class Ping(_Frame):
+    op: Literal["ping"]
+
+
+RelayControl = Hello | Ack | Subscribed | Unsubscribed | Gap | ErrorFrame | Pong
+SubscriberControl = Subscribe | Unsubscribe | Ping

@@ -1,0 +1,161 @@
+"""Frame parsing and event validation, free of I/O.
+
+Everything that arrives over a socket passes through here. Each function
+either returns clean data or raises :class:`Refused` with a machine-readable
+``code`` and a sentence a human can act on, so the I/O layer only has to
+forward the error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from .events import EVENT_TYPES, RUN_ID_RE, Event
+
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+LEGACY_DEFAULT_RUN = "default"
+"""Run id for root-path events that carry no ``data.run_id``."""
+
+
+class Refused(ValueError):
+    """Input the relay will not accept, and why."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def _refuse_constant(name: str) -> float:
+    raise Refused("non_finite", f"{name} is not a number JSON allows; send null or a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Refused("non_finite", f"{text[:40]} overflows a double; send a finite number")
+    return value
+
+
+def parse_json(frame: str | bytes) -> Any:
+    """Decode one frame, refusing NaN, Infinity and numbers that overflow."""
+    if isinstance(frame, bytes | bytearray | memoryview):
+        raise Refused("binary_frame", "binary frames are not accepted; send JSON as a text frame")
+    try:
+        return json.loads(frame, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except Refused:
+        raise
+    except RecursionError:
+        raise Refused("bad_json", "JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
+        raise Refused("bad_json", f"not valid JSON: {exc}") from None
+
+
+def encode(obj: Any) -> str:
+    """The one JSON encoding the relay sends and stores: compact, UTF-8."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def split_frame(obj: Any, max_events: int) -> list[Any]:
+    """A producer frame is one event or an array of them."""
+    if isinstance(obj, dict):
+        return [obj]
+    if isinstance(obj, list):
+        if not obj:
+            raise Refused("bad_frame", "empty array: send at least one event")
+        if len(obj) > max_events:
+            raise Refused(
+                "too_many_events",
+                f"{len(obj)} events in one frame; at most {max_events} are accepted",
+            )
+        return obj
+    raise Refused("bad_frame", "a frame must be an event object or an array of events")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False)[:3]:
+        loc = ".".join(str(p) for p in error["loc"][1:] if p is not None) or "event"
+        parts.append(f"{loc}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def validate_event(raw: Any) -> dict[str, Any]:
+    """Check one producer event against its type's model; return it as sent.
+
+    The raw dict is returned rather than a model dump: strict validation
+    guarantees its known fields already have the right types, and extra
+    metric fields stay exactly as the trainer wrote them.
+    """
+    if not isinstance(raw, dict):
+        raise Refused("not_object", "an event must be a JSON object")
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise Refused("missing_type", "an event needs a string 'type'")
+    if kind not in EVENT_TYPES:
+        raise Refused(
+            "unknown_type",
+            f"unknown event type {kind[:64]!r}; known: {', '.join(sorted(EVENT_TYPES))}",
+        )
+    run_id = raw.get("run_id")
+    if not isinstance(run_id, str) or RUN_ID_RE.fullmatch(run_id) is None:
+        raise Refused(
+            "bad_run_id",
+            "run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+        )
+    try:
+        _EVENT_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise Refused("invalid_event", _describe(exc)) from None
+    return raw
+
+
+def legacy_to_event(raw: Any) -> dict[str, Any]:
+    """Turn a root-path ``{type, timestamp, data}`` frame into an event.
+
+    Hand-rolled trainers send types fedrelay does not know; on the root path
+    those pass through unvalidated, while known types are held to their
+    schema so that a typo still gets an answer.
+    """
+    if not isinstance(raw, dict):
+        raise Refused("not_object", "a frame must be a JSON object")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or not kind or len(kind) > 64:
+        raise Refused("missing_type", "a frame needs a 'type' string of 1-64 characters")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise Refused("bad_data", "'data' must be a JSON object")
+    run_id = data.get("run_id", LEGACY_DEFAULT_RUN)
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
+    if not isinstance(run_id, str) or RUN_ID_RE.fullmatch(run_id) is None:
+        raise Refused(
+            "bad_run_id",
+            "data.run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+        )
+    event: dict[str, Any] = {"type": kind, "run_id": run_id, "data": data}
+    timestamp = raw.get("timestamp")
+    if isinstance(timestamp, str):
+        event["timestamp"] = timestamp
+    if kind in EVENT_TYPES:
+        try:
+            _EVENT_ADAPTER.validate_python({**event, "timestamp": None})
+        except ValidationError as exc:
+            raise Refused("invalid_event", _describe(exc)) from None
+    return event
+
+
+def legacy_shape(event: dict[str, Any]) -> dict[str, Any]:
+    """The root-path view of a stored event: run_id and seq inside data."""
+    data = dict(event.get("data") or {})
+    data.setdefault("run_id", event["run_id"])
+    data["seq"] = event["seq"]
+    return {"type": event["type"], "timestamp": event.get("timestamp"), "data": data}
