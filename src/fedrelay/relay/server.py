@@ -33,9 +33,9 @@ from .store import EventStore
 log = logging.getLogger("fedrelay.relay")
 
 CATCH_UP_PAGE = 5000
-"""Events per store read (and per frame) while a subscriber catches up."""
-BACKLOG_CHUNK = 1000
-"""Events per frame when sending the in-memory backlog."""
+"""Events per store read while a subscriber catches up."""
+FRAME_BUDGET = 256 * 1024
+"""Bytes per array frame to subscribers: well under clients' usual 1 MiB cap."""
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
 HARD_SIZE_FACTOR = 4
 
@@ -366,11 +366,9 @@ class Relay:
                 if rows and rows[0][0] != cursor + 1:
                     self._send_gap(conn, run_id, cursor, rows[0][0])
                 if rows:
-                    body = (
-                        rows[0][1] if len(rows) == 1 else "[" + ",".join(r[1] for r in rows) + "]"
-                    )
-                    if not Frame.text(body).write_to(conn):
-                        return
+                    for frame in event_frames([row[1] for row in rows]):
+                        if not frame.write_to(conn):
+                            return
                     self.metrics.events_out.inc(len(rows))
                     await conn.drain()
                     cursor = rows[-1][0]
@@ -436,7 +434,7 @@ class Relay:
             self._deliver(deliveries)
 
     def _deliver(self, deliveries: Iterable[Delivery]) -> None:
-        frames: dict[int, Frame] = {}
+        frames: dict[int, list[Frame]] = {}
         limit = self.config.max_queue_bytes
         sent = 0
         for sub, items in deliveries:
@@ -447,10 +445,11 @@ class Relay:
                 for item in items:
                     Frame.text(item.legacy_body()).write_to(conn)
             else:
-                frame = frames.get(id(items))
-                if frame is None:
-                    frame = frames[id(items)] = _events_frame(items)
-                frame.write_to(conn)
+                shared = frames.get(id(items))
+                if shared is None:
+                    shared = frames[id(items)] = event_frames([item.body for item in items])
+                for frame in shared:
+                    frame.write_to(conn)
             sent += len(items)
             if queued_bytes(conn) > limit:
                 self._cut_slow(sub, conn)
@@ -459,8 +458,8 @@ class Relay:
     def _write_events(
         self, conn: ServerConnection, sub: Subscription, items: list[Sequenced]
     ) -> None:
-        for start in range(0, len(items), BACKLOG_CHUNK):
-            _events_frame(items[start : start + BACKLOG_CHUNK]).write_to(conn)
+        for frame in event_frames([item.body for item in items]):
+            frame.write_to(conn)
         self.metrics.events_out.inc(len(items))
 
     def _cut_slow(self, sub: Subscription, conn: ServerConnection) -> None:
@@ -485,10 +484,22 @@ class Relay:
         Frame.text(text).write_to(conn)
 
 
-def _events_frame(items: list[Sequenced]) -> Frame:
-    if len(items) == 1:
-        return Frame.text(items[0].body)
-    return Frame.text("[" + ",".join(item.body for item in items) + "]")
+def event_frames(bodies: list[str]) -> list[Frame]:
+    """Encoded events as frames: one object, or arrays of at most FRAME_BUDGET bytes."""
+    if len(bodies) == 1:
+        return [Frame.text(bodies[0])]
+    frames: list[Frame] = []
+    chunk: list[str] = []
+    size = 0
+    for body in bodies:
+        if chunk and size + len(body) > FRAME_BUDGET:
+            frames.append(Frame.text("[" + ",".join(chunk) + "]"))
+            chunk, size = [], 0
+        chunk.append(body)
+        size += len(body) + 1
+    if chunk:
+        frames.append(Frame.text("[" + ",".join(chunk) + "]"))
+    return frames
 
 
 def _error(code: str, detail: str) -> dict[str, Any]:

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.support.relay_process import RelayProcess
+
+
+@pytest.fixture
+def relay(tmp_path):
+    """A real relay process with a fresh SQLite file."""
+    proc = RelayProcess(tmp_path / "relay.db").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def relay_factory(tmp_path):
+    """Start relays with extra flags; all are stopped at the end."""
+    started: list[RelayProcess] = []
+
+    def make(*args: str, db=None, env=None, port=None) -> RelayProcess:
+        proc = RelayProcess(db or tmp_path / f"relay{len(started)}.db", args=list(args), env=env, port=port)
+        started.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,150 @@
+"""The sans-I/O hub, driven directly: no sockets, no disk."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedrelay.relay.hub import Hub, Subscription
+from fedrelay.schemas.wire import Refused
+
+
+def ev(run_id: str, i: int | None, kind: str = "status", **data):
+    out = {"type": kind, "run_id": run_id, "data": {"message": f"m{i}", **data}}
+    if i is not None:
+        out["id"] = i
+    return out
+
+
+def publish(hub: Hub, producer: str, events: list[dict]):
+    accepted = hub.accept(producer, events)
+    deliveries = hub.committed(accepted.new)
+    return accepted, deliveries
+
+
+def delivered_to(deliveries, sub) -> list[int]:
+    return [item.seq for s, items in deliveries if s is sub for item in items]
+
+
+def test_seq_is_per_run_and_gap_free():
+    hub = Hub()
+    accepted = hub.accept("p", [ev("a", 1), ev("b", 2), ev("a", 3), ev("a", 4)])
+    assert [(i.run_id, i.seq) for i in accepted.new] == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+    assert accepted.upto == 4
+    assert '"seq":3' in accepted.new[-1].body and '"producer":"p"' in accepted.new[-1].body
+
+
+def test_duplicates_are_dropped_per_producer_but_other_producers_are_independent():
+    hub = Hub()
+    hub.accept("p", [ev("a", 1), ev("a", 2)])
+    again = hub.accept("p", [ev("a", 1), ev("a", 2), ev("a", 3)])
+    assert again.duplicates == 2 and [i.producer_id for i in again.new] == [3]
+    other = hub.accept("q", [ev("a", 1)])
+    assert other.duplicates == 0 and other.new[0].seq == 4
+
+
+def test_events_without_id_are_never_deduplicated():
+    hub = Hub()
+    first = hub.accept("p", [ev("a", None), ev("a", None)])
+    assert [i.seq for i in first.new] == [1, 2] and first.upto is None
+
+
+def test_uncommitted_events_are_invisible_to_subscribers():
+    hub = Hub()
+    sub = Subscription(handle="s")
+    hub.committed(hub.accept("p", [ev("a", 1)]).new)
+    hub.subscribe(sub, "a", 1)
+    pending = hub.accept("p", [ev("a", 2)])
+    assert hub.runs["a"].committed_seq == 1 and hub.runs["a"].last_seq == 2
+    # A second subscriber joining now must not be offered seq 2 yet.
+    late = hub.subscribe(Subscription(handle="t"), "a", 0)
+    assert [i.seq for i in late.backlog] == [1] and late.last_seq == 1
+    assert delivered_to(hub.committed(pending.new), sub) == [2]
+
+
+def test_backlog_from_ring_then_live():
+    hub = Hub(replay_size=100)
+    publish(hub, "p", [ev("a", i) for i in range(1, 11)])
+    sub = Subscription(handle="s")
+    joined = hub.subscribe(sub, "a", 4)
+    assert not joined.from_store and [i.seq for i in joined.backlog] == list(range(5, 11))
+    _, deliveries = publish(hub, "p", [ev("a", 11)])
+    assert delivered_to(deliveries, sub) == [11]
+
+
+def test_catch_up_from_store_switches_to_live_without_gap_or_duplicate():
+    hub = Hub(replay_size=5)
+    publish(hub, "p", [ev("a", i) for i in range(1, 21)])
+    sub = Subscription(handle="s")
+    joined = hub.subscribe(sub, "a", 0)
+    assert joined.from_store and joined.backlog == []
+    # While the subscriber pages the store, more events commit: not delivered live.
+    _, deliveries = publish(hub, "p", [ev("a", i) for i in range(21, 24)])
+    assert delivered_to(deliveries, sub) == []
+    # Store pages reached seq 12: the ring (19..23) does not reach back yet.
+    assert hub.caught_up_to(sub, "a", 12) is None
+    rest = hub.caught_up_to(sub, "a", 18)
+    assert [i.seq for i in rest] == [19, 20, 21, 22, 23]
+    _, deliveries = publish(hub, "p", [ev("a", 24)])
+    assert delivered_to(deliveries, sub) == [24]
+
+
+def test_gap_when_history_was_pruned():
+    hub = Hub()
+    publish(hub, "p", [ev("a", i) for i in range(1, 11)])
+    hub.pruned("a", 6)
+    joined = hub.subscribe(Subscription(handle="s"), "a", 2)
+    assert joined.gap_resume_from == 6
+    assert [i.seq for i in joined.backlog] == [6, 7, 8, 9, 10]
+
+
+def test_subscribe_refuses_unknown_run_and_since_past_the_end():
+    hub = Hub()
+    publish(hub, "p", [ev("a", 1)])
+    with pytest.raises(Refused) as unknown:
+        hub.subscribe(Subscription(handle="s"), "zzz", 0)
+    assert unknown.value.code == "unknown_run"
+    with pytest.raises(Refused) as ahead:
+        hub.subscribe(Subscription(handle="s"), "a", 5)
+    assert ahead.value.code == "bad_since"
+
+
+def test_wildcard_gets_every_run_once_even_with_an_explicit_subscription():
+    hub = Hub()
+    publish(hub, "p", [ev("a", 1)])
+    sub = Subscription(handle="s")
+    hub.subscribe_all(sub)
+    hub.subscribe(sub, "a", 1)
+    _, deliveries = publish(hub, "p", [ev("a", 2), ev("b", 3)])
+    assert [(i.run_id, i.seq) for s, items in deliveries if s is sub for i in items] == [("a", 2), ("b", 1)]
+
+
+def test_legacy_subscribers_do_not_get_their_own_events_back():
+    hub = Hub()
+    root = Subscription(handle="root-conn", legacy=True)
+    hub.subscribe_all(root)
+    own = hub.accept("anon", [ev("a", None)], origin="root-conn")
+    other = hub.accept("p", [ev("a", 1)], origin="elsewhere")
+    deliveries = hub.committed(own.new + other.new)
+    assert delivered_to(deliveries, root) == [2]
+
+
+def test_drop_removes_every_trace_of_a_subscriber():
+    hub = Hub()
+    publish(hub, "p", [ev("a", 1)])
+    sub = Subscription(handle="s")
+    hub.subscribe(sub, "a", 0)
+    hub.subscribe_all(sub)
+    hub.drop(sub)
+    _, deliveries = publish(hub, "p", [ev("a", 2)])
+    assert deliveries == []
+
+
+def test_run_status_follows_training_start_and_end():
+    hub = Hub(clock=lambda: 1000.0)
+    hub.accept("p", [ev("a", 1, "training_start", training_mode="federated", num_rounds=3)])
+    run = hub.runs["a"]
+    assert run.status == "running" and run.info["num_rounds"] == 3
+    assert run.summary(now=1000.0 + 301, stall_after=300)["status"] == "stalled"
+    hub.accept("p", [{"type": "training_end", "run_id": "a", "id": 2, "data": {"status": "failed"}}])
+    assert run.status == "failed"
+    assert run.summary(now=5000.0, stall_after=300)["status"] == "failed"
