@@ -45,6 +45,19 @@ def _setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("websockets").setLevel(max(root.level, logging.WARNING))
 
 
+def _raise_fd_limit() -> None:
+    """Each connection is a file descriptor; the usual soft limit of 1024 is low."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not fatal
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .relay import Relay, RelayConfig
     from .relay.store import StoreError
@@ -71,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fedrelay serve: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level, config.log_format)
+    _raise_fd_limit()
 
     async def run() -> int:
         relay = Relay(config)
