@@ -16,7 +16,9 @@ from tests.support.clients import ResendingProducer, event
 from tests.support.relay_process import RelayProcess, free_port, wait_until
 
 
-def fedrelay(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+def fedrelay(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fedrelay", *args],
         capture_output=True,

@@ -106,8 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"fedrelay {__version__} relay on {relay.url}  (dashboard: http{relay.url[2:]}/)",
             flush=True,
         )
-        await relay.serve_until_stopped()
-        return 0
+        left = await relay.serve_until_stopped()
+        return 1 if left else 0
 
     try:
         import uvloop
@@ -224,12 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--publish-token", help="token producers must present")
     serve.add_argument("--subscribe-token", help="token subscribers and /api must present")
-    serve.add_argument(
-        "--allow-origin", action="append", help="extra browser origin allowed ('*' = any)"
-    )
-    serve.add_argument(
-        "--stall-after", type=float, help="seconds of silence before 'stalled' (300)"
-    )
+    serve.add_argument("--allow-origin", action="append", help="extra browser origin allowed ('*' = any)")
+    serve.add_argument("--stall-after", type=float, help="seconds of silence before 'stalled' (300)")
     serve.add_argument("--compression", action="store_true", help="enable permessage-deflate")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])

@@ -34,8 +34,12 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
 class RelayProcess:
     """``python -m fedrelay serve`` on a free port with a SQLite file."""
 
-    def __init__(self, db: Path | str, *, port: int | None = None, args: list[str] = (), env=None):
+    def __init__(
+        self, db: Path | str, *, port: int | None = None, args: list[str] = (), env=None, preexec_fn=None
+    ):
         self.db = str(db)
+        self.preexec_fn = preexec_fn
+        """Runs in the child before exec: e.g. resource limits for disk-full tests."""
         self.port = port or free_port()
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
@@ -56,8 +60,19 @@ class RelayProcess:
             "--host", "127.0.0.1", "--port", str(self.port), "--db", self.db,
             "--log-level", "warning", *self.args,
         ]  # fmt: skip
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        if self.log_path:
+            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+                self.proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=self.preexec_fn
+                )
+        else:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=self.preexec_fn,
+            )
         wait_until(self._healthy, timeout, what=f"relay on port {self.port}")
         return self
 

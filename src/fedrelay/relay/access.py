@@ -17,6 +17,25 @@ def presented_token(authorization: str | None, query_token: str | None) -> str |
     return query_token
 
 
+def presented_tokens(authorization: str | None, query_tokens: list[str]) -> list[str]:
+    """The tokens a request presents: the bearer header, else each ``?token=``.
+
+    A header wins over the query, as for :func:`presented_token`; browsers
+    cannot set headers, so they may repeat ``token`` (the root path needs
+    both a publish and a subscribe token when the two differ).
+    """
+    header = presented_token(authorization, None)
+    if header is not None:
+        return [header]
+    return query_tokens[:4]
+
+
+def any_token_ok(expected: str | None, presented: list[str]) -> bool:
+    if expected is None:
+        return True
+    return any(token_ok(expected, token) for token in presented)
+
+
 def token_ok(expected: str | None, presented: str | None) -> bool:
     if expected is None:
         return True

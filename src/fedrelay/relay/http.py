@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .server import Relay
 
 MAX_EVENTS_PAGE = 10_000
+MAX_RESPONSE_CHARS = 8 << 20
+"""An events page stops early past this much JSON; ``next_since`` says where."""
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -105,9 +107,7 @@ class HttpApi:
         if len(parts) in (2, 3) and parts[0] == "runs":
             run_id = parts[1]
             if RUN_ID_RE.fullmatch(run_id) is None:
-                return _error(
-                    400, "run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'"
-                )
+                return _error(400, "run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
             run = hub.runs.get(run_id)
             if run is None:
                 return _error(404, f"no run {run_id!r}")
@@ -123,7 +123,8 @@ class HttpApi:
         if since is None or limit is None or limit < 1:
             return _error(400, "since and limit must be whole numbers (since >= 0, limit >= 1)")
         limit = min(limit, MAX_EVENTS_PAGE)
-        rows = await self.relay.store.read(run_id, since, limit)
+        run = self.relay.hub.runs[run_id]
+        rows = await self.relay.store.read(run_id, since, run.committed_seq, limit, MAX_RESPONSE_CHARS)
         next_since = rows[-1][0] if rows else since
         body = (
             '{"run_id":'

@@ -288,9 +288,7 @@ class Hub:
         """Start following a run from ``since``; backlog first, then live."""
         run = self.runs.get(run_id)
         if run is None:
-            raise Refused(
-                "unknown_run", f"no run {run_id!r} on this relay (GET /api/runs lists them)"
-            )
+            raise Refused("unknown_run", f"no run {run_id!r} on this relay (GET /api/runs lists them)")
         if since > run.committed_seq:
             raise Refused(
                 "bad_since",

@@ -15,9 +15,7 @@ class RelayMetrics:
             "fedrelay_connections", "Open WebSocket connections", ["endpoint"], registry=r
         )
         self.events_in = Counter("fedrelay_events_in", "Events accepted from producers", registry=r)
-        self.events_out = Counter(
-            "fedrelay_events_out", "Events written to subscribers", registry=r
-        )
+        self.events_out = Counter("fedrelay_events_out", "Events written to subscribers", registry=r)
         self.duplicates = Counter(
             "fedrelay_duplicates", "Resent events dropped as already stored", registry=r
         )
@@ -30,15 +28,9 @@ class RelayMetrics:
         self.handshakes_refused = Counter(
             "fedrelay_handshakes_refused", "Handshakes refused, by reason", ["reason"], registry=r
         )
-        self.store_commits = Counter(
-            "fedrelay_store_commits", "Store transactions committed", registry=r
-        )
-        self.store_lag = Gauge(
-            "fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r
-        )
-        self.store_failing = Gauge(
-            "fedrelay_store_failing", "1 while store commits fail", registry=r
-        )
+        self.store_commits = Counter("fedrelay_store_commits", "Store transactions committed", registry=r)
+        self.store_lag = Gauge("fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r)
+        self.store_failing = Gauge("fedrelay_store_failing", "1 while store commits fail", registry=r)
         self.runs = Gauge("fedrelay_runs", "Runs known to the relay", registry=r)
 
     def bind(

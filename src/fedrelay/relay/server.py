@@ -17,12 +17,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..schemas.events import RUN_ID_RE
-from ..schemas.wire import Refused, encode, legacy_to_event, parse_json, split_frame, validate_event
-from .access import origin_ok, presented_token, token_ok
+from ..schemas.wire import (
+    Refused,
+    encode,
+    legacy_to_event,
+    parse_frame,
+    parse_json,
+    refuse_unsafe_values,
+    split_frame,
+    validate_event,
+)
+from .access import any_token_ok, origin_ok, presented_tokens
 from .config import RelayConfig
 from .fanout import Frame, queued_bytes
 from .http import HttpApi, first_param, text_response, whole_number
@@ -34,8 +44,14 @@ log = logging.getLogger("fedrelay.relay")
 
 CATCH_UP_PAGE = 5000
 """Events per store read while a subscriber catches up."""
+CATCH_UP_PAGE_BYTES = 2 << 20
+"""...and bytes per read, so that a page of large events stays small."""
+MAX_RUNS_PER_SUBSCRIBER = 1024
 FRAME_BUDGET = 256 * 1024
 """Bytes per array frame to subscribers: well under clients' usual 1 MiB cap."""
+_ENVELOPE_SLACK = 1024
+"""Bytes kept free under ``max_frame_bytes`` for the fields the relay adds."""
+_ENDPOINTS = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
 HARD_SIZE_FACTOR = 4
 
@@ -58,7 +74,8 @@ class Relay:
         self.started_at = time.time()
         self._server: Server | None = None
         self._subscribers: dict[Subscription, ServerConnection] = {}
-        self._catch_ups: set[asyncio.Task[None]] = set()
+        self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
@@ -110,20 +127,28 @@ class Relay:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def serve_until_stopped(self) -> None:
+    async def serve_until_stopped(self) -> int:
         await self._stopping.wait()
-        await self.stop()
+        return await self.stop()
 
-    async def stop(self) -> None:
-        """Stop accepting, close connections, and flush the store."""
+    async def stop(self) -> int:
+        """Stop accepting, close connections, and flush the store.
+
+        Returns how many accepted events could not be stored (0 = clean).
+        """
+        self.store.begin_close()  # producers held by backpressure let go
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for task in list(self._catch_ups):
+        for task in list(self._catch_ups.values()):
             task.cancel()
-        await self.store.close()
-        log.info("relay stopped; store flushed")
+        left = await self.store.close()
+        if left:
+            log.error("relay stopped; %d accepted events were not stored", left)
+        else:
+            log.info("relay stopped; store flushed")
+        return left
 
     # -- handshake ---------------------------------------------------------
 
@@ -134,29 +159,40 @@ class Relay:
             query = parse_qs(url.query, keep_blank_values=True)
         except ValueError:
             return text_response(400, "malformed request target\n")
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if not upgrade:
-            return await self.http.respond(url.path, query, request.headers)
-        endpoint = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}.get(url.path)
-        if endpoint is None:
-            return text_response(404, f"no WebSocket endpoint at {url.path[:100]}\n")
         try:
-            origin = request.headers.get("Origin")
-        except Exception:  # several Origin headers
-            return self._refuse("origin", 403, "several Origin headers\n")
-        if not origin_ok(origin, request.headers.get("Host"), self.config.allow_origins):
-            return self._refuse("origin", 403, f"origin {origin[:100]!r} is not allowed\n")
-        token = presented_token(request.headers.get("Authorization"), first_param(query, "token"))
-        needs = {
-            "publish": (self.config.publish_token,),
-            "subscribe": (self.config.subscribe_token,),
-            "root": (self.config.publish_token, self.config.subscribe_token),
-        }[endpoint]
-        if not all(token_ok(expected, token) for expected in needs):
-            return self._refuse(
-                "token", 401, "missing or wrong token: send Authorization: Bearer TOKEN\n"
-            )
+            upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+            if not upgrade:
+                return await self.http.respond(url.path, query, request.headers)
+            return self._check_handshake(url.path, query, request.headers)
+        except MultipleValuesError as exc:
+            name = str(exc.args[0] if exc.args else "a")[:40]
+            if name.lower() == "origin":
+                return self._refuse("origin", 403, "several Origin headers\n")
+            return self._refuse("header", 400, f"several {name} headers; send one\n")
+
+    def _check_handshake(self, path: str, query: dict[str, list[str]], headers: Headers) -> Response | None:
+        endpoint = _ENDPOINTS.get(path)
+        if endpoint is None:
+            return text_response(404, f"no WebSocket endpoint at {path[:100]}\n")
+        origin = headers.get("Origin")
+        if not origin_ok(origin, headers.get("Host"), self.config.allow_origins):
+            return self._refuse("origin", 403, f"origin {str(origin)[:100]!r} is not allowed\n")
+        if not self._rights(endpoint, headers, query):
+            return self._refuse("token", 401, "missing or wrong token: send Authorization: Bearer TOKEN\n")
         return None
+
+    def _rights(self, endpoint: str, headers: Headers, query: dict[str, list[str]]) -> set[str]:
+        """What a connection may do: publish, subscribe, or (root path) both.
+
+        The root path serves both roles; with different tokens configured it
+        gets each role whose token it presents (header or repeated ``token``
+        query parameters), so a read-only legacy frontend needs only the
+        subscribe token.
+        """
+        tokens = presented_tokens(headers.get("Authorization"), query.get("token", []))
+        wanted = {"publish", "subscribe"} if endpoint == "root" else {endpoint}
+        expected = {"publish": self.config.publish_token, "subscribe": self.config.subscribe_token}
+        return {role for role in wanted if any_token_ok(expected[role], tokens)}
 
     def _refuse(self, reason: str, status: int, text: str) -> Response:
         self.metrics.handshakes_refused.labels(reason).inc()
@@ -175,7 +211,7 @@ class Relay:
             elif endpoint == "subscribe":
                 await self._subscriber(conn, query)
             else:
-                await self._root(conn)
+                await self._root(conn, self._rights("root", conn.request.headers, query))
         except ConnectionClosed:
             pass
         finally:
@@ -204,16 +240,18 @@ class Relay:
             if self.store.lag > self.config.max_store_lag:
                 await self.store.wait_for_room(self.config.max_store_lag)
 
-    def _ingest(
-        self, conn: ServerConnection, producer: str, frame: str | bytes, acked: list[int]
-    ) -> None:
+    def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acked: list[int]) -> None:
         """Validate, sequence and queue one producer frame; ack after commit."""
         try:
-            self._check_size(frame)
-            raws = split_frame(parse_json(frame), self.config.max_events_per_frame)
+            size = self._check_size(frame)
+            parsed, suspect = parse_frame(frame)
+            raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
             return
+        # Only a frame near the limit can hold an event whose stored form
+        # (plus seq, producer, timestamp) would outgrow what clients accept.
+        check_body = size > self.config.max_frame_bytes - _ENVELOPE_SLACK
         valid: list[dict[str, Any]] = []
         top_id = 0
         for index, raw in enumerate(raws):
@@ -221,6 +259,10 @@ class Relay:
             if isinstance(raw_id, int) and not isinstance(raw_id, bool):
                 top_id = max(top_id, raw_id)
             try:
+                if suspect:
+                    refuse_unsafe_values(raw)
+                if check_body:
+                    self._check_body(raw)
                 valid.append(validate_event(raw))
             except Refused as exc:
                 self._reject(conn, exc, event_id=raw_id, index=index if len(raws) > 1 else None)
@@ -234,11 +276,25 @@ class Relay:
             ack = encode({"op": "ack", "producer": producer, "upto": top_id})
             self.store.after_commit(lambda: self._send_text(conn, ack))
 
-    def _check_size(self, frame: str | bytes) -> None:
-        if len(frame) > self.config.max_frame_bytes:
+    def _check_size(self, frame: str | bytes) -> int:
+        """Refuse a frame over ``max_frame_bytes`` (UTF-8 bytes); return its size."""
+        limit = self.config.max_frame_bytes
+        size = len(frame)
+        if isinstance(frame, str) and size * 4 > limit:  # past this, characters != bytes matters
+            size = len(frame.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise Refused("too_large", f"frame of {size} bytes; at most {limit} are accepted")
+        return size
+
+    def _check_body(self, raw: Any) -> None:
+        limit = self.config.max_frame_bytes - _ENVELOPE_SLACK
+        try:
+            size = len(encode(raw).encode("utf-8"))
+        except (TypeError, ValueError, UnicodeEncodeError):
+            return  # validation proper says what is wrong
+        if size > limit:
             raise Refused(
-                "too_large",
-                f"frame of {len(frame)} bytes; at most {self.config.max_frame_bytes} are accepted",
+                "too_large", f"event of {size} bytes; at most {limit} are accepted once the relay adds seq"
             )
 
     def _reject(
@@ -289,12 +345,21 @@ class Relay:
             async for frame in conn:
                 self._subscriber_frame(conn, sub, frame)
         finally:
-            self._subscribers.pop(sub, None)
-            self.hub.drop(sub)
+            self._forget(sub)
 
-    def _subscriber_frame(
-        self, conn: ServerConnection, sub: Subscription, frame: str | bytes
-    ) -> None:
+    def _forget(self, sub: Subscription) -> None:
+        """A subscriber is gone (closed or cut): drop its state and catch-ups."""
+        self._subscribers.pop(sub, None)
+        self.hub.drop(sub)
+        for key in [key for key in self._catch_ups if key[0] is sub]:
+            self._stop_catch_up(sub, key[1])
+
+    def _stop_catch_up(self, sub: Subscription, run_id: str) -> None:
+        task = self._catch_ups.pop((sub, run_id), None)
+        if task is not None:
+            task.cancel()
+
+    def _subscriber_frame(self, conn: ServerConnection, sub: Subscription, frame: str | bytes) -> None:
         try:
             self._check_size(frame)
             msg = parse_json(frame)
@@ -305,13 +370,12 @@ class Relay:
                 self._send(conn, {"op": "pong"})
                 return
             if op not in ("subscribe", "unsubscribe"):
-                raise Refused(
-                    "bad_op", f"unknown op {op[:40]!r}; use subscribe, unsubscribe or ping"
-                )
+                raise Refused("bad_op", f"unknown op {op[:40]!r}; use subscribe, unsubscribe or ping")
             run_id = msg.get("run_id")
             if not isinstance(run_id, str):
                 raise Refused("bad_run_id", "run_id must be a string")
             if op == "unsubscribe":
+                self._stop_catch_up(sub, run_id)
                 self.hub.unsubscribe(sub, run_id)
                 self._send(conn, {"op": "unsubscribed", "run_id": run_id})
                 return
@@ -338,6 +402,18 @@ class Relay:
                 ),
             )
             return
+        if run_id not in sub.cursors and len(sub.cursors) >= MAX_RUNS_PER_SUBSCRIBER:
+            self._reject(
+                conn,
+                Refused(
+                    "too_many_runs",
+                    f"at most {MAX_RUNS_PER_SUBSCRIBER} runs per connection; "
+                    "unsubscribe from some, or subscribe to '*'",
+                ),
+                run_id=run_id,
+            )
+            return
+        self._stop_catch_up(sub, run_id)
         try:
             joined = self.hub.subscribe(sub, run_id, since)
         except Refused as exc:
@@ -352,71 +428,84 @@ class Relay:
         self._write_events(conn, sub, joined.backlog)
         if joined.from_store:
             task = asyncio.create_task(self._catch_up(conn, sub, run_id))
-            self._catch_ups.add(task)
-            task.add_done_callback(self._catch_ups.discard)
+            self._catch_ups[(sub, run_id)] = task
+            task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
+
+    def _catch_up_done(self, sub: Subscription, run_id: str, task: asyncio.Task[None]) -> None:
+        if self._catch_ups.get((sub, run_id)) is task:
+            del self._catch_ups[(sub, run_id)]
 
     async def _catch_up(self, conn: ServerConnection, sub: Subscription, run_id: str) -> None:
-        """Page a run's history from the store until the replay ring reaches."""
+        """Page a run's history from the store until the replay ring reaches.
+
+        Only one task runs per (subscriber, run): a new subscribe, an
+        unsubscribe or a disconnect cancels it. Pages stop at the run's
+        committed seq, so a read never sees rows a failed commit takes back.
+        """
+        run = self.hub.runs[run_id]
         try:
-            while run_id in sub.catching_up and sub in self._subscribers:
+            while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
-                rows = await self.store.read(run_id, cursor, CATCH_UP_PAGE)
-                if run_id not in sub.catching_up or sub.cursors.get(run_id) != cursor:
-                    return  # unsubscribed or re-subscribed meanwhile
+                rows = await self.store.read(
+                    run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                )
                 if rows and rows[0][0] != cursor + 1:
                     self._send_gap(conn, run_id, cursor, rows[0][0])
                 if rows:
-                    for frame in event_frames([row[1] for row in rows]):
-                        if not frame.write_to(conn):
-                            return
+                    self._write_frames(conn, [row[1] for row in rows])
                     self.metrics.events_out.inc(len(rows))
+                    if queued_bytes(conn) > self.config.max_queue_bytes:
+                        self._cut_slow(sub, conn)
+                        return
                     await conn.drain()
                     cursor = rows[-1][0]
                 else:
-                    ring = self.hub.runs[run_id].ring
-                    if ring:  # pruned under us: jump to what memory holds
+                    ring = run.ring
+                    if ring and ring[0].seq > cursor + 1:  # pruned under us: jump to memory
                         self._send_gap(conn, run_id, cursor, ring[0].seq)
                         cursor = ring[0].seq - 1
                 rest = self.hub.caught_up_to(sub, run_id, cursor)
                 if rest is not None:
                     self._write_events(conn, sub, rest)
                     return
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             return
         except Exception:
             log.exception("catch-up of run %s failed", run_id)
-            await conn.close(1011, "catch-up failed")
+            self._track(conn.close(1011, "catch-up failed"))
 
     def _send_gap(self, conn: ServerConnection, run_id: str, since: int, resume_from: int) -> None:
-        self._send(
-            conn, {"op": "gap", "run_id": run_id, "since": since, "resume_from": resume_from}
-        )
+        self._send(conn, {"op": "gap", "run_id": run_id, "since": since, "resume_from": resume_from})
 
     # -- root path (compatibility) -------------------------------------------
 
-    async def _root(self, conn: ServerConnection) -> None:
+    async def _root(self, conn: ServerConnection, rights: set[str]) -> None:
         """The ``{type, timestamp, data}`` relay that existing frontends speak."""
         sub = Subscription(handle=conn, legacy=True)
-        self._subscribers[sub] = conn
-        self.hub.subscribe_all(sub)
-        producer = self.hub.new_producer_name()
+        if "subscribe" in rights:
+            self._subscribers[sub] = conn
+            self.hub.subscribe_all(sub)
+        producer = self.hub.new_producer_name() if "publish" in rights else None
         try:
             async for frame in conn:
                 self._root_frame(conn, producer, frame)
                 if self.store.lag > self.config.max_store_lag:
                     await self.store.wait_for_room(self.config.max_store_lag)
         finally:
-            self._subscribers.pop(sub, None)
-            self.hub.drop(sub)
+            self._forget(sub)
 
-    def _root_frame(self, conn: ServerConnection, producer: str, frame: str | bytes) -> None:
+    def _root_frame(self, conn: ServerConnection, producer: str | None, frame: str | bytes) -> None:
         try:
-            self._check_size(frame)
+            size = self._check_size(frame)
             raw = parse_json(frame)
             if isinstance(raw, dict) and raw.get("type") == "ping":
                 self._send(conn, {"type": "pong"})
                 return
+            if producer is None:
+                raise Refused("forbidden", "this connection has no publish token: it may only receive")
             event = legacy_to_event(raw)
+            if size > self.config.max_frame_bytes - _ENVELOPE_SLACK:
+                self._check_body(event)
         except Refused as exc:
             self._reject(conn, exc, legacy=True)
             return
@@ -441,38 +530,47 @@ class Relay:
             conn = self._subscribers.get(sub)
             if conn is None:
                 continue
-            if sub.legacy:
-                for item in items:
-                    Frame.text(item.legacy_body()).write_to(conn)
-            else:
-                shared = frames.get(id(items))
-                if shared is None:
-                    shared = frames[id(items)] = event_frames([item.body for item in items])
-                for frame in shared:
-                    frame.write_to(conn)
-            sent += len(items)
-            if queued_bytes(conn) > limit:
-                self._cut_slow(sub, conn)
+            try:
+                if sub.legacy:
+                    for item in items:
+                        Frame.text(item.legacy_body()).write_to(conn)
+                else:
+                    shared = frames.get(id(items))
+                    if shared is None:
+                        shared = frames[id(items)] = event_frames([item.body for item in items])
+                    for frame in shared:
+                        frame.write_to(conn)
+                sent += len(items)
+                if queued_bytes(conn) > limit:
+                    self._cut_slow(sub, conn)
+            except Exception:  # one broken connection must not starve the rest
+                log.exception("delivery to %s failed; dropping it", _peer(conn))
+                self._forget(sub)
+                conn.transport.abort()
         self.metrics.events_out.inc(sent)
 
-    def _write_events(
-        self, conn: ServerConnection, sub: Subscription, items: list[Sequenced]
-    ) -> None:
-        for frame in event_frames([item.body for item in items]):
-            frame.write_to(conn)
+    def _write_events(self, conn: ServerConnection, sub: Subscription, items: list[Sequenced]) -> None:
+        self._write_frames(conn, [item.body for item in items])
         self.metrics.events_out.inc(len(items))
+
+    @staticmethod
+    def _write_frames(conn: ServerConnection, bodies: list[str]) -> None:
+        for frame in event_frames(bodies):
+            if not frame.write_to(conn):
+                return
 
     def _cut_slow(self, sub: Subscription, conn: ServerConnection) -> None:
         """Drop a subscriber whose queue is full; it resumes with since=N."""
         self.metrics.slow_consumers.inc()
-        self._subscribers.pop(sub, None)
-        self.hub.drop(sub)
-        log.warning(
-            "cut slow consumer %s: over %d bytes queued", _peer(conn), self.config.max_queue_bytes
-        )
-        asyncio.get_running_loop().create_task(
-            conn.close(SLOW_CONSUMER, "slow consumer: resume with since=<last seq>")
-        )
+        self._forget(sub)
+        log.warning("cut slow consumer %s: over %d bytes queued", _peer(conn), self.config.max_queue_bytes)
+        self._track(conn.close(SLOW_CONSUMER, "slow consumer: resume with since=<last seq>"))
+
+    def _track(self, coro: Any) -> None:
+        """Run a fire-and-forget coroutine, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- small helpers -------------------------------------------------------
 

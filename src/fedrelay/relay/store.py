@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from ..schemas.wire import encode
 from .hub import Run, Sequenced
 
 log = logging.getLogger("fedrelay.store")
@@ -68,6 +70,15 @@ ON CONFLICT (run_id) DO UPDATE SET
     started_at = excluded.started_at, ended_at = excluded.ended_at,
     last_seq = excluded.last_seq, info = excluded.info
 """
+_READ_PAGE = """
+SELECT seq, body FROM (
+    SELECT seq, body, sum(length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE run_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?
+) WHERE upto_here - length(body) < ?
+"""
+_CHECKPOINT_EVERY = 1.0
+"""Seconds between WAL checkpoints, run off the writer's connection."""
+_INT64_MAX = 2**63 - 1
 _UPSERT_PRODUCER = """
 INSERT INTO producers (name, last_id, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET
@@ -107,6 +118,11 @@ class EventStore:
         self.max_batch = max_batch
         self.retain_events = retain_events
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        """Catch-up and API reads: a second connection on a file, so a long
+        read neither waits behind commits nor delays them."""
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._last_checkpoint = time.monotonic()
         self._pending: deque[Sequenced] = deque()
         self._appended = 0
         self._committed = 0
@@ -128,20 +144,26 @@ class EventStore:
                 Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
+        target = str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
         try:
-            self._db = await aiosqlite.connect(
-                str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
-            )
+            self._db = await aiosqlite.connect(target)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.executescript(_SCHEMA)
             await self._db.commit()
             restored = await self._restore()
+            if self.path == MEMORY:
+                self._reader = self._db
+            else:
+                # Checkpoints move to the reader's thread: an automatic one
+                # inside a commit stalls delivery for milliseconds.
+                await self._db.execute("PRAGMA wal_autocheckpoint=0")
+                self._reader = await aiosqlite.connect(target)
+                await self._reader.execute("PRAGMA busy_timeout=5000")
+                await self._reader.execute("PRAGMA query_only=1")
         except Exception as exc:
-            if self._db is not None:
-                await self._db.close()
-                self._db = None
+            await self._close_connections()
             raise StoreError(f"cannot open the event store {self.path}: {exc}") from exc
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-store-writer")
         return restored
@@ -171,18 +193,36 @@ class EventStore:
             producers = {row[0]: row[1] async for row in cursor}
         return Restored(runs, producers)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """Commit what is pending (within ``timeout``), then close."""
+    def begin_close(self) -> None:
+        """Release producers held by backpressure: shutdown has begun."""
         self._closing = True
         self._wakeup.set()
+        self._progress.set()
+
+    async def close(self, timeout: float = 10.0) -> int:
+        """Commit what is pending (within ``timeout``), then close.
+
+        Returns how many accepted events could not be committed.
+        """
+        self.begin_close()
         if self._writer is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._writer, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                log.error("store: %d events not committed at shutdown", len(self._pending))
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        left = len(self._pending)
+        if left:
+            log.error("store: %d accepted events not committed at shutdown (%s)", left, self.failing)
+        if self._checkpoint is not None:
+            self._checkpoint.cancel()
+            with contextlib.suppress(BaseException):
+                await self._checkpoint
+        await self._close_connections()
+        return left
+
+    async def _close_connections(self) -> None:
+        for db in {id(c): c for c in (self._reader, self._db) if c is not None}.values():
+            with contextlib.suppress(Exception):
+                await db.close()
+        self._db = self._reader = None
 
     # -- writes ------------------------------------------------------------
 
@@ -207,7 +247,12 @@ class EventStore:
 
     async def wait_for_room(self, limit: int) -> None:
         """Hold a producer while more than ``limit`` events wait for the disk."""
-        while len(self._pending) > limit and self._writer is not None and not self._writer.done():
+        while (
+            len(self._pending) > limit
+            and not self._closing
+            and self._writer is not None
+            and not self._writer.done()
+        ):
             self._progress.clear()
             await self._progress.wait()
 
@@ -226,13 +271,21 @@ class EventStore:
                 await self._commit(batch)
             except asyncio.CancelledError:
                 raise
+            except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
+                # A value SQLite cannot bind: retrying would jam every run.
+                await self._rollback()
+                if self._defuse(batch, exc):
+                    continue
+                log.error("store: commit refused and no event to blame: %s", exc)
+                self.failing = str(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             except Exception as exc:  # disk full, read-only, locked: keep and retry
                 if self.failing is None:
                     log.error("store: commit failed, will retry: %s", exc)
                 self.failing = str(exc)
-                if self._db is not None:
-                    with contextlib.suppress(Exception):
-                        await self._db.rollback()
+                await self._rollback()
                 if self._closing and backoff > 1.0:
                     return
                 await asyncio.sleep(backoff)
@@ -251,7 +304,68 @@ class EventStore:
             except Exception:
                 log.exception("store: delivering a committed batch failed")
             while self._waiters and self._waiters[0][0] <= self._committed:
-                self._waiters.popleft()[1]()
+                callback = self._waiters.popleft()[1]
+                try:
+                    callback()
+                except Exception:
+                    log.exception("store: a commit callback failed")
+            self._maybe_checkpoint()
+
+    async def _rollback(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.rollback()
+
+    @staticmethod
+    def _defuse(batch: list[Sequenced], exc: Exception) -> bool:
+        """Replace events SQLite cannot store by an ``error`` event at the same seq.
+
+        The seq stays taken (subscribers see no hole) and the run says what
+        happened, instead of one bad value blocking every later commit.
+        """
+        found = False
+        for item in batch:
+            if _storable(item):
+                continue
+            found = True
+            log.error(
+                "store: event %s/%d cannot be stored (%s); keeping an error in its place",
+                item.run_id,
+                item.seq,
+                exc,
+            )
+            item.type = "error"
+            item.producer_id = None
+            item.event = {
+                "type": "error",
+                "run_id": item.run_id,
+                "seq": item.seq,
+                "producer": item.producer,
+                "timestamp": _text_or_none(item.event.get("timestamp")),
+                "data": {"message": "event could not be stored", "detail": str(exc)[:200]},
+            }
+            item.body = encode(item.event)
+            item._legacy = None
+        return found
+
+    def _maybe_checkpoint(self) -> None:
+        """Fold the WAL back into the database from the reader's thread."""
+        if self._reader is None or self._reader is self._db or self._checkpoint is not None:
+            return
+        now = time.monotonic()
+        if now - self._last_checkpoint < _CHECKPOINT_EVERY:
+            return
+        self._last_checkpoint = now
+        self._checkpoint = asyncio.get_running_loop().create_task(self._run_checkpoint())
+
+    async def _run_checkpoint(self) -> None:
+        try:
+            assert self._reader is not None
+            await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:
+            log.warning("store: WAL checkpoint failed: %s", exc)
+        finally:
+            self._checkpoint = None
 
     async def _commit(self, batch: list[Sequenced]) -> None:
         db = self._db
@@ -294,9 +408,7 @@ class EventStore:
             )
         await db.executemany(_UPSERT_RUN, run_rows)
         if positions:
-            await db.executemany(
-                _UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()]
-            )
+            await db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
         pruned = await self._prune(last_seqs) if self.retain_events else []
         await db.commit()
         self.commits += 1
@@ -315,22 +427,39 @@ class EventStore:
             if last_seq - first_seq + 1 <= self.retain_events + slack:
                 continue
             new_first = last_seq - self.retain_events + 1
-            await self._db.execute(
-                "DELETE FROM events WHERE run_id = ? AND seq < ?", (run_id, new_first)
-            )
-            await self._db.execute(
-                "UPDATE runs SET first_seq = ? WHERE run_id = ?", (new_first, run_id)
-            )
+            await self._db.execute("DELETE FROM events WHERE run_id = ? AND seq < ?", (run_id, new_first))
+            await self._db.execute("UPDATE runs SET first_seq = ? WHERE run_id = ?", (new_first, run_id))
             pruned.append((run_id, new_first))
         return pruned
 
     # -- reads -------------------------------------------------------------
 
-    async def read(self, run_id: str, after: int, limit: int) -> list[tuple[int, str]]:
-        """Stored events of a run with seq > ``after``, oldest first."""
-        assert self._db is not None
-        async with self._db.execute(
-            "SELECT seq, body FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (run_id, after, limit),
+    async def read(
+        self, run_id: str, after: int, upto: int, limit: int, max_chars: int = 4 << 20
+    ) -> list[tuple[int, str]]:
+        """Stored events of a run with ``after < seq <= upto``, oldest first.
+
+        ``upto`` is the run's committed seq: rows past it may belong to a
+        commit in flight. At most ``limit`` rows, and no more rows than fit
+        in ``max_chars`` (but at least one).
+        """
+        if self._reader is None:
+            raise StoreError("the event store is closed")
+        async with self._reader.execute(
+            _READ_PAGE, (run_id, after, upto, limit, max(1, max_chars))
         ) as cursor:
             return list(await cursor.fetchall())  # type: ignore[arg-type]
+
+
+def _storable(item: Sequenced) -> bool:
+    try:
+        item.body.encode("utf-8")
+        item.run_id.encode("utf-8")
+        item.producer.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return item.producer_id is None or 0 <= item.producer_id <= _INT64_MAX
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

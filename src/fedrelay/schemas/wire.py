@@ -31,29 +31,90 @@ class Refused(ValueError):
         self.detail = detail
 
 
-def _refuse_constant(name: str) -> float:
-    raise Refused("non_finite", f"{name} is not a number JSON allows; send null or a finite number")
+_FLOAT_MAX = 1.7976931348623157e308
+_SURROGATE_ESCAPES = ("\\ud", "\\uD")
+"""``\\ud800``-``\\udfff`` escapes: the only way JSON text can smuggle in
+lone surrogates, which no UTF-8 encoder (or SQLite) accepts."""
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise Refused("non_finite", f"{text[:40]} overflows a double; send a finite number")
-    return value
+class Poison:
+    """A value JSON allows but an event may not hold (NaN, 1e400, 10**400).
+
+    The decoder leaves one in place instead of failing the whole frame, so
+    that in an array only the events that hold one are refused.
+    """
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
 
 
-def parse_json(frame: str | bytes) -> Any:
-    """Decode one frame, refusing NaN, Infinity and numbers that overflow."""
+def parse_frame(frame: str | bytes) -> tuple[Any, bool]:
+    """Decode one frame; also say whether it may hold values to refuse.
+
+    The flag is False for almost every frame, so the per-event check in
+    :func:`refuse_unsafe_values` costs nothing on the hot path.
+    """
     if isinstance(frame, bytes | bytearray | memoryview):
         raise Refused("binary_frame", "binary frames are not accepted; send JSON as a text frame")
+    poisoned: list[Poison] = []
+
+    def poison(detail: str) -> Poison:
+        marker = Poison(detail)
+        poisoned.append(marker)
+        return marker
+
+    def constant(name: str) -> Poison:
+        return poison(f"{name} is not a number JSON allows; send null or a finite number")
+
+    def floating(text: str) -> float | Poison:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+        return poison(f"{text[:40]} overflows a double; send a finite number")
+
+    def integer(text: str) -> int | Poison:
+        value = int(text)
+        if len(text) > 300 and abs(value) > _FLOAT_MAX:
+            return poison(f"{text[:40]}... overflows a double; send a finite number")
+        return value
+
     try:
-        return json.loads(frame, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except Refused:
-        raise
+        obj = json.loads(frame, parse_constant=constant, parse_float=floating, parse_int=integer)
     except RecursionError:
         raise Refused("bad_json", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
         raise Refused("bad_json", f"not valid JSON: {exc}") from None
+    suspect = bool(poisoned) or any(escape in frame for escape in _SURROGATE_ESCAPES)
+    return obj, suspect
+
+
+def refuse_unsafe_values(value: Any) -> None:
+    """Raise :class:`Refused` if ``value`` holds a poisoned number or a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Poison):
+            raise Refused("non_finite", item.detail)
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    try:
+        encode(value).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(
+            "bad_unicode", "a string holds a lone surrogate escape (\\ud800-\\udfff); send valid UTF-16 pairs"
+        ) from None
+
+
+def parse_json(frame: str | bytes) -> Any:
+    """Decode a frame that is refused as a whole if any value is unsafe."""
+    obj, suspect = parse_frame(frame)
+    if suspect:
+        refuse_unsafe_values(obj)
+    return obj
 
 
 def encode(obj: Any) -> str:
