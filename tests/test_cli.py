@@ -115,6 +115,10 @@ def test_default_database_lives_in_the_user_data_dir(tmp_path):
 def test_bad_configuration_is_a_clear_error(tmp_path):
     out = fedrelay("serve", env={"FEDRELAY_PORT": "eighty"})
     assert out.returncode == 2 and "FEDRELAY_PORT='eighty'" in out.stderr
+    out = fedrelay("serve", "--replay-size", "-1")
+    assert out.returncode == 2 and "--replay-size / FEDRELAY_REPLAY_SIZE must be a number >= 0" in out.stderr
+    out = fedrelay("serve", env={"FEDRELAY_MAX_QUEUE_BYTES": "10"})
+    assert out.returncode == 2 and "FEDRELAY_MAX_QUEUE_BYTES must be a number >= 1024" in out.stderr
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

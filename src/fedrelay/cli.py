@@ -68,10 +68,14 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             db=":memory:" if args.memory else args.db,
             replay_size=args.replay_size,
+            replay_bytes=args.replay_bytes,
             retain_events=args.retain_events,
             max_frame_bytes=args.max_frame_bytes,
             max_events_per_frame=args.max_events_per_frame,
             max_queue_bytes=args.max_queue_bytes,
+            max_store_lag=args.max_store_lag,
+            ping_interval=args.ping_interval,
+            ping_timeout=args.ping_timeout,
             publish_token=args.publish_token,
             subscribe_token=args.subscribe_token,
             allow_origins=args.allow_origin or None,
@@ -216,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="SQLite file (default: the user data dir, relay.db)")
     serve.add_argument("--memory", action="store_true", help="keep events in memory only")
     serve.add_argument("--replay-size", type=int, help="events per run kept in memory (1000)")
+    serve.add_argument("--replay-bytes", type=int, help="characters per run kept in memory, at most (8 MiB)")
     serve.add_argument("--retain-events", type=int, help="events per run kept on disk (0 = all)")
     serve.add_argument("--max-frame-bytes", type=int, help="largest accepted frame (1 MiB)")
     serve.add_argument("--max-events-per-frame", type=int, help="events per frame (1000)")
     serve.add_argument(
         "--max-queue-bytes", type=int, help="send queue per subscriber before cutting it (4 MiB)"
     )
+    serve.add_argument("--max-store-lag", type=int, help="uncommitted events before producers wait (200000)")
+    serve.add_argument("--ping-interval", type=float, help="seconds between keepalive pings (20)")
+    serve.add_argument("--ping-timeout", type=float, help="seconds to wait for a pong (20)")
     serve.add_argument("--publish-token", help="token producers must present")
     serve.add_argument("--subscribe-token", help="token subscribers and /api must present")
     serve.add_argument("--allow-origin", action="append", help="extra browser origin allowed ('*' = any)")
@@ -236,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--token", help="subscribe token, if the relay needs one")
     runs.add_argument("--json", action="store_true", help="print JSON")
     runs.set_defaults(func=_runs)
+
 
     schema = commands.add_parser("schema", help="print the wire contract as JSON Schema")
     schema.add_argument(

@@ -148,3 +148,28 @@ def test_run_status_follows_training_start_and_end():
     hub.accept("p", [{"type": "training_end", "run_id": "a", "id": 2, "data": {"status": "failed"}}])
     assert run.status == "failed"
     assert run.summary(now=5000.0, stall_after=300)["status"] == "failed"
+
+
+def test_ring_is_bounded_in_characters_as_well_as_events():
+    hub = Hub(replay_size=1000, replay_bytes=2000)
+    publish(hub, "p", [ev("a", i, pad="x" * 300) for i in range(1, 31)])
+    run = hub.runs["a"]
+    assert 0 < len(run.ring) < 30
+    assert run.ring_chars == sum(len(item.body) for item in run.ring) <= 2000
+    assert run.ring[-1].seq == 30  # the newest are kept
+    # A subscriber from before the ring pages the store first, then goes live.
+    joined = hub.subscribe(Subscription(handle="s"), "a", 0)
+    assert joined.from_store
+
+
+def test_idle_finished_runs_give_their_ring_back():
+    now = [1000.0]
+    hub = Hub(clock=lambda: now[0])
+    publish(hub, "p", [ev("done", 1, kind="training_end"), ev("live", 2)])
+    now[0] += 700
+    assert hub.forget_idle_rings(now[0], idle_after=600) == 1
+    assert not hub.runs["done"].ring and hub.runs["done"].ring_chars == 0
+    assert len(hub.runs["live"].ring) == 1  # still running: kept
+    # A freed ring only means catch-up comes from the store.
+    joined = hub.subscribe(Subscription(handle="s"), "done", 0)
+    assert joined.from_store and joined.backlog == []

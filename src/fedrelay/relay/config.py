@@ -23,6 +23,8 @@ class RelayConfig:
     """SQLite file, or ``:memory:`` for a relay that forgets on exit."""
     replay_size: int = 1000
     """Events per run kept in memory for instant catch-up."""
+    replay_bytes: int = 8 << 20
+    """...and at most this many characters of them per run."""
     retain_events: int = 0
     """Events per run kept in the store; 0 keeps everything."""
     max_frame_bytes: int = 1 << 20
@@ -44,6 +46,31 @@ class RelayConfig:
     """permessage-deflate: saves bandwidth, costs CPU per subscriber."""
     log_level: str = "info"
     log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would break the relay later, with the setting's name."""
+        at_least = {
+            "port": 0,
+            "replay_size": 0,
+            "replay_bytes": 0,
+            "retain_events": 0,
+            "max_frame_bytes": 1024,
+            "max_events_per_frame": 1,
+            "max_queue_bytes": 1024,
+            "max_store_lag": 1,
+            "stall_after": 0,
+            "ping_interval": 0,
+            "ping_timeout": 0,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+                flag = name.replace("_", "-")
+                raise ValueError(
+                    f"--{flag} / FEDRELAY_{name.upper()} must be a number >= {low}, not {value!r}"
+                )
+        if self.port > 65535:
+            raise ValueError(f"--port must be 0-65535, not {self.port}")
 
     @property
     def in_memory(self) -> bool:

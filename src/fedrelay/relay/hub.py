@@ -79,6 +79,7 @@ class Run:
     first_seq: int = 1
     """Lowest seq the store still holds (raised by retention)."""
     ring: deque[Sequenced] = field(default_factory=deque)
+    ring_chars: int = 0
     live: set[Subscription] = field(default_factory=set)
 
     def track(self, kind: str, data: dict[str, Any], now: float) -> None:
@@ -177,9 +178,12 @@ class Hub:
         self,
         *,
         replay_size: int = 1000,
+        replay_bytes: int = 8 << 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.replay_size = replay_size
+        self.replay_bytes = replay_bytes
+        """Per-run ring bound in encoded characters: large events take fewer slots."""
         self.clock = clock
         self.runs: dict[str, Run] = {}
         self.producers: dict[str, int] = {}
@@ -259,9 +263,10 @@ class Hub:
             run = self.runs[run_id]
             run.committed_seq = items[-1].seq
             run.ring.extend(items)
-            overflow = len(run.ring) - self.replay_size
-            for _ in range(overflow):
-                run.ring.popleft()
+            run.ring_chars += sum(len(item.body) for item in items)
+            ring = run.ring
+            while ring and (len(ring) > self.replay_size or run.ring_chars > self.replay_bytes):
+                run.ring_chars -= len(ring.popleft().body)
             for sub in run.live:
                 sub.cursors[run_id] = run.committed_seq
                 deliveries.append((sub, items))
@@ -349,6 +354,20 @@ class Hub:
         for run_id in list(sub.cursors):
             self.unsubscribe(sub, run_id)
         self.wildcards.discard(sub)
+
+    def forget_idle_rings(self, now: float, idle_after: float) -> int:
+        """Free the replay rings of finished runs nobody has touched for a while.
+
+        A ring only speeds up catch-up; without it, a late subscriber pages
+        from the store. Returns how many rings were freed.
+        """
+        freed = 0
+        for run in self.runs.values():
+            if run.ring and run.status != "running" and not run.live and now - run.updated_at > idle_after:
+                run.ring.clear()
+                run.ring_chars = 0
+                freed += 1
+        return freed
 
     # -- views -------------------------------------------------------------
 

@@ -47,6 +47,9 @@ CATCH_UP_PAGE = 5000
 CATCH_UP_PAGE_BYTES = 2 << 20
 """...and bytes per read, so that a page of large events stays small."""
 MAX_RUNS_PER_SUBSCRIBER = 1024
+HOUSEKEEPING_EVERY = 60.0
+IDLE_RING_AFTER = 600.0
+"""Seconds after its last event before a finished run's replay ring is freed."""
 FRAME_BUDGET = 256 * 1024
 """Bytes per array frame to subscribers: well under clients' usual 1 MiB cap."""
 _ENVELOPE_SLACK = 1024
@@ -61,7 +64,7 @@ class Relay:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.hub = Hub(replay_size=config.replay_size)
+        self.hub = Hub(replay_size=config.replay_size, replay_bytes=config.replay_bytes)
         self.metrics = RelayMetrics()
         self.store = EventStore(
             config.db,
@@ -77,6 +80,7 @@ class Relay:
         self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self._housekeeping: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -99,12 +103,13 @@ class Relay:
             process_request=self._gate,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
-            max_queue=64,
+            max_queue=16,  # frames read ahead per connection: 16 x 4 x max_frame_bytes at worst
             ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
         )
+        self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         log.info(
             "relay listening on %s (store %s, %d runs restored)",
             self.url,
@@ -137,6 +142,8 @@ class Relay:
         Returns how many accepted events could not be stored (0 = clean).
         """
         self.store.begin_close()  # producers held by backpressure let go
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -149,6 +156,14 @@ class Relay:
         else:
             log.info("relay stopped; store flushed")
         return left
+
+    async def _keep_house(self) -> None:
+        """Free memory that only speeds things up: rings of finished, idle runs."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_EVERY)
+            freed = self.hub.forget_idle_rings(time.time(), IDLE_RING_AFTER)
+            if freed:
+                log.debug("freed the replay rings of %d idle runs", freed)
 
     # -- handshake ---------------------------------------------------------
 

@@ -1,10 +1,18 @@
-"""The event log on SQLite (aiosqlite, WAL), written in batches off the hot path.
+"""The event log on SQLite (WAL), written in batches off the producers' path.
 
 Producers never wait for the disk: events queue in memory and one writer
 task commits whatever has accumulated in a single transaction (group
 commit). Each commit carries the events, the runs they touched and the
 producers' dedup positions together, so a restart finds the three
 consistent with each other.
+
+The commit itself runs on the event loop, in one synchronous call: a
+WAL append without fsync takes tens of microseconds per event, while
+handing each statement to a worker thread (as aiosqlite does) costs a
+GIL hand-off per statement, which under a busy loop means milliseconds
+of delivery latency (bench/README.md has the measurements). Everything
+that can take long runs through aiosqlite on a second connection:
+catch-up and API reads, and WAL checkpoints (the only fsyncs).
 """
 
 from __future__ import annotations
@@ -107,7 +115,7 @@ class EventStore:
         *,
         runs: Mapping[str, Run],
         on_commit: Callable[[list[Sequenced]], None],
-        max_batch: int = 5000,
+        max_batch: int = 2000,
         retain_events: int = 0,
         on_pruned: Callable[[str, int], None] | None = None,
     ) -> None:
@@ -117,7 +125,8 @@ class EventStore:
         self._on_pruned = on_pruned
         self.max_batch = max_batch
         self.retain_events = retain_events
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
+        """The writer's connection, used on the event loop thread only."""
         self._reader: aiosqlite.Connection | None = None
         """Catch-up and API reads: a second connection on a file, so a long
         read neither waits behind commits nor delays them."""
@@ -146,19 +155,19 @@ class EventStore:
                 raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
         target = str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
         try:
-            self._db = await aiosqlite.connect(target)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(_SCHEMA)
-            await self._db.commit()
-            restored = await self._restore()
-            if self.path == MEMORY:
-                self._reader = self._db
-            else:
+            # isolation_level=None: BEGIN and COMMIT are explicit in _commit.
+            self._db = sqlite3.connect(target, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Short: the writer blocks the loop while it waits for a lock, and
+            # in WAL mode only another writer (a second relay) holds one.
+            self._db.execute("PRAGMA busy_timeout=100")
+            self._db.executescript(_SCHEMA)
+            restored = self._restore()
+            if self.path != MEMORY:
                 # Checkpoints move to the reader's thread: an automatic one
                 # inside a commit stalls delivery for milliseconds.
-                await self._db.execute("PRAGMA wal_autocheckpoint=0")
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
                 self._reader = await aiosqlite.connect(target)
                 await self._reader.execute("PRAGMA busy_timeout=5000")
                 await self._reader.execute("PRAGMA query_only=1")
@@ -168,29 +177,27 @@ class EventStore:
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-store-writer")
         return restored
 
-    async def _restore(self) -> Restored:
+    def _restore(self) -> Restored:
         assert self._db is not None
         runs = []
         query = (
             "SELECT run_id, status, created_at, updated_at, started_at, ended_at,"
             " last_seq, first_seq, info FROM runs"
         )
-        async with self._db.execute(query) as cursor:
-            async for row in cursor:
-                run = Run(
-                    run_id=row[0],
-                    status=row[1],
-                    created_at=row[2],
-                    updated_at=row[3],
-                    started_at=row[4],
-                    ended_at=row[5],
-                    info=json.loads(row[8]),
-                )
-                run.last_seq = row[6]
-                run.first_seq = row[7]
-                runs.append(run)
-        async with self._db.execute("SELECT name, last_id FROM producers") as cursor:
-            producers = {row[0]: row[1] async for row in cursor}
+        for row in self._db.execute(query):
+            run = Run(
+                run_id=row[0],
+                status=row[1],
+                created_at=row[2],
+                updated_at=row[3],
+                started_at=row[4],
+                ended_at=row[5],
+                info=json.loads(row[8]),
+            )
+            run.last_seq = row[6]
+            run.first_seq = row[7]
+            runs.append(run)
+        producers = dict(self._db.execute("SELECT name, last_id FROM producers"))
         return Restored(runs, producers)
 
     def begin_close(self) -> None:
@@ -219,9 +226,12 @@ class EventStore:
         return left
 
     async def _close_connections(self) -> None:
-        for db in {id(c): c for c in (self._reader, self._db) if c is not None}.values():
+        if self._reader is not None:
             with contextlib.suppress(Exception):
-                await db.close()
+                await self._reader.close()
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
         self._db = self._reader = None
 
     # -- writes ------------------------------------------------------------
@@ -268,12 +278,10 @@ class EventStore:
             size = min(len(self._pending), self.max_batch)
             batch = [self._pending[i] for i in range(size)]
             try:
-                await self._commit(batch)
-            except asyncio.CancelledError:
-                raise
+                self._commit(batch)
             except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
                 # A value SQLite cannot bind: retrying would jam every run.
-                await self._rollback()
+                self._rollback()
                 if self._defuse(batch, exc):
                     continue
                 log.error("store: commit refused and no event to blame: %s", exc)
@@ -285,7 +293,7 @@ class EventStore:
                 if self.failing is None:
                     log.error("store: commit failed, will retry: %s", exc)
                 self.failing = str(exc)
-                await self._rollback()
+                self._rollback()
                 if self._closing and backoff > 1.0:
                     return
                 await asyncio.sleep(backoff)
@@ -310,11 +318,12 @@ class EventStore:
                 except Exception:
                     log.exception("store: a commit callback failed")
             self._maybe_checkpoint()
+            await asyncio.sleep(0)  # let deliveries and producers run between commits
 
-    async def _rollback(self) -> None:
-        if self._db is not None:
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
             with contextlib.suppress(Exception):
-                await self._db.rollback()
+                self._db.execute("ROLLBACK")
 
     @staticmethod
     def _defuse(batch: list[Sequenced], exc: Exception) -> bool:
@@ -350,7 +359,7 @@ class EventStore:
 
     def _maybe_checkpoint(self) -> None:
         """Fold the WAL back into the database from the reader's thread."""
-        if self._reader is None or self._reader is self._db or self._checkpoint is not None:
+        if self._reader is None or self._checkpoint is not None:
             return
         now = time.monotonic()
         if now - self._last_checkpoint < _CHECKPOINT_EVERY:
@@ -367,7 +376,7 @@ class EventStore:
         finally:
             self._checkpoint = None
 
-    async def _commit(self, batch: list[Sequenced]) -> None:
+    def _commit(self, batch: list[Sequenced]) -> None:
         db = self._db
         assert db is not None
         started = time.perf_counter()
@@ -390,7 +399,8 @@ class EventStore:
             last_seqs[item.run_id] = item.seq
             if item.producer_id is not None:
                 positions[item.producer] = item.producer_id
-        await db.executemany(_INSERT_EVENT, rows)
+        db.execute("BEGIN")
+        db.executemany(_INSERT_EVENT, rows)
         run_rows = []
         for run_id, last_seq in last_seqs.items():
             run = self._runs[run_id]
@@ -406,18 +416,18 @@ class EventStore:
                     json.dumps(run.info, allow_nan=False, default=str),
                 )
             )
-        await db.executemany(_UPSERT_RUN, run_rows)
+        db.executemany(_UPSERT_RUN, run_rows)
         if positions:
-            await db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
-        pruned = await self._prune(last_seqs) if self.retain_events else []
-        await db.commit()
+            db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
+        pruned = self._prune(last_seqs) if self.retain_events else []
+        db.execute("COMMIT")
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
         for run_id, first_seq in pruned:
             if self._on_pruned is not None:
                 self._on_pruned(run_id, first_seq)
 
-    async def _prune(self, last_seqs: dict[str, int]) -> list[tuple[str, int]]:
+    def _prune(self, last_seqs: dict[str, int]) -> list[tuple[str, int]]:
         """Keep at most ``retain_events`` per run; prune in chunks, not per event."""
         assert self._db is not None
         pruned = []
@@ -427,8 +437,8 @@ class EventStore:
             if last_seq - first_seq + 1 <= self.retain_events + slack:
                 continue
             new_first = last_seq - self.retain_events + 1
-            await self._db.execute("DELETE FROM events WHERE run_id = ? AND seq < ?", (run_id, new_first))
-            await self._db.execute("UPDATE runs SET first_seq = ? WHERE run_id = ?", (new_first, run_id))
+            self._db.execute("DELETE FROM events WHERE run_id = ? AND seq < ?", (run_id, new_first))
+            self._db.execute("UPDATE runs SET first_seq = ? WHERE run_id = ?", (new_first, run_id))
             pruned.append((run_id, new_first))
         return pruned
 
@@ -443,12 +453,13 @@ class EventStore:
         commit in flight. At most ``limit`` rows, and no more rows than fit
         in ``max_chars`` (but at least one).
         """
-        if self._reader is None:
-            raise StoreError("the event store is closed")
-        async with self._reader.execute(
-            _READ_PAGE, (run_id, after, upto, limit, max(1, max_chars))
-        ) as cursor:
-            return list(await cursor.fetchall())  # type: ignore[arg-type]
+        params = (run_id, after, upto, limit, max(1, max_chars))
+        if self._reader is not None:
+            async with self._reader.execute(_READ_PAGE, params) as cursor:
+                return list(await cursor.fetchall())  # type: ignore[arg-type]
+        if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
+            return self._db.execute(_READ_PAGE, params).fetchall()
+        raise StoreError("the event store is closed")
 
 
 def _storable(item: Sequenced) -> bool:
