@@ -377,5 +377,16 @@ class Hub:
         return changed
 
 
+_second_prefix: list[Any] = [None, ""]
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    """ISO-8601 UTC with milliseconds; the date part is formatted once a second."""
+    second = int(ts)
+    micros = round((ts - second) * 1e6)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if _second_prefix[0] != second:
+        _second_prefix[0] = second
+        _second_prefix[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second_prefix[1]}.{micros // 1000:03d}+00:00"

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -79,6 +81,7 @@ class Relay:
         self._subscribers: dict[Subscription, ServerConnection] = {}
         self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._acks_due: set[_AckState] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
 
@@ -249,13 +252,13 @@ class Relay:
             await conn.close(1008, "bad producer name")
             return
         self._send(conn, {"op": "hello", "producer": name, "last_id": self.hub.producers.get(name)})
-        acked = [0]
+        acks = _AckState(conn, name)
         async for frame in conn:
-            self._ingest(conn, name, frame, acked)
+            self._ingest(conn, name, frame, acks)
             if self.store.lag > self.config.max_store_lag:
                 await self.store.wait_for_room(self.config.max_store_lag)
 
-    def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acked: list[int]) -> None:
+    def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState) -> None:
         """Validate, sequence and queue one producer frame; ack after commit."""
         try:
             size = self._check_size(frame)
@@ -286,10 +289,25 @@ class Relay:
         self.metrics.events_in.inc(len(accepted.new))
         if accepted.duplicates:
             self.metrics.duplicates.inc(accepted.duplicates)
-        if top_id > acked[0]:
-            acked[0] = top_id
-            ack = encode({"op": "ack", "producer": producer, "upto": top_id})
-            self.store.after_commit(lambda: self._send_text(conn, ack))
+        if top_id > acks.registered:
+            acks.registered = top_id
+            self.store.after_commit(partial(self._ack_ready, acks, top_id))
+
+    def _ack_ready(self, acks: _AckState, upto: int) -> None:
+        """Events up to ``upto`` are stored; one ack per producer per commit goes out."""
+        if upto <= acks.ready:
+            return
+        acks.ready = upto
+        if not self._acks_due:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks_due.add(acks)
+
+    def _send_acks(self) -> None:
+        due, self._acks_due = self._acks_due, set()
+        for acks in due:
+            if acks.ready > acks.sent:
+                acks.sent = acks.ready
+                self._send(acks.conn, {"op": "ack", "producer": acks.producer, "upto": acks.ready})
 
     def _check_size(self, frame: str | bytes) -> int:
         """Refuse a frame over ``max_frame_bytes`` (UTF-8 bytes); return its size."""
@@ -595,6 +613,17 @@ class Relay:
     @staticmethod
     def _send_text(conn: ServerConnection, text: str) -> None:
         Frame.text(text).write_to(conn)
+
+
+@dataclass(eq=False, slots=True)
+class _AckState:
+    """A producer connection's ack positions: registered, stored, sent."""
+
+    conn: ServerConnection
+    producer: str
+    registered: int = 0
+    ready: int = 0
+    sent: int = 0
 
 
 def event_frames(bodies: list[str]) -> list[Frame]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -32,17 +33,15 @@ class Refused(ValueError):
 
 
 _FLOAT_MAX = 1.7976931348623157e308
-_SURROGATE_ESCAPES = ("\\ud", "\\uD")
-"""``\\ud800``-``\\udfff`` escapes: the only way JSON text can smuggle in
-lone surrogates, which no UTF-8 encoder (or SQLite) accepts."""
+_MAYBE_UNSAFE = re.compile(r"NaN|Infinity|[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}|\\u[dD][89a-fA-F]")
+"""Text that may decode to a value an event may not hold: NaN, Infinity, a
+number that overflows a double (a three-digit exponent, 300+ digits), or a
+surrogate escape (``\\ud800``-``\\udfff``: unpaired, no UTF-8 encoder or
+SQLite accepts it). A match only means "look closer"."""
 
 
 class Poison:
-    """A value JSON allows but an event may not hold (NaN, 1e400, 10**400).
-
-    The decoder leaves one in place instead of failing the whole frame, so
-    that in an array only the events that hold one are refused.
-    """
+    """Where a refused number was: what the producer wrote, kept for the error."""
 
     __slots__ = ("detail",)
 
@@ -50,62 +49,73 @@ class Poison:
         self.detail = detail
 
 
+def _poison_constant(name: str) -> Poison:
+    return Poison(f"{name} is not a number JSON allows; send null or a finite number")
+
+
+def _poison_float(text: str) -> float | Poison:
+    value = float(text)
+    return value if math.isfinite(value) else Poison(f"{text[:40]} overflows a double; send a finite number")
+
+
+def _poison_int(text: str) -> int | Poison:
+    value = int(text)
+    if abs(value) > _FLOAT_MAX:
+        return Poison(f"{text[:40]}... overflows a double; send a finite number")
+    return value
+
+
+_MARKING_DECODER = json.JSONDecoder(
+    parse_constant=_poison_constant, parse_float=_poison_float, parse_int=_poison_int
+)
+
+
 def parse_frame(frame: str | bytes) -> tuple[Any, bool]:
     """Decode one frame; also say whether it may hold values to refuse.
 
-    The flag is False for almost every frame, so the per-event check in
-    :func:`refuse_unsafe_values` costs nothing on the hot path.
+    Decoding is plain ``json.loads`` (the C scanner, no per-value hooks)
+    and the flag comes from one regex scan: False for almost every frame,
+    so :func:`refuse_unsafe_values` costs nothing on the hot path. A frame
+    that matches is decoded again with hooks that mark each bad number with
+    what the producer wrote, so the error can quote it. Checking per event
+    lets an array keep its good events.
     """
     if isinstance(frame, bytes | bytearray | memoryview):
         raise Refused("binary_frame", "binary frames are not accepted; send JSON as a text frame")
-    poisoned: list[Poison] = []
-
-    def poison(detail: str) -> Poison:
-        marker = Poison(detail)
-        poisoned.append(marker)
-        return marker
-
-    def constant(name: str) -> Poison:
-        return poison(f"{name} is not a number JSON allows; send null or a finite number")
-
-    def floating(text: str) -> float | Poison:
-        value = float(text)
-        if math.isfinite(value):
-            return value
-        return poison(f"{text[:40]} overflows a double; send a finite number")
-
-    def integer(text: str) -> int | Poison:
-        value = int(text)
-        if len(text) > 300 and abs(value) > _FLOAT_MAX:
-            return poison(f"{text[:40]}... overflows a double; send a finite number")
-        return value
-
     try:
-        obj = json.loads(frame, parse_constant=constant, parse_float=floating, parse_int=integer)
+        obj = json.loads(frame)
+        suspect = _MAYBE_UNSAFE.search(frame) is not None
+        if suspect:
+            obj = _MARKING_DECODER.decode(frame)
     except RecursionError:
         raise Refused("bad_json", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
         raise Refused("bad_json", f"not valid JSON: {exc}") from None
-    suspect = bool(poisoned) or any(escape in frame for escape in _SURROGATE_ESCAPES)
     return obj, suspect
 
 
 def refuse_unsafe_values(value: Any) -> None:
-    """Raise :class:`Refused` if ``value`` holds a poisoned number or a lone surrogate."""
-    stack = [value]
+    """Raise :class:`Refused` if ``value`` holds a marked number or a lone surrogate.
+
+    The error says where: ``data.metrics.loss: NaN is not a number ...``.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
-        item = stack.pop()
+        item, path = stack.pop()
         if isinstance(item, Poison):
-            raise Refused("non_finite", item.detail)
+            raise Refused("non_finite", f"{path or 'value'}: {item.detail}")
+        if isinstance(item, float) and not math.isfinite(item):  # decoded without marks
+            raise Refused("non_finite", f"{path or 'value'}: not a finite number; send null or one")
         if isinstance(item, dict):
-            stack.extend(item.values())
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
     try:
         encode(value).encode("utf-8")
     except UnicodeEncodeError:
         raise Refused(
-            "bad_unicode", "a string holds a lone surrogate escape (\\ud800-\\udfff); send valid UTF-16 pairs"
+            "bad_unicode",
+            "a string holds a lone surrogate escape (\\ud800-\\udfff); send valid UTF-16 pairs",
         ) from None
 
 
