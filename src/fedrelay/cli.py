@@ -1,4 +1,4 @@
-"""``fedrelay serve | runs | schema``: the command line."""
+"""``fedrelay serve | runs | schema | sync``: the command line."""
 
 from __future__ import annotations
 
@@ -202,6 +202,18 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from .emitters import sync_spool
+
+    report = sync_spool(args.url, args.spool_dir, args.token, timeout=args.timeout)
+    if report.error or report.busy:
+        why = report.error or f"{report.busy} spools are in use by running emitters"
+        print(f"fedrelay sync: {why}; {report.remaining} events stay in {report.spool_dir}", file=sys.stderr)
+        return 1
+    print(f"delivered {report.delivered} events from {report.producers} spools in {report.spool_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrelay", description="Live telemetry relay for Flower and Lightning training."
@@ -245,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="print JSON")
     runs.set_defaults(func=_runs)
 
+    sync = commands.add_parser("sync", help="send the events emitters left in their spool")
+    sync.add_argument("--url", help="relay address (default: FEDRELAY_URL or ws://127.0.0.1:8765)")
+    sync.add_argument("--spool-dir", help="spool dir (default: FEDRELAY_SPOOL_DIR or the user data dir)")
+    sync.add_argument("--token", help="publish token (default: FEDRELAY_PUBLISH_TOKEN)")
+    sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for acks per spool")
+    sync.set_defaults(func=_sync)
 
     schema = commands.add_parser("schema", help="print the wire contract as JSON Schema")
     schema.add_argument(

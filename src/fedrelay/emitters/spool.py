@@ -1,0 +1,247 @@
+"""The on-disk spool: unacked events that must outlive memory or the process.
+
+Layout, one directory per producer name (the name *is* the directory name)::
+
+    <spool_dir>/<producer>/lock                      flock held by the owning process
+    <spool_dir>/<producer>/meta.json                 who wrote it, highest id ever sent
+    <spool_dir>/<producer>/<first>-<last>-<n>.seg    n events, ids first..last, in order
+
+A segment holds one relay frame's worth of events, one ``<id>\\t<json>`` line
+each, and is written to a dot-file then renamed, so a reader never sees half
+a segment. Segments are always the *oldest* unacked events of their producer;
+newer ones are in memory. Several processes (Ray actors, ``fedrelay sync``)
+may share a spool dir: a producer directory is only touched by whoever holds
+its lock, and the lock dies with its process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..schemas.events import RUN_ID_RE
+
+try:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+except ImportError:  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+
+Entry = tuple[int, str]
+"""An encoded event: its id and its JSON text."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    first: int
+    last: int
+    count: int
+    path: Path
+
+    @classmethod
+    def parse(cls, path: Path) -> Segment | None:
+        try:
+            first, last, count = (int(part) for part in path.stem.split("-"))
+        except ValueError:
+            return None
+        return cls(first, last, count, path)
+
+
+class Spool:
+    """One producer's spool directory, locked by this process while open."""
+
+    def __init__(self, path: Path, lock_fd: int, meta: dict[str, Any], segments: list[Segment]):
+        self.path = path
+        self._lock_fd: int | None = lock_fd
+        self._guard = threading.Lock()
+        self.meta = meta
+        self.segments = segments
+
+    # -- opening ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, producer: str, meta: dict[str, Any]) -> Spool | None:
+        """A new, locked directory for ``producer``; None if the name is taken.
+
+        Built under a dot-name and renamed into place with the lock already
+        held, so that a scanning process never adopts a half-made directory.
+        """
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".new-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        _try_lock(fd)
+        spool = cls(tmp, fd, {**meta, "producer": producer}, [])
+        spool.write_meta()
+        try:
+            os.rename(tmp, root / producer)
+        except OSError:
+            spool.release()
+            return None
+        spool.path = root / producer
+        return spool
+
+    @classmethod
+    def adopt(cls, path: Path) -> Spool | None:
+        """Lock an existing producer directory; None when its owner is alive."""
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        meta["producer"] = path.name
+        try:
+            names = list(path.glob("*.seg"))
+        except OSError:
+            names = []
+        segments = sorted(
+            (seg for seg in map(Segment.parse, names) if seg is not None), key=lambda s: s.first
+        )
+        return cls(path, fd, meta, segments)
+
+    # -- reading and writing ---------------------------------------------
+
+    @property
+    def producer(self) -> str:
+        return self.path.name
+
+    @property
+    def count(self) -> int:
+        return sum(seg.count for seg in self.segments)
+
+    @property
+    def first_id(self) -> int | None:
+        return self.segments[0].first if self.segments else None
+
+    @property
+    def last_id(self) -> int:
+        return self.segments[-1].last if self.segments else 0
+
+    def append(self, entries: list[Entry]) -> Segment:
+        """Write ``entries`` (newer than everything already here) as one segment."""
+        first, last = entries[0][0], entries[-1][0]
+        name = f"{first:020d}-{last:020d}-{len(entries)}.seg"
+        tmp = self.path / f".{name}.tmp"
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.writelines(f"{event_id}\t{line}\n" for event_id, line in entries)
+        os.replace(tmp, self.path / name)
+        segment = Segment(first, last, len(entries), self.path / name)
+        self.segments.append(segment)
+        return segment
+
+    @staticmethod
+    def read(segment: Segment) -> list[Entry]:
+        entries: list[Entry] = []
+        with open(segment.path, encoding="ascii") as fh:
+            for raw in fh:
+                event_id, _, line = raw.rstrip("\n").partition("\t")
+                if line:
+                    entries.append((int(event_id), line))
+        return entries
+
+    def trim(self, upto: int) -> int:
+        """Delete the segments an ack covers whole; return how many events went."""
+        removed = 0
+        while self.segments and self.segments[0].last <= upto:
+            segment = self.segments.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                segment.path.unlink()
+            removed += segment.count
+        return removed
+
+    def write_meta(self, **changes: Any) -> None:
+        self.meta.update(changes)
+        tmp = self.path / ".meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta))
+        os.replace(tmp, self.path / "meta.json")
+
+    def rename(self, producer: str) -> bool:
+        """Move to a new producer name (the relay knows the old one from elsewhere)."""
+        target = self.path.parent / producer
+        try:
+            os.rename(self.path, target)
+        except OSError:
+            return False
+        self.path = target
+        self.segments = [Segment(s.first, s.last, s.count, target / s.path.name) for s in self.segments]
+        self.write_meta(producer=producer)
+        return True
+
+    def release(self) -> None:
+        """Unlock; an emptied directory is removed, a non-empty one left for sync."""
+        with self._guard:
+            fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        if not self.segments:
+            for name in ("meta.json", "lock"):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def forget_lock(self) -> None:
+        """In a forked child: drop our copy of the fd; the parent keeps the lock."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def producer_dirs(root: Path, exclude: str | None = None) -> Iterator[Path]:
+    """Producer directories under ``root`` (oldest first), whoever owns them."""
+    try:
+        dirs = [p for p in root.iterdir() if RUN_ID_RE.fullmatch(p.name) and not p.name.startswith(".")]
+        dirs = [p for p in dirs if p.is_dir()]
+    except OSError:
+        return
+    dirs.sort(key=lambda p: _mtime(p))
+    for path in dirs:
+        if path.name != exclude:
+            yield path
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def spooled_events(path: Path) -> int:
+    """How many events a producer directory holds, without locking it."""
+    try:
+        segments = (Segment.parse(p) for p in path.glob("*.seg"))
+        return sum(seg.count for seg in segments if seg is not None)
+    except OSError:
+        return 0

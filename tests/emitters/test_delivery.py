@@ -1,0 +1,106 @@
+"""Events reach a real relay in order, once each, stamped; bad input never raises."""
+
+from __future__ import annotations
+
+import math
+import threading
+from datetime import datetime
+
+from tests.emitters.conftest import stored_events
+from tests.support.relay_process import wait_until
+
+
+def test_events_arrive_in_order_exactly_once_with_ids_and_timestamps(relay, make_emitter):
+    em = make_emitter(relay.url, run_id="order", role="server")
+    for i in range(2500):
+        em.emit("round_start", {"round": i, "total_rounds": 2500})
+    assert em.flush(15)
+    events = stored_events(relay, "order")
+    assert [e["data"]["round"] for e in events] == list(range(2500))
+    assert [e["id"] for e in events] == list(range(1, 2501))
+    assert [e["seq"] for e in events] == list(range(1, 2501))
+    assert {e["producer"] for e in events} == {em.producer}
+    assert events[0]["source"] == {"role": "server", "client_id": None}
+    stamps = [datetime.fromisoformat(e["timestamp"]) for e in events]
+    assert all(ts.tzinfo is not None for ts in stamps)
+    assert stamps == sorted(stamps)
+    stats = em.stats
+    assert stats["emitted"] == stats["acked"] == 2500
+    assert stats["frames"] < 2500  # batched
+    assert em.close(5)
+
+
+def test_emit_never_raises_on_bad_input_and_counts_it(relay, make_emitter):
+    em = make_emitter(relay.url, run_id="bad-input")
+    em.emit("no_such_type", {"x": 1})
+    em.emit("status", ["not", "a", "dict"])
+    em.emit("status", {"message": "hi"}, run_id="spaces are not allowed")
+    em.emit("status", {"message": "hi"}, run_id="x" * 129)
+    em.emit("status", {"message": "hi"}, role="janitor")
+    em.emit({"unhashable": 1}, {})  # type: ignore[arg-type]
+    em.emit("epoch_end", {"epoch": 1, "metrics": {"loss": math.nan, "acc": math.inf, "f1": 0.5}})
+    em.emit("epoch_end", {"epoch": 2, "metrics": {"loss": -math.inf}, "extra": [math.nan, 1.0]})
+    em.emit("round_start", {"round": "three"})  # the relay refuses it; still acked
+    em.emit("status", {"message": "last"}, run_id=7)
+    assert em.flush(10)
+    stats = em.stats
+    assert stats["invalid"] == 5
+    assert stats["errors"] == 1
+    assert stats["non_finite"] == 4
+    assert stats["emitted"] == 4
+    wait_until(lambda: em.stats["refused"] == 1, 5, what="the relay's error frame")
+    events = stored_events(relay, "bad-input")
+    assert [e["data"]["epoch"] for e in events] == [1, 2]
+    assert events[0]["data"]["metrics"] == {"loss": None, "acc": None, "f1": 0.5}
+    assert events[1]["data"]["extra"] == [None, 1.0]
+    assert stored_events(relay, "7")[0]["data"] == {"message": "last"}
+
+
+def test_data_dict_is_copied_at_emit(relay, make_emitter):
+    em = make_emitter(relay.url, run_id="copy")
+    metrics = {"round": 1, "loss": 0.5}
+    em.emit("round_start", metrics)
+    metrics["round"] = 2  # a trainer reusing its dict
+    assert em.flush(10)
+    assert stored_events(relay, "copy")[0]["data"] == {"round": 1, "loss": 0.5}
+
+
+def test_several_threads_emit_concurrently(relay, make_emitter):
+    em = make_emitter(relay.url, run_id="threads")
+    per_thread, threads = 600, 4
+    start = threading.Barrier(threads)
+
+    def work(client: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            em.emit("client_progress", {"round": 1, "client_id": client, "local_epoch": i}, client_id=client)
+
+    workers = [threading.Thread(target=work, args=(c,)) for c in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert em.flush(15)
+    events = stored_events(relay, "threads")
+    assert len(events) == per_thread * threads
+    assert sorted(e["id"] for e in events) == list(range(1, per_thread * threads + 1))
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    for client in range(threads):
+        mine = [e["data"]["local_epoch"] for e in events if e["source"]["client_id"] == client]
+        assert mine == list(range(per_thread))
+
+
+def test_explicit_producer_name_reused_is_not_dropped_as_duplicates(relay, make_emitter):
+    first = make_emitter(relay.url, run_id="reuse", producer="trainer-a")
+    for i in range(5):
+        first.emit("epoch_end", {"epoch": i})
+    assert first.close(10)
+    second = make_emitter(relay.url, run_id="reuse", producer="trainer-a")
+    for i in range(5, 10):
+        second.emit("epoch_end", {"epoch": i})
+    assert second.flush(10)
+    assert second.stats["renamed"] == 1
+    assert second.producer.startswith("trainer-a-")
+    events = stored_events(relay, "reuse")
+    assert [e["data"]["epoch"] for e in events] == list(range(10))
+    assert [e["producer"] for e in events] == ["trainer-a"] * 5 + [second.producer] * 5
