@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -33,11 +32,6 @@ class Refused(ValueError):
 
 
 _FLOAT_MAX = 1.7976931348623157e308
-_MAYBE_UNSAFE = re.compile(r"NaN|Infinity|[eE]\+?0*[1-9][0-9]{2}|[0-9]{300}|\\u[dD][89a-fA-F]")
-"""Text that may decode to a value an event may not hold: NaN, Infinity, a
-number that overflows a double (a three-digit exponent, 300+ digits), or a
-surrogate escape (``\\ud800``-``\\udfff``: unpaired, no UTF-8 encoder or
-SQLite accepts it). A match only means "look closer"."""
 
 
 class Poison:
@@ -49,49 +43,56 @@ class Poison:
         self.detail = detail
 
 
+_marks = [0]
+"""How many values the decoder has marked, ever: a frame that moved it holds one."""
+
+
+def _mark(detail: str) -> Poison:
+    _marks[0] += 1
+    return Poison(detail)
+
+
 def _poison_constant(name: str) -> Poison:
-    return Poison(f"{name} is not a number JSON allows; send null or a finite number")
+    return _mark(f"{name} is not a number JSON allows; send null or a finite number")
 
 
 def _poison_float(text: str) -> float | Poison:
     value = float(text)
-    return value if math.isfinite(value) else Poison(f"{text[:40]} overflows a double; send a finite number")
+    if value - value == 0.0:  # finite
+        return value
+    return _mark(f"{text[:40]} overflows a double; send a finite number")
 
 
 def _poison_int(text: str) -> int | Poison:
     value = int(text)
-    if abs(value) > _FLOAT_MAX:
-        return Poison(f"{text[:40]}... overflows a double; send a finite number")
+    if len(text) > 300 and abs(value) > _FLOAT_MAX:
+        return _mark(f"{text[:40]}... overflows a double; send a finite number")
     return value
 
 
-_MARKING_DECODER = json.JSONDecoder(
-    parse_constant=_poison_constant, parse_float=_poison_float, parse_int=_poison_int
-)
+_DECODER = json.JSONDecoder(parse_constant=_poison_constant, parse_float=_poison_float, parse_int=_poison_int)
 
 
 def parse_frame(frame: str | bytes) -> tuple[Any, bool]:
     """Decode one frame; also say whether it may hold values to refuse.
 
-    Decoding is plain ``json.loads`` (the C scanner, no per-value hooks)
-    and the flag comes from one regex scan: False for almost every frame,
-    so :func:`refuse_unsafe_values` costs nothing on the hot path. A frame
-    that matches is decoded again with hooks that mark each bad number with
-    what the producer wrote, so the error can quote it. Checking per event
-    lets an array keep its good events.
+    NaN, Infinity and numbers that overflow a double decode to
+    :class:`Poison` marks that quote what the producer wrote; a string may
+    hold a lone surrogate only if the frame has a ``\\u`` escape. The flag
+    is False for almost every frame, so :func:`refuse_unsafe_values` costs
+    nothing on the hot path; checking per event lets an array keep its
+    good events.
     """
     if isinstance(frame, bytes | bytearray | memoryview):
         raise Refused("binary_frame", "binary frames are not accepted; send JSON as a text frame")
+    marks = _marks[0]
     try:
-        obj = json.loads(frame)
-        suspect = _MAYBE_UNSAFE.search(frame) is not None
-        if suspect:
-            obj = _MARKING_DECODER.decode(frame)
+        obj = _DECODER.decode(frame)
     except RecursionError:
         raise Refused("bad_json", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
         raise Refused("bad_json", f"not valid JSON: {exc}") from None
-    return obj, suspect
+    return obj, _marks[0] != marks or "\\u" in frame
 
 
 def refuse_unsafe_values(value: Any) -> None:
