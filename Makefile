@@ -1,10 +1,10 @@
-# The two quick-start commands: `make serve` and `make test`.
+# The two quick-start commands: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ setup: $(BIN)/python
 serve: setup
 	$(BIN)/fedrelay serve
 
+demo: setup
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedrelay demo
+
 test: setup
-	$(BIN)/python -m pytest -q
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -1,4 +1,4 @@
-"""``fedrelay serve | runs | schema | sync``: the command line."""
+"""``fedrelay serve | runs | schema | sync | demo``: the command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .demo.cli import add_demo_parser
 
 
 class _JsonFormatter(logging.Formatter):
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--part", choices=["all", "event", "relay_control", "subscriber_control"], default="all"
     )
     schema.set_defaults(func=_schema)
+    add_demo_parser(commands)
     return parser
 
 
