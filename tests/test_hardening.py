@@ -217,3 +217,90 @@ async def test_sigterm_while_the_store_fails_exits_and_says_what_was_lost(tmp_pa
             relay.proc.kill()
     assert code == 1
     assert "not stored" in relay.log()
+
+
+async def test_hello_reports_what_is_stored_not_what_is_queued(tmp_path):
+    """An emitter drops what ``hello.last_id`` covers: it must never cover events
+    that only sit in memory while the store fails (they die with the relay)."""
+    relay = RelayProcess(tmp_path / "full.db", preexec_fn=small_files(400_000)).start()
+    try:
+        pad = "f" * 1000
+        producer = ResendingProducer(relay.url, "careful")
+        filling = asyncio.create_task(
+            producer.publish_all([event("hello", i, pad=pad) for i in range(1, 2001)], timeout=120)
+        )
+        failing = lambda: relay.get("/healthz")[0] == 503  # noqa: E731
+        await asyncio.to_thread(wait_until, failing, 60, what="a failing store")
+        filling.cancel()
+        async with connect(f"{relay.url}/publish?producer=careful", compression=None) as conn:
+            hello = json.loads(await asyncio.wait_for(conn.recv(), 5))
+        health = relay.get_json("/healthz")[1]
+        stored = relay.get_json("/api/runs/hello")[1]["last_seq"]
+    finally:
+        relay.proc.kill()
+        relay.proc.wait()
+    assert hello["op"] == "hello"
+    assert (hello["last_id"] or 0) == stored == producer.acked, (hello, stored, producer.acked, health)
+    assert stored < 2000
+
+
+async def test_an_event_that_grows_when_re_encoded_is_refused(relay_factory):
+    relay = relay_factory("--max-frame-bytes", "4096")
+    # 1e15 is 4 characters as sent and 18 once re-encoded (1000000000000000.0).
+    grows = {"type": "status", "run_id": "grow", "id": 1, "data": {"v": [1e15] * 200}}
+    text = json.dumps(grows).replace("1000000000000000.0", "1e15")
+    assert len(text) < 4096 - 1024
+    got = await publish_raw(relay.url, "grow", [text, json.dumps(event("grow", 2))], upto=2)
+    errors = [m for m in got if m["op"] == "error"]
+    assert [(e["code"], e["id"]) for e in errors] == [("too_large", 1)], errors
+    assert relay.get_json("/api/runs/grow")[1]["last_seq"] == 1  # only event 2, as seq 1
+
+
+async def test_a_publisher_that_never_reads_its_errors_is_cut(relay_factory):
+    relay = relay_factory("--max-queue-bytes", "65536")
+    sock = tiny_receive_socket(relay.port)
+    try:
+        sock.sendall(
+            (
+                "GET /publish?producer=deaf HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{relay.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        # Masked client text frames of 1000 bad events each: ~80 KB of errors per 2 KB sent.
+        payload = ("[" + ",".join(["1"] * 1000) + "]").encode()
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frame = bytes([0x81, 0xFE]) + len(payload).to_bytes(2, "big") + mask + masked
+
+        def flood() -> None:
+            sock.settimeout(5)
+            try:
+                for _ in range(300):
+                    sock.sendall(frame)
+            except OSError:
+                pass  # cut: that is the point
+
+        await asyncio.to_thread(flood)
+        await wait_for_metric(relay, "fedrelay_slow_consumers_total", 1, timeout=30)
+    finally:
+        sock.close()
+    assert "does not read the relay's replies" in relay.log()
+    # Everyone else is fine.
+    got = await publish_raw(relay.url, "ok", [json.dumps(event("after", 1))], upto=1)
+    assert not [m for m in got if m["op"] == "error"]
+
+
+def test_a_second_relay_on_the_same_database_is_refused(relay, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fedrelay", "serve", "--port", "0", "--db", relay.db],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "another relay is using this database" in out.stderr

@@ -120,10 +120,10 @@ def test_wildcard_gets_every_run_once_even_with_an_explicit_subscription():
 
 def test_legacy_subscribers_do_not_get_their_own_events_back():
     hub = Hub()
-    root = Subscription(handle="root-conn", legacy=True)
+    root = Subscription(handle="root-conn", legacy=True, own_producer="anon")
     hub.subscribe_all(root)
-    own = hub.accept("anon", [ev("a", None)], origin="root-conn")
-    other = hub.accept("p", [ev("a", 1)], origin="elsewhere")
+    own = hub.accept("anon", [ev("a", None)])
+    other = hub.accept("p", [ev("a", 1)])
     deliveries = hub.committed(own.new + other.new)
     assert delivered_to(deliveries, root) == [2]
 
@@ -162,14 +162,41 @@ def test_ring_is_bounded_in_characters_as_well_as_events():
     assert joined.from_store
 
 
-def test_idle_finished_runs_give_their_ring_back():
+def test_idle_runs_give_their_ring_back_unless_someone_follows_them():
     now = [1000.0]
     hub = Hub(clock=lambda: now[0])
-    publish(hub, "p", [ev("done", 1, kind="training_end"), ev("live", 2)])
-    now[0] += 700
-    assert hub.forget_idle_rings(now[0], idle_after=600) == 1
+    publish(hub, "p", [ev("done", 1, kind="training_end"), ev("crashed", 2), ev("followed", 3)])
+    hub.subscribe(Subscription(handle="s"), "followed", 0)
+    now[0] += 300
+    publish(hub, "p", [ev("recent", 4)])
+    now[0] += 400
+    assert hub.forget_idle_rings(now[0], idle_after=600) == 2
     assert not hub.runs["done"].ring and hub.runs["done"].ring_chars == 0
-    assert len(hub.runs["live"].ring) == 1  # still running: kept
+    assert not hub.runs["crashed"].ring  # a run that never ended ("stalled") too
+    assert len(hub.runs["followed"].ring) == 1  # a live subscriber: kept
+    assert len(hub.runs["recent"].ring) == 1  # not idle long enough
     # A freed ring only means catch-up comes from the store.
-    joined = hub.subscribe(Subscription(handle="s"), "done", 0)
+    joined = hub.subscribe(Subscription(handle="late"), "done", 0)
     assert joined.from_store and joined.backlog == []
+
+
+def test_an_event_that_grows_past_the_limit_once_encoded_is_refused_without_a_seq():
+    hub = Hub()
+    small = ev("a", 1)
+    grows = ev("a", 2, value=1e15)  # 4 characters sent, 18 once re-encoded
+    grows["data"]["pad"] = "x" * 60
+    limit = len(hub.accept("probe", [ev("z", 1)]).new[0].body) + 80
+    accepted = hub.accept("p", [small, grows, ev("a", 3)], max_body=limit)
+    assert [(i.seq, i.producer_id) for i in accepted.new] == [(1, 1), (2, 3)]
+    assert [(pos, exc.code) for pos, exc in accepted.too_large] == [(1, "too_large")]
+    assert accepted.upto == 3  # covered by the ack: refused, not pending
+
+
+def test_hello_position_is_what_is_committed_not_what_is_accepted():
+    hub = Hub()
+    pending = hub.accept("p", [ev("a", 1), ev("a", 2)])
+    assert hub.producers["p"] == 2 and "p" not in hub.stored_positions
+    hub.committed(pending.new[:1])
+    assert hub.stored_positions["p"] == 1
+    hub.committed(pending.new[1:])
+    assert hub.stored_positions["p"] == 2

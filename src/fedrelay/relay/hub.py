@@ -10,6 +10,7 @@ event.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import deque
@@ -49,15 +50,15 @@ class Sequenced:
     producer: str
     producer_id: int | None
     received_at: float
-    event: dict[str, Any]
     body: str
-    origin: Hashable | None = None
+    """The event as stored and sent. Rings hold only this text, not the
+    parsed dict: a dict costs many times its JSON in memory."""
     _legacy: str | None = None
 
     def legacy_body(self) -> str:
         """The ``{type, timestamp, data}`` frame for root-path connections."""
         if self._legacy is None:
-            self._legacy = encode(legacy_shape(self.event))
+            self._legacy = encode(legacy_shape(json.loads(self.body)))
         return self._legacy
 
 
@@ -135,6 +136,8 @@ class Subscription:
     handle: Hashable
     legacy: bool = False
     """Root-path connection: every event, one legacy-shaped frame each."""
+    own_producer: str | None = None
+    """A root connection's producer name: it does not get its own events back."""
     wildcard: bool = False
     cursors: dict[str, int] = field(default_factory=dict)
     """run_id -> last seq delivered (or being caught up to)."""
@@ -152,6 +155,8 @@ class Accepted:
     duplicates: int
     upto: int | None
     """Highest producer id now handled (for the cumulative ack)."""
+    too_large: list[tuple[int, Refused]] = field(default_factory=list)
+    """(position in the events given, why) for events refused once encoded."""
 
 
 @dataclass(slots=True)
@@ -188,6 +193,9 @@ class Hub:
         self.runs: dict[str, Run] = {}
         self.producers: dict[str, int] = {}
         """Producer name -> highest id accepted (dedup position)."""
+        self.stored_positions: dict[str, int] = {}
+        """Producer name -> highest id committed: what ``hello.last_id`` reports,
+        since a producer may forget what it sent once this covers it."""
         self.wildcards: set[Subscription] = set()
         self._changed: dict[str, Run] = {}
 
@@ -199,6 +207,7 @@ class Hub:
 
     def restore_producer(self, name: str, last_id: int) -> None:
         self.producers[name] = last_id
+        self.stored_positions[name] = last_id
 
     # -- producers ---------------------------------------------------------
 
@@ -207,49 +216,61 @@ class Hub:
         return f"anon-{uuid.uuid4().hex}"
 
     def accept(
-        self, producer: str, events: Iterable[dict[str, Any]], origin: Hashable | None = None
+        self, producer: str, events: Iterable[dict[str, Any]], max_body: int | None = None
     ) -> Accepted:
-        """Sequence validated events; drop those this producer sent before."""
+        """Sequence validated events; drop those this producer sent before.
+
+        An event whose encoded form (with ``seq``, ``producer``, ``timestamp``)
+        is over ``max_body`` UTF-8 bytes is refused rather than sequenced:
+        re-encoding can grow a number (``1e15`` -> ``1000000000000000.0``),
+        and every subscriber must be able to receive what is stored.
+        """
         now = self.clock()
         last_id = self.producers.get(producer, 0)
-        new: list[Sequenced] = []
-        duplicates = 0
-        upto: int | None = None
-        for event in events:
+        accepted = Accepted([], 0, None)
+        for position, event in enumerate(events):
             event_id = event.get("id")
             if event_id is not None:
                 if event_id <= last_id:
-                    duplicates += 1
-                    upto = last_id
+                    accepted.duplicates += 1
+                    accepted.upto = last_id
                     continue
-                last_id = upto = event_id
-            run = self.runs.get(event["run_id"])
-            if run is None:
-                run = self.runs[event["run_id"]] = Run(event["run_id"], created_at=now)
-            run.last_seq += 1
-            event["seq"] = run.last_seq
+                last_id = accepted.upto = event_id
+            run_id = event["run_id"]
+            run = self.runs.get(run_id)
+            seq = (run.last_seq if run is not None else 0) + 1
+            event["seq"] = seq
             event["producer"] = producer
             if event.get("timestamp") is None:
                 event["timestamp"] = _iso(now)
-            data = event.get("data") or {}
-            run.track(event["type"], data, now)
-            self._changed[run.run_id] = run
-            new.append(
+            body = encode(event)
+            if max_body is not None:
+                size = _utf8_size(body, max_body)
+                if size > max_body:
+                    refused = Refused(
+                        "too_large", f"event of {size} bytes once stored; at most {max_body} are accepted"
+                    )
+                    accepted.too_large.append((position, refused))
+                    continue
+            if run is None:
+                run = self.runs[run_id] = Run(run_id, created_at=now)
+            run.last_seq = seq
+            run.track(event["type"], event.get("data") or {}, now)
+            self._changed[run_id] = run
+            accepted.new.append(
                 Sequenced(
-                    run_id=run.run_id,
-                    seq=run.last_seq,
+                    run_id=run_id,
+                    seq=seq,
                     type=event["type"],
                     producer=producer,
                     producer_id=event_id,
                     received_at=now,
-                    event=event,
-                    body=encode(event),
-                    origin=origin,
+                    body=body,
                 )
             )
-        if upto is not None:
+        if accepted.upto is not None:
             self.producers[producer] = last_id
-        return Accepted(new, duplicates, upto)
+        return accepted
 
     # -- commits -----------------------------------------------------------
 
@@ -259,6 +280,10 @@ class Hub:
         for item in batch:
             by_run.setdefault(item.run_id, []).append(item)
         deliveries: list[Delivery] = []
+        positions = self.stored_positions
+        for item in batch:
+            if item.producer_id is not None and item.producer_id > positions.get(item.producer, 0):
+                positions[item.producer] = item.producer_id
         for run_id, items in by_run.items():
             run = self.runs[run_id]
             run.committed_seq = items[-1].seq
@@ -274,7 +299,7 @@ class Hub:
                 if run_id in sub.cursors:
                     continue  # an explicit subscription to this run serves it
                 if sub.legacy:
-                    mine = [i for i in items if i.origin is not sub.handle]
+                    mine = [i for i in items if i.producer != sub.own_producer]
                     if mine:
                         deliveries.append((sub, mine))
                 else:
@@ -356,14 +381,14 @@ class Hub:
         self.wildcards.discard(sub)
 
     def forget_idle_rings(self, now: float, idle_after: float) -> int:
-        """Free the replay rings of finished runs nobody has touched for a while.
+        """Free the replay rings of runs that got no event for a while.
 
         A ring only speeds up catch-up; without it, a late subscriber pages
         from the store. Returns how many rings were freed.
         """
         freed = 0
         for run in self.runs.values():
-            if run.ring and run.status != "running" and not run.live and now - run.updated_at > idle_after:
+            if run.ring and not run.live and now - run.updated_at > idle_after:
                 run.ring.clear()
                 run.ring_chars = 0
                 freed += 1
@@ -390,3 +415,11 @@ def _iso(ts: float) -> str:
         _second_prefix[0] = second
         _second_prefix[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{_second_prefix[1]}.{micros // 1000:03d}+00:00"
+
+
+def _utf8_size(text: str, limit: int) -> int:
+    """Length in UTF-8 bytes, computed only when characters alone cannot decide."""
+    size = len(text)
+    if size * 4 > limit and size <= limit:
+        return len(text.encode("utf-8", "surrogatepass"))
+    return size

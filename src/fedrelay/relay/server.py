@@ -49,6 +49,8 @@ CATCH_UP_PAGE = 5000
 CATCH_UP_PAGE_BYTES = 2 << 20
 """...and bytes per read, so that a page of large events stays small."""
 MAX_RUNS_PER_SUBSCRIBER = 1024
+MAX_STORE_LAG_CHARS = 256 << 20
+"""Uncommitted characters past which producers are not read (with ``max_store_lag``)."""
 HOUSEKEEPING_EVERY = 60.0
 IDLE_RING_AFTER = 600.0
 """Seconds after its last event before a finished run's replay ring is freed."""
@@ -82,6 +84,7 @@ class Relay:
         self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._acks_due: set[_AckState] = set()
+        self._cutting: set[ServerConnection] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
 
@@ -234,6 +237,7 @@ class Relay:
             pass
         finally:
             gauge.dec()
+            self._cutting.discard(conn)
 
     # -- producers ---------------------------------------------------------
 
@@ -251,26 +255,27 @@ class Relay:
             )
             await conn.close(1008, "bad producer name")
             return
-        self._send(conn, {"op": "hello", "producer": name, "last_id": self.hub.producers.get(name)})
+        # The committed position, not the accepted one: an emitter drops what
+        # this covers, and accepted-but-uncommitted events die with a crash.
+        last_id = self.hub.stored_positions.get(name)
+        self._send(conn, {"op": "hello", "producer": name, "last_id": last_id})
         acks = _AckState(conn, name)
         async for frame in conn:
             self._ingest(conn, name, frame, acks)
-            if self.store.lag > self.config.max_store_lag:
-                await self.store.wait_for_room(self.config.max_store_lag)
+            await self._backpressure()
 
     def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState) -> None:
         """Validate, sequence and queue one producer frame; ack after commit."""
         try:
-            size = self._check_size(frame)
+            self._check_size(frame)
             parsed, suspect = parse_frame(frame)
             raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
             return
-        # Only a frame near the limit can hold an event whose stored form
-        # (plus seq, producer, timestamp) would outgrow what clients accept.
-        check_body = size > self.config.max_frame_bytes - _ENVELOPE_SLACK
+        many = len(raws) > 1
         valid: list[dict[str, Any]] = []
+        where: list[tuple[int, Any]] = []
         top_id = 0
         for index, raw in enumerate(raws):
             raw_id = raw.get("id") if isinstance(raw, dict) else None
@@ -279,12 +284,14 @@ class Relay:
             try:
                 if suspect:
                     refuse_unsafe_values(raw)
-                if check_body:
-                    self._check_body(raw)
                 valid.append(validate_event(raw))
+                where.append((index, raw_id))
             except Refused as exc:
-                self._reject(conn, exc, event_id=raw_id, index=index if len(raws) > 1 else None)
-        accepted = self.hub.accept(producer, valid, origin=conn)
+                self._reject(conn, exc, event_id=raw_id, index=index if many else None)
+        accepted = self.hub.accept(producer, valid, max_body=self._max_body)
+        for position, exc in accepted.too_large:
+            index, raw_id = where[position]
+            self._reject(conn, exc, event_id=raw_id, index=index if many else None)
         self.store.append(accepted.new)
         self.metrics.events_in.inc(len(accepted.new))
         if accepted.duplicates:
@@ -319,16 +326,16 @@ class Relay:
             raise Refused("too_large", f"frame of {size} bytes; at most {limit} are accepted")
         return size
 
-    def _check_body(self, raw: Any) -> None:
-        limit = self.config.max_frame_bytes - _ENVELOPE_SLACK
-        try:
-            size = len(encode(raw).encode("utf-8"))
-        except (TypeError, ValueError, UnicodeEncodeError):
-            return  # validation proper says what is wrong
-        if size > limit:
-            raise Refused(
-                "too_large", f"event of {size} bytes; at most {limit} are accepted once the relay adds seq"
-            )
+    async def _backpressure(self) -> None:
+        """Stop reading producers while too much waits for the disk (events or bytes)."""
+        if self.store.full(self.config.max_store_lag, MAX_STORE_LAG_CHARS):
+            await self.store.wait_for_room(self.config.max_store_lag, MAX_STORE_LAG_CHARS)
+
+    @property
+    def _max_body(self) -> int:
+        """Largest stored event: what a client with ``max_frame_bytes`` can still take,
+        with room for the root path's reshaping."""
+        return self.config.max_frame_bytes - _ENVELOPE_SLACK
 
     def _reject(
         self,
@@ -519,17 +526,17 @@ class Relay:
             self._subscribers[sub] = conn
             self.hub.subscribe_all(sub)
         producer = self.hub.new_producer_name() if "publish" in rights else None
+        sub.own_producer = producer
         try:
             async for frame in conn:
                 self._root_frame(conn, producer, frame)
-                if self.store.lag > self.config.max_store_lag:
-                    await self.store.wait_for_room(self.config.max_store_lag)
+                await self._backpressure()
         finally:
             self._forget(sub)
 
     def _root_frame(self, conn: ServerConnection, producer: str | None, frame: str | bytes) -> None:
         try:
-            size = self._check_size(frame)
+            self._check_size(frame)
             raw = parse_json(frame)
             if isinstance(raw, dict) and raw.get("type") == "ping":
                 self._send(conn, {"type": "pong"})
@@ -537,12 +544,12 @@ class Relay:
             if producer is None:
                 raise Refused("forbidden", "this connection has no publish token: it may only receive")
             event = legacy_to_event(raw)
-            if size > self.config.max_frame_bytes - _ENVELOPE_SLACK:
-                self._check_body(event)
         except Refused as exc:
             self._reject(conn, exc, legacy=True)
             return
-        accepted = self.hub.accept(producer, [event], origin=conn)
+        accepted = self.hub.accept(producer, [event], max_body=self._max_body)
+        for _, exc in accepted.too_large:
+            self._reject(conn, exc, legacy=True)
         self.store.append(accepted.new)
         self.metrics.events_in.inc(len(accepted.new))
 
@@ -608,11 +615,17 @@ class Relay:
     # -- small helpers -------------------------------------------------------
 
     def _send(self, conn: ServerConnection, frame: dict[str, Any]) -> None:
-        self._send_text(conn, encode(frame))
+        """Write a reply (hello, ack, error, pong, ...); cut a peer that does not read them.
 
-    @staticmethod
-    def _send_text(conn: ServerConnection, text: str) -> None:
-        Frame.text(text).write_to(conn)
+        Replies can outgrow what provoked them (a 2 KB frame of 1000 bad
+        events earns 80 KB of errors), so they obey ``max_queue_bytes`` too.
+        """
+        Frame.text(encode(frame)).write_to(conn)
+        if queued_bytes(conn) > self.config.max_queue_bytes and conn not in self._cutting:
+            self._cutting.add(conn)
+            self.metrics.slow_consumers.inc()
+            log.warning("cut %s: it does not read the relay's replies", _peer(conn))
+            self._track(conn.close(SLOW_CONSUMER, "not reading: replies queued past the limit"))
 
 
 @dataclass(eq=False, slots=True)

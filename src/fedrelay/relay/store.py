@@ -21,11 +21,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
@@ -86,6 +88,10 @@ SELECT seq, body FROM (
 """
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
+_WAL_RESTART_BYTES = 32 << 20
+"""WAL size past which a checkpoint makes the log start over."""
+_BUSY_PATIENCE = 10.0
+"""Seconds of "database is locked" before commits count as failing."""
 _INT64_MAX = 2**63 - 1
 _UPSERT_PRODUCER = """
 INSERT INTO producers (name, last_id, updated_at) VALUES (?, ?, ?)
@@ -130,9 +136,10 @@ class EventStore:
         self._reader: aiosqlite.Connection | None = None
         """Catch-up and API reads: a second connection on a file, so a long
         read neither waits behind commits nor delays them."""
-        self._checkpoint: asyncio.Task[None] | None = None
-        self._last_checkpoint = time.monotonic()
+        self._checkpoints: asyncio.Task[None] | None = None
         self._pending: deque[Sequenced] = deque()
+        self._pending_chars = 0
+        self._lock_file: int | None = None
         self._appended = 0
         self._committed = 0
         self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
@@ -154,14 +161,17 @@ class EventStore:
             except OSError as exc:
                 raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
         target = str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
+        if self.path != MEMORY:
+            self._lock_file = _lock_exclusively(target + ".lock")
         try:
             # isolation_level=None: BEGIN and COMMIT are explicit in _commit.
             self._db = sqlite3.connect(target, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            # Short: the writer blocks the loop while it waits for a lock, and
-            # in WAL mode only another writer (a second relay) holds one.
-            self._db.execute("PRAGMA busy_timeout=100")
+            # Short: the writer runs on the loop; a checkpoint holding the lock
+            # is waited for in _write_loop, between other work.
+            self._db.execute("PRAGMA busy_timeout=10")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_RESTART_BYTES}")
             self._db.executescript(_SCHEMA)
             restored = self._restore()
             if self.path != MEMORY:
@@ -175,6 +185,8 @@ class EventStore:
             await self._close_connections()
             raise StoreError(f"cannot open the event store {self.path}: {exc}") from exc
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-store-writer")
+        if self._reader is not None:
+            self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
 
     def _restore(self) -> Restored:
@@ -218,10 +230,10 @@ class EventStore:
         left = len(self._pending)
         if left:
             log.error("store: %d accepted events not committed at shutdown (%s)", left, self.failing)
-        if self._checkpoint is not None:
-            self._checkpoint.cancel()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
             with contextlib.suppress(BaseException):
-                await self._checkpoint
+                await self._checkpoints
         await self._close_connections()
         return left
 
@@ -233,6 +245,9 @@ class EventStore:
             with contextlib.suppress(Exception):
                 self._db.close()
         self._db = self._reader = None
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # releases the flock
+            self._lock_file = None
 
     # -- writes ------------------------------------------------------------
 
@@ -241,10 +256,16 @@ class EventStore:
         """Events accepted but not yet committed."""
         return len(self._pending)
 
+    @property
+    def lag_chars(self) -> int:
+        """...and their size in characters: the memory they hold."""
+        return self._pending_chars
+
     def append(self, items: list[Sequenced]) -> None:
         if not items:
             return
         self._pending.extend(items)
+        self._pending_chars += sum(len(item.body) for item in items)
         self._appended += len(items)
         self._wakeup.set()
 
@@ -255,10 +276,13 @@ class EventStore:
         else:
             self._waiters.append((self._appended, callback))
 
-    async def wait_for_room(self, limit: int) -> None:
-        """Hold a producer while more than ``limit`` events wait for the disk."""
+    def full(self, limit: int, limit_chars: int) -> bool:
+        return len(self._pending) > limit or self._pending_chars > limit_chars
+
+    async def wait_for_room(self, limit: int, limit_chars: int) -> None:
+        """Hold a producer while more than ``limit`` events (or chars) wait for the disk."""
         while (
-            len(self._pending) > limit
+            self.full(limit, limit_chars)
             and not self._closing
             and self._writer is not None
             and not self._writer.done()
@@ -268,6 +292,7 @@ class EventStore:
 
     async def _write_loop(self) -> None:
         backoff = 0.05
+        busy_since: float | None = None
         while True:
             if not self._pending:
                 if self._closing:
@@ -290,21 +315,29 @@ class EventStore:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except Exception as exc:  # disk full, read-only, locked: keep and retry
+                self._rollback()
+                if _is_busy(exc):
+                    # A checkpoint holds the write lock for a moment: wait without
+                    # blocking the loop, and only call it failing if it lasts.
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since < _BUSY_PATIENCE:
+                        await asyncio.sleep(0.002)
+                        continue
                 if self.failing is None:
                     log.error("store: commit failed, will retry: %s", exc)
                 self.failing = str(exc)
-                self._rollback()
                 if self._closing and backoff > 1.0:
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            busy_since = None
             if self.failing is not None:
                 log.warning("store: commits work again")
                 self.failing = None
             backoff = 0.05
             for _ in range(size):
-                self._pending.popleft()
+                self._pending_chars -= len(self._pending.popleft().body)
             self._committed += size
             self._progress.set()
             try:
@@ -317,7 +350,6 @@ class EventStore:
                     callback()
                 except Exception:
                     log.exception("store: a commit callback failed")
-            self._maybe_checkpoint()
             await asyncio.sleep(0)  # let deliveries and producers run between commits
 
     def _rollback(self) -> None:
@@ -325,8 +357,7 @@ class EventStore:
             with contextlib.suppress(Exception):
                 self._db.execute("ROLLBACK")
 
-    @staticmethod
-    def _defuse(batch: list[Sequenced], exc: Exception) -> bool:
+    def _defuse(self, batch: list[Sequenced], exc: Exception) -> bool:
         """Replace events SQLite cannot store by an ``error`` event at the same seq.
 
         The seq stays taken (subscribers see no hole) and the run says what
@@ -345,36 +376,43 @@ class EventStore:
             )
             item.type = "error"
             item.producer_id = None
-            item.event = {
-                "type": "error",
-                "run_id": item.run_id,
-                "seq": item.seq,
-                "producer": item.producer,
-                "timestamp": _text_or_none(item.event.get("timestamp")),
-                "data": {"message": "event could not be stored", "detail": str(exc)[:200]},
-            }
-            item.body = encode(item.event)
+            self._pending_chars -= len(item.body)
+            item.body = encode(
+                {
+                    "type": "error",
+                    "run_id": item.run_id,
+                    "seq": item.seq,
+                    "producer": item.producer,
+                    "timestamp": datetime.fromtimestamp(item.received_at, UTC).isoformat(),
+                    "data": {"message": "event could not be stored", "detail": str(exc)[:200]},
+                }
+            )
             item._legacy = None
+            self._pending_chars += len(item.body)
         return found
 
-    def _maybe_checkpoint(self) -> None:
-        """Fold the WAL back into the database from the reader's thread."""
-        if self._reader is None or self._checkpoint is not None:
-            return
-        now = time.monotonic()
-        if now - self._last_checkpoint < _CHECKPOINT_EVERY:
-            return
-        self._last_checkpoint = now
-        self._checkpoint = asyncio.get_running_loop().create_task(self._run_checkpoint())
+    async def _checkpoint_loop(self) -> None:
+        """Fold the WAL back into the database from the reader's thread, once a second.
 
-    async def _run_checkpoint(self) -> None:
-        try:
-            assert self._reader is not None
-            await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except Exception as exc:
-            log.warning("store: WAL checkpoint failed: %s", exc)
-        finally:
-            self._checkpoint = None
+        PASSIVE never waits for the writer; but while commits keep coming it
+        never catches up with the newest frames, so the WAL cannot restart
+        and grows. Past ``_WAL_RESTART_BYTES`` a RESTART checkpoint takes the
+        write lock for as long as it needs (commits wait on the loop, see
+        ``_is_busy``) and the next commit starts the WAL from the beginning.
+        """
+        assert self._reader is not None
+        wal = Path(str(Path(self.path).expanduser()) + "-wal")
+        while True:
+            await asyncio.sleep(_CHECKPOINT_EVERY)
+            try:
+                size = wal.stat().st_size
+            except OSError:
+                continue
+            mode = "RESTART" if size > _WAL_RESTART_BYTES else "PASSIVE"
+            try:
+                await self._reader.execute(f"PRAGMA wal_checkpoint({mode})")
+            except Exception as exc:
+                log.warning("store: WAL checkpoint failed: %s", exc)
 
     def _commit(self, batch: list[Sequenced]) -> None:
         db = self._db
@@ -472,5 +510,25 @@ def _storable(item: Sequenced) -> bool:
     return item.producer_id is None or 0 <= item.producer_id <= _INT64_MAX
 
 
-def _text_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _is_busy(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+def _lock_exclusively(path: str) -> int | None:
+    """One relay per database: two would hand out the same seqs."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"another relay is using this database ({path} is locked); give each relay its own --db"
+        ) from None
+    return fd

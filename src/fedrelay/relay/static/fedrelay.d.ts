@@ -1,0 +1,383 @@
+// fedrelay.d.ts: types of the fedrelay wire protocol and of fedrelay.js.
+// GENERATED from the pydantic models by fedrelay.schemas.typescript.render_typescript(); do not edit.
+// Regenerate: fedrelay schema --typescript > src/fedrelay/relay/static/fedrelay.d.ts
+
+/** Every event of `producer` with id <= `upto` is stored or was refused. */
+export interface Ack {
+  op: "ack";
+  producer: string;
+  upto: number;
+}
+
+export interface ClientCompleteData {
+  round: number;
+  client_id: string | number;
+  num_examples?: number | null;
+  metrics?: { [key: string]: number | null } | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface ClientCompleteEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "client_complete";
+  data: ClientCompleteData;
+}
+
+export interface ClientProgressData {
+  round: number;
+  client_id: string | number;
+  local_epoch?: number | null;
+  metrics?: { [key: string]: number | null } | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface ClientProgressEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "client_progress";
+  data: ClientProgressData;
+}
+
+export interface EarlyStoppingData {
+  epoch?: number | null;
+  metric_name?: string | null;
+  best_metric_value?: number | null;
+  patience?: number | null;
+  reason?: string | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface EarlyStoppingEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "early_stopping";
+  data: EarlyStoppingData;
+}
+
+export interface EpochEndData {
+  epoch: number;
+  phase?: string | null;
+  metrics?: { [key: string]: number | null } | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface EpochEndEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "epoch_end";
+  data: EpochEndData;
+}
+
+export interface EpochStartData {
+  epoch: number;
+  phase?: string | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface EpochStartEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "epoch_start";
+  data: EpochStartData;
+}
+
+export interface ErrorData {
+  message: string;
+  detail?: string | null;
+  client_id?: string | number | null;
+  round?: number | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface ErrorEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "error";
+  data: ErrorData;
+}
+
+export interface ErrorFrame {
+  op: "error";
+  code: string;
+  detail: string;
+  id?: number | null;
+  index?: number | null;
+  run_id?: string | null;
+}
+
+/** History no longer holds `since + 1`: events resume at `resume_from`. */
+export interface Gap {
+  op: "gap";
+  run_id: string;
+  since: number;
+  resume_from: number;
+}
+
+/** Sent to a producer on connect: where the relay's dedup stands for it. */
+export interface Hello {
+  op: "hello";
+  producer: string;
+  last_id: number | null;
+}
+
+export interface Ping {
+  op: "ping";
+}
+
+export interface Pong {
+  op: "pong";
+}
+
+export interface RoundEndData {
+  round: number;
+  total_rounds?: number | null;
+  fit_metrics?: { [key: string]: number | null } | null;
+  eval_metrics?: { [key: string]: number | null } | null;
+  server_metrics?: { [key: string]: number | null } | null;
+  duration?: number | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface RoundEndEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "round_end";
+  data: RoundEndData;
+}
+
+export interface RoundStartData {
+  round: number;
+  total_rounds?: number | null;
+  participating_clients?: (string | number)[] | number | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface RoundStartEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "round_start";
+  data: RoundStartData;
+}
+
+/** Who produced an event: the Flower server, a client, or a trainer. */
+export interface Source {
+  role: "server" | "client" | "trainer";
+  client_id?: string | number | null;
+}
+
+export interface StatusData {
+  message?: string | null;
+  level?: string | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface StatusEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "status";
+  data: StatusData;
+}
+
+/** Subscriber -> relay: add a run (or `*`) to this connection. */
+export interface Subscribe {
+  op: "subscribe";
+  run_id: string;
+  since?: number;
+}
+
+export interface Subscribed {
+  op: "subscribed";
+  run_id: string;
+  since: number | null;
+  last_seq: number | null;
+}
+
+export interface TrainingEndData {
+  status?: "completed" | "failed" | "stopped";
+  best_round?: number | null;
+  best_epoch?: number | null;
+  best_metric_name?: string | null;
+  best_metric_value?: number | null;
+  training_duration?: number | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface TrainingEndEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "training_end";
+  data: TrainingEndData;
+}
+
+export interface TrainingStartData {
+  experiment_name?: string | null;
+  training_mode?: "federated" | "centralized" | null;
+  num_rounds?: number | null;
+  num_clients?: number | null;
+  local_epochs?: number | null;
+  max_epochs?: number | null;
+  config?: { [key: string]: unknown } | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface TrainingStartEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "training_start";
+  data: TrainingStartData;
+}
+
+export interface Unsubscribe {
+  op: "unsubscribe";
+  run_id: string;
+}
+
+export interface Unsubscribed {
+  op: "unsubscribed";
+  run_id: string;
+}
+
+export type Event =
+  | TrainingStartEvent
+  | RoundStartEvent
+  | ClientProgressEvent
+  | ClientCompleteEvent
+  | RoundEndEvent
+  | EpochStartEvent
+  | EpochEndEvent
+  | EarlyStoppingEvent
+  | TrainingEndEvent
+  | StatusEvent
+  | ErrorEvent;
+
+export type RelayControl =
+  | Hello
+  | Ack
+  | Subscribed
+  | Unsubscribed
+  | Gap
+  | ErrorFrame
+  | Pong;
+
+export type SubscriberControl =
+  | Subscribe
+  | Unsubscribe
+  | Ping;
+
+// ---- fedrelay.js -------------------------------------------------------------------------------
+
+/** The event types, and the event interface of each. */
+export type EventType = Event["type"];
+export type EventOf<T extends EventType> = Extract<Event, { type: T }>;
+
+/** Events as the relay sends them: always numbered and attributed. */
+export type StoredEvent = Event & { seq: number; producer: string; timestamp: string };
+
+export type ConnectionState = "connecting" | "open" | "closed";
+export type ConnectionDetail = { attempt?: number; connects?: number; code?: number; reason?: string };
+
+export interface SubscribeOptions {
+  /** Relay address (ws://, http:// or any URL on its origin); default: the page's origin. */
+  url?: string;
+  /** Runs to follow, or "*" for every run (live only, no backlog). */
+  runIds: string[] | "*";
+  /** Last seq already seen, for all runs or per run; 0 (default) = from the start. */
+  since?: number | { [runId: string]: number };
+  /** The relay's subscribe token, if it has one. */
+  token?: string;
+  /** Each event once, in seq order per run, across reconnects. */
+  onEvent?: (event: StoredEvent) => void;
+  onControl?: (frame: RelayControl) => void;
+  /** The relay no longer holds the history after `since`: events resume at `resume_from`. */
+  onGap?: (gap: Gap) => void;
+  onStatus?: (state: ConnectionState, detail: ConnectionDetail) => void;
+}
+
+export interface Subscription {
+  close(): void;
+  lastSeq(runId: string): number;
+  follow(runId: string, since?: number): void;
+  unfollow(runId: string): void;
+  readonly connects: number;
+}
+
+export interface RunSummary {
+  run_id: string;
+  status: "running" | "completed" | "failed" | "stopped" | "stalled";
+  created_at: number;
+  updated_at: number;
+  started_at: number | null;
+  ended_at: number | null;
+  last_seq: number;
+  first_seq: number;
+  [key: string]: unknown;
+}
+
+export function subscribe(options: SubscribeOptions): Subscription;
+export function fetchRuns(options?: { url?: string; token?: string }): Promise<RunSummary[]>;
+export function fetchRun(options: { url?: string; token?: string; runId: string }): Promise<RunSummary>;
+export function fetchEvents(options: {
+  url?: string;
+  token?: string;
+  runId: string;
+  since?: number;
+  limit?: number;
+}): Promise<StoredEvent[]>;
+export function wsBase(url?: string): string;
+export function httpBase(url?: string): string;

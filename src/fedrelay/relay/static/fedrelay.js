@@ -1,0 +1,205 @@
+// fedrelay.js: a small browser client for a fedrelay relay.
+//
+//   import { subscribe } from "/static/fedrelay.js";
+//   const sub = subscribe({ runIds: ["run-1"], onEvent: (e) => console.log(e.seq, e.type, e.data) });
+//
+// Each event reaches onEvent once, in seq order per run. The client remembers
+// the last seq of every run and, after a relay restart, a network drop or a
+// "slow consumer" close (1013), reconnects with backoff and resumes from there.
+// Types: fedrelay.d.ts (generated from the relay's pydantic schema).
+
+/** @typedef {import("./fedrelay.d.ts").Event} Event */
+/** @typedef {import("./fedrelay.d.ts").RelayControl} RelayControl */
+
+const SLOW_CONSUMER = 1013;
+const PING_EVERY_MS = 15000;
+const PING_TIMEOUT_MS = 10000;
+
+/** The relay's WebSocket base (ws://host:port) for a URL or the page's own origin. */
+export function wsBase(url) {
+  const base = new URL(url || globalThis.location.href);
+  const scheme = { "https:": "wss:", "http:": "ws:", "wss:": "wss:", "ws:": "ws:" }[base.protocol] || "ws:";
+  return `${scheme}//${base.host}`;
+}
+
+/** The relay's HTTP base (http://host:port) for a URL or the page's own origin. */
+export function httpBase(url) {
+  return wsBase(url).replace(/^ws/, "http");
+}
+
+function withToken(path, token) {
+  if (!token) return path;
+  return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
+}
+
+async function getJson(url, token) {
+  const response = await fetch(withToken(url, token), { cache: "no-store" });
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+
+/** GET /api/runs: the runs the relay knows, newest first. */
+export async function fetchRuns({ url, token } = {}) {
+  return (await getJson(`${httpBase(url)}/api/runs`, token)).runs;
+}
+
+/** GET /api/runs/{runId}: one run's summary. */
+export async function fetchRun({ url, token, runId }) {
+  return getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}`, token);
+}
+
+/** Every stored event of a run after `since`, paging /api/runs/{id}/events. */
+export async function fetchEvents({ url, token, runId, since = 0, limit = 5000 }) {
+  const events = [];
+  for (;;) {
+    const path = `${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/events?since=${since}&limit=${limit}`;
+    const page = await getJson(path, token);
+    if (!page.events.length) return events;
+    events.push(...page.events);
+    since = page.next_since;
+  }
+}
+
+/**
+ * Follow runs live, resuming from the last seq after any disconnect.
+ *
+ * @param {object} options
+ * @param {string} [options.url] relay address (ws://, http:// or a page URL); default: this page's origin
+ * @param {string[]|string} options.runIds run ids to follow, or "*" for every run (live only, no backlog)
+ * @param {number|Object<string, number>} [options.since] last seq already seen (per run, or one for all); 0 = from the start
+ * @param {string} [options.token] the relay's subscribe token, if it has one
+ * @param {(event: Event) => void} [options.onEvent] each event, once, in seq order per run
+ * @param {(frame: RelayControl) => void} [options.onControl] control frames (subscribed, error, ...)
+ * @param {(gap: {run_id: string, since: number, resume_from: number}) => void} [options.onGap] history lost
+ * @param {(state: "connecting"|"open"|"closed", detail: object) => void} [options.onStatus] connection state
+ * @returns {{close(): void, lastSeq(runId: string): number, follow(runId: string, since?: number): void,
+ *            unfollow(runId: string): void, readonly connects: number}}
+ */
+export function subscribe(options) {
+  const { url, token, onEvent, onControl, onGap, onStatus } = options;
+  const all = options.runIds === "*";
+  const cursors = new Map(); // runId -> last seq delivered
+  const runs = new Set(all ? [] : [].concat(options.runIds || []));
+  for (const runId of runs) {
+    const since = typeof options.since === "object" ? options.since?.[runId] : options.since;
+    cursors.set(runId, since || 0);
+  }
+  let ws = null;
+  let closed = false;
+  let attempt = 0;
+  let connects = 0;
+  let retryTimer = null;
+  let pingTimer = null;
+  let lastFrameAt = 0;
+  const retries = new Map(); // runId -> timer, for runs the relay does not know yet
+
+  const status = (state, detail = {}) => onStatus && onStatus(state, detail);
+
+  function send(frame) {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame));
+  }
+
+  function join(runId) {
+    send({ op: "subscribe", run_id: runId, since: cursors.get(runId) || 0 });
+  }
+
+  function deliver(event) {
+    const last = cursors.get(event.run_id) || 0;
+    if (typeof event.seq === "number") {
+      if (event.seq <= last) return; // already delivered: never twice
+      cursors.set(event.run_id, event.seq);
+    }
+    if (onEvent) onEvent(event);
+  }
+
+  function onMessage(message) {
+    lastFrameAt = Date.now();
+    const frame = JSON.parse(message.data);
+    if (Array.isArray(frame)) {
+      attempt = 0;
+      frame.forEach(deliver);
+      return;
+    }
+    if (frame.op === undefined) {
+      attempt = 0;
+      deliver(frame);
+      return;
+    }
+    if (frame.op === "gap") {
+      cursors.set(frame.run_id, frame.resume_from - 1);
+      if (onGap) onGap(frame);
+    } else if (frame.op === "error" && frame.code === "unknown_run" && frame.run_id && runs.has(frame.run_id)) {
+      // The run has not started yet (or the relay is still loading): ask again shortly.
+      clearTimeout(retries.get(frame.run_id));
+      retries.set(frame.run_id, setTimeout(() => join(frame.run_id), 1000));
+    }
+    if (onControl) onControl(frame);
+  }
+
+  function connect() {
+    if (closed) return;
+    status("connecting", { attempt });
+    const socket = new WebSocket(withToken(`${wsBase(url)}/subscribe`, token));
+    ws = socket;
+    socket.onopen = () => {
+      connects += 1;
+      lastFrameAt = Date.now();
+      status("open", { connects });
+      if (all) send({ op: "subscribe", run_id: "*" });
+      for (const runId of runs) join(runId);
+      pingTimer = setInterval(keepAlive, PING_EVERY_MS);
+    };
+    socket.onmessage = onMessage;
+    socket.onclose = (close) => {
+      if (ws === socket) lost(close.code, close.reason);
+    };
+  }
+
+  function lost(code, reason) {
+    const socket = ws;
+    ws = null;
+    clearInterval(pingTimer);
+    for (const timer of retries.values()) clearTimeout(timer);
+    retries.clear();
+    socket?.close();
+    status("closed", { code, reason });
+    if (closed) return;
+    // A slow-consumer cut is not a failure of the relay: come back at once.
+    const delay = code === SLOW_CONSUMER ? 50 : backoff(attempt++);
+    retryTimer = setTimeout(connect, delay);
+  }
+
+  function keepAlive() {
+    // A dropped network can leave a socket "open" for minutes: probe it, give up on silence.
+    if (Date.now() - lastFrameAt > PING_EVERY_MS + PING_TIMEOUT_MS) lost(0, "no answer to ping");
+    else send({ op: "ping" });
+  }
+
+  connect();
+  return {
+    close() {
+      closed = true;
+      clearTimeout(retryTimer);
+      clearInterval(pingTimer);
+      ws?.close();
+    },
+    lastSeq: (runId) => cursors.get(runId) || 0,
+    follow(runId, since) {
+      runs.add(runId);
+      if (since !== undefined || !cursors.has(runId)) cursors.set(runId, since || 0);
+      join(runId);
+    },
+    unfollow(runId) {
+      runs.delete(runId);
+      send({ op: "unsubscribe", run_id: runId });
+    },
+    get connects() {
+      return connects;
+    },
+  };
+}
+
+function backoff(attempt) {
+  const base = Math.min(8000, 250 * 2 ** attempt);
+  return base / 2 + Math.random() * (base / 2);
+}

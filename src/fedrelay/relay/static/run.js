@@ -1,0 +1,209 @@
+// run.js: one run, rebuilt from its whole history (since=0) and then kept
+// live; after any disconnect fedrelay.js resumes from the last seq, so the
+// model sees every event exactly once.
+
+import { CentralizedView } from "./centralized.js";
+import { badge, fmtDuration, fmtNumber, fmtTime, h, progress } from "./dom.js";
+import { FederatedView } from "./federated.js";
+import { subscribe } from "./fedrelay.js";
+import { RunModel } from "./model.js";
+
+const RENDER_EVERY_MS = 250;
+
+function describe(event) {
+  const d = event.data || {};
+  const metrics = (m) =>
+    Object.entries(m || {})
+      .filter(([, v]) => typeof v === "number")
+      .slice(0, 4)
+      .map(([k, v]) => `${k}=${fmtNumber(v)}`)
+      .join(" ");
+  switch (event.type) {
+    case "training_start":
+      return `${d.training_mode || ""} ${d.experiment_name || ""}`.trim();
+    case "round_start":
+      return `round ${d.round}${d.total_rounds ? "/" + d.total_rounds : ""}`;
+    case "round_end":
+      return `round ${d.round} ${metrics(d.server_metrics || d.eval_metrics || d.fit_metrics)}`;
+    case "client_progress":
+      return `client ${d.client_id} round ${d.round} ${d.phase || ""} ${d.local_epoch !== undefined ? "epoch " + d.local_epoch : d.status || ""} ${metrics(d.metrics)}`;
+    case "client_complete":
+      return `client ${d.client_id} round ${d.round} ${d.phase || ""} done ${metrics(d.metrics)}`;
+    case "epoch_start":
+    case "epoch_end":
+      return `epoch ${d.epoch} ${metrics(d.metrics)}`;
+    case "early_stopping":
+      return `epoch ${d.epoch}: ${d.reason || d.metric_name || ""}`;
+    case "training_end":
+      return `${d.status || "completed"} ${d.best_metric_name ? `best ${d.best_metric_name}=${fmtNumber(d.best_metric_value)}` : ""}`;
+    case "error":
+      return `${d.client_id !== undefined && d.client_id !== null ? "client " + d.client_id + ": " : ""}${d.message}`;
+    default:
+      return d.message || "";
+  }
+}
+
+function summaryItems(model) {
+  const s = model.summary || {};
+  const items = [["status", model.status]];
+  if (s.best_round) items.push(["best round", s.best_round]);
+  if (s.best_epoch) items.push(["best epoch", s.best_epoch]);
+  if (s.best_metric_name) items.push([`best ${s.best_metric_name}`, fmtNumber(s.best_metric_value)]);
+  if (s.training_duration !== undefined) items.push(["training time", fmtDuration(s.training_duration)]);
+  if (s.epochs_completed !== undefined) items.push(["epochs completed", s.epochs_completed]);
+  if (s.rounds_completed !== undefined) items.push(["rounds completed", s.rounds_completed]);
+  if (model.errors) items.push(["errors", model.errors]);
+  return items;
+}
+
+/** Mounts the view of `runId` into `root`; returns a function that tears it down. */
+export function mountRun(root, { runId, token, state, backHref }) {
+  const model = new RunModel(runId);
+  const title = h("h2", { dataset: { testid: "run-title" } }, runId);
+  const meta = h("div", { class: "meta" });
+  const counter = h("div", { class: "counter", dataset: { testid: "progress-counter" } });
+  const bar = h("div");
+  const banner = h("div", { class: "banner", dataset: { testid: "early-stopping" }, hidden: true });
+  const summary = h("dl", { class: "summary", dataset: { testid: "summary" }, hidden: true });
+  const body = h("div");
+  const log = h("tbody");
+  const connection = h("span", { class: "conn", dataset: { testid: "connection" } }, "connecting");
+  root.replaceChildren(
+    h("p", {}, h("a", { href: backHref, dataset: { testid: "back" } }, "← all runs"), " ", connection),
+    title,
+    meta,
+    h("div", { class: "progress-row" }, counter, bar),
+    banner,
+    summary,
+    body,
+    h(
+      "section",
+      {},
+      h("h3", {}, "Events"),
+      h(
+        "div",
+        { class: "log-box" },
+        h("table", { class: "log", dataset: { testid: "event-log" } },
+          h("thead", {}, h("tr", {}, ...["seq", "time", "type", "source", ""].map((t) => h("th", {}, t)))), log),
+      ),
+    ),
+  );
+
+  let view = null;
+  let connects = 0;
+  let timer = null;
+  let receivedAt = Date.now();
+
+  function ensureView() {
+    if (view || !model.mode) return;
+    view = model.mode === "centralized" ? new CentralizedView(body) : new FederatedView(body);
+    view.onChange = render;
+  }
+
+  function render() {
+    timer = null;
+    ensureView();
+    // Straggler detection runs on the run's own clock, advanced by wall time while it is live.
+    const now = model.lastEventAt === null ? Date.now() : model.lastEventAt + (model.status === "running" ? Date.now() - receivedAt : 0);
+    title.textContent = model.experiment ? `${model.experiment}` : runId;
+    const end = model.endedAt || (model.status === "running" ? now : model.lastEventAt);
+    meta.replaceChildren(
+      badge(model.status),
+      h("span", {}, model.mode || "mode unknown"),
+      h("span", { class: "mono" }, runId),
+      h("span", {}, `started ${fmtTime(model.startedAt)}`),
+      h("span", {}, `duration ${fmtDuration(model.startedAt ? (end - model.startedAt) / 1000 : null)}`),
+      h("span", { dataset: { testid: "last-seq" } }, `seq ${model.lastSeq}`),
+    );
+    if (model.mode === "centralized") {
+      counter.textContent = `Epoch ${model.epoch} of ${model.maxEpochs ?? "?"}`;
+      bar.replaceChildren(progress(model.epoch, model.maxEpochs, "progress-bar"));
+    } else {
+      counter.textContent = `Round ${model.round} of ${model.totalRounds ?? "?"}`;
+      bar.replaceChildren(progress(model.round, model.totalRounds, "progress-bar"));
+    }
+    const es = model.earlyStopping;
+    banner.hidden = !es;
+    if (es) banner.textContent = `Early stopping at epoch ${es.epoch ?? "?"}: ${es.reason || `${es.metric_name} did not improve for ${es.patience} epochs`}`;
+    summary.hidden = !model.summary;
+    if (model.summary) summary.replaceChildren(...summaryItems(model).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
+    view?.render(model, now);
+    log.replaceChildren(
+      ...model.recentEvents(100).map((e) =>
+        h("tr", { class: e.type },
+          h("td", { class: "num" }, String(e.seq)),
+          h("td", {}, e.timestamp ? new Date(e.timestamp).toLocaleTimeString() : ""),
+          h("td", {}, e.type),
+          h("td", {}, e.source ? `${e.source.role}${e.source.client_id !== null && e.source.client_id !== undefined ? " " + e.source.client_id : ""}` : ""),
+          h("td", {}, describe(e)),
+        ),
+      ),
+    );
+    publish();
+  }
+
+  function publish() {
+    const charts = view ? view.counts() : {};
+    Object.assign(state, {
+      view: "run",
+      runId,
+      mode: model.mode,
+      status: model.status,
+      lastSeq: model.lastSeq,
+      round: model.round,
+      totalRounds: model.totalRounds,
+      epoch: model.epoch,
+      maxEpochs: model.maxEpochs,
+      clients: [...model.clients.keys()],
+      charts,
+      stats: { ...model.stats },
+      connects,
+      earlyStopping: model.earlyStopping,
+      rendered: (state.rendered || 0) + 1,
+    });
+    state.points = (name) => pointsOf(model, name);
+  }
+
+  function schedule() {
+    if (timer === null) timer = setTimeout(() => requestAnimationFrame(render), RENDER_EVERY_MS);
+  }
+
+  const sub = subscribe({
+    runIds: [runId],
+    since: 0,
+    token,
+    onEvent: (event) => {
+      receivedAt = Date.now();
+      if (model.apply(event)) schedule();
+    },
+    onGap: () => {
+      model.gap();
+      schedule();
+    },
+    onStatus: (status, detail) => {
+      if (status === "open") connects = detail.connects;
+      connection.textContent = status === "open" ? "live" : status === "closed" ? "reconnecting…" : "connecting…";
+      connection.className = `conn ${status}`;
+      state.connection = status;
+      state.connects = connects;
+    },
+  });
+  const ticker = setInterval(() => model.status === "running" && schedule(), 2000); // durations, stragglers
+  render();
+  return () => {
+    sub.close();
+    clearInterval(ticker);
+    clearTimeout(timer);
+  };
+}
+
+/** The model's points of one chart ("round:loss", "epoch:loss"): series -> [[x, y], ...] in x order. */
+function pointsOf(model, name) {
+  const [kind, chart] = name.split(/:(.*)/s);
+  const set = kind === "epoch" ? model.epochCharts : model.roundCharts;
+  const series = set.charts.get(chart);
+  if (!series) return null;
+  const out = {};
+  for (const [label, points] of series) out[label] = [...points.entries()].sort((a, b) => a[0] - b[0]);
+  return out;
+}
