@@ -148,14 +148,16 @@ class Relay:
         Returns how many accepted events could not be stored (0 = clean).
         """
         self.store.begin_close()  # producers held by backpressure let go
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for task in list(self._catch_ups.values()):
+        tasks = [*self._catch_ups.values(), *self._background]
+        if self._housekeeping is not None:
+            tasks.append(self._housekeeping)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         left = await self.store.close()
         if left:
             log.error("relay stopped; %d accepted events were not stored", left)
