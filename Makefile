@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup serve demo test lint bench clean
+.PHONY: setup browser serve demo test lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,14 @@ serve: setup
 demo: setup
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedrelay demo
 
-test: setup
+# The dashboard tests drive a real headless Chromium: Debian's package
+# (Playwright's own browser download does not work offline).
+browser:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
 
 lint: setup

@@ -1,4 +1,4 @@
-"""``fedrelay serve | runs | schema | sync | demo``: the command line."""
+"""``fedrelay serve | runs | tail | export | schema | sync | demo``: the command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, export, tail
 from .demo.cli import add_demo_parser
 
 
@@ -187,6 +187,11 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    if args.typescript:
+        from .schemas.typescript import render_typescript
+
+        sys.stdout.write(render_typescript())
+        return 0
     from pydantic import TypeAdapter
 
     from .schemas import Event, RelayControl, SubscriberControl
@@ -269,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument(
         "--part", choices=["all", "event", "relay_control", "subscriber_control"], default="all"
     )
+    schema.add_argument(
+        "--typescript", action="store_true", help="print TypeScript declarations (fedrelay.d.ts)"
+    )
     schema.set_defaults(func=_schema)
+    tail.add_parser(commands)
+    export.add_parser(commands)
     add_demo_parser(commands)
     return parser
 

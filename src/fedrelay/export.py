@@ -1,0 +1,143 @@
+"""``fedrelay export RUN_ID --format csv|jsonl``: a run's stored events as a file.
+
+JSON Lines keeps every event exactly as stored. CSV is for spreadsheets and pandas: one row per
+event, nested fields flattened into dotted columns (``data.eval_metrics.loss``), lists as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+from .follow import DEFAULT_URL, http_base
+
+PAGE = 5000
+FIXED_COLUMNS = ("seq", "type", "run_id", "timestamp", "producer", "id", "source.role", "source.client_id")
+
+
+def fetch_events(url: str, run_id: str, token: str | None = None, since: int = 0) -> Iterator[dict[str, Any]]:
+    """Every stored event of the run after ``since``, paging ``/api/runs/{run_id}/events``."""
+    quoted = urllib.parse.quote(run_id, safe="")
+    while True:
+        request = urllib.request.Request(
+            f"{http_base(url)}/api/runs/{quoted}/events?since={since}&limit={PAGE}"
+        )
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            page = json.loads(response.read())
+        if not page["events"]:
+            return
+        yield from page["events"]
+        since = page["next_since"]
+
+
+def flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts become dotted keys; an empty dict or a list stays one JSON cell."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def cell(value: Any) -> str:
+    """CSV text: numbers in their shortest exact form, strings as they are, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_jsonl(events: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    count = 0
+    for event in events:
+        out.write(json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def write_csv(events: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    rows = [flatten(event, "", {}) for event in events]
+    columns = list(FIXED_COLUMNS)
+    known = set(columns)
+    for row in rows:
+        for key in row:
+            if key not in known:
+                known.add(key)
+                columns.append(key)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([cell(row.get(column)) for column in columns])
+    return len(rows)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``export`` to a ``fedrelay`` sub-command set."""
+    export = subparsers.add_parser(
+        "export", help="write a run's events as CSV or JSON Lines", description=__doc__.split("\n\n")[0]
+    )
+    export.add_argument("run_id", help="the run to export")
+    export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    export.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
+    export.add_argument("--since", type=int, default=0, help="only events after this seq")
+    export.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    export.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
+    export.set_defaults(func=run)
+    return export
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the file; exit 1 when the relay or the run cannot be read (no partial file is left)."""
+    url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
+    write = write_csv if args.format == "csv" else write_jsonl
+    events = fetch_events(url, args.run_id, token, args.since)
+    partial = args.out + ".partial" if args.out else None
+    try:
+        if partial:
+            with open(partial, "w", encoding="utf-8", newline="") as out:
+                count = write(events, out)
+            os.replace(partial, args.out)  # no half-written file under the real name
+            print(f"wrote {count} events of run {args.run_id} to {args.out}", file=sys.stderr)
+        else:
+            write(events, sys.stdout)
+    except (urllib.error.URLError, OSError) as exc:
+        if partial:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+        if isinstance(exc, urllib.error.HTTPError):
+            detail = exc.read().decode(errors="replace")
+            print(f"fedrelay export: {url} answered {exc.code}: {detail}", file=sys.stderr)
+        else:
+            print(f"fedrelay export: cannot read from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedrelay.export``: the command on its own."""
+    parser = argparse.ArgumentParser(prog="fedrelay")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

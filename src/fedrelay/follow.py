@@ -1,0 +1,153 @@
+"""Follow runs on a relay from Python, resuming from the last seq after any disconnect.
+
+The terminal view (``fedrelay tail``) is built on this; it is the Python twin of
+``/static/fedrelay.js``: every event reaches ``on_event`` once, in seq order per run,
+across relay restarts, network drops and slow-consumer cuts (close code 1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+SLOW_CONSUMER = 1013
+
+
+class RelayRefused(Exception):
+    """The relay answered the handshake with an HTTP error (a wrong token, a bad origin)."""
+
+
+def ws_base(url: str) -> str:
+    """``http://h:p/x`` or ``ws://h:p`` -> ``ws://h:p``."""
+    parts = urlsplit(url if "://" in url else f"ws://{url}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}"
+
+
+def http_base(url: str) -> str:
+    return "http" + ws_base(url)[2:]
+
+
+def events_of(msg: Any) -> list[dict[str, Any]]:
+    if isinstance(msg, list):
+        return msg
+    if isinstance(msg, dict) and "op" not in msg:
+        return [msg]
+    return []
+
+
+class Follower:
+    """Subscribes to runs (or ``"*"``) and keeps a cursor per run for resuming.
+
+    ``on_event(event)`` and ``on_control(frame)`` may return True to stop following.
+    ``on_note(text)`` hears about reconnects and gaps.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        runs: list[str] | str,
+        *,
+        since: int = 0,
+        token: str | None = None,
+        on_event: Callable[[dict[str, Any]], bool | None],
+        on_control: Callable[[dict[str, Any]], bool | None] = lambda frame: None,
+        on_note: Callable[[str], None] = lambda text: None,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.url = ws_base(url) + "/subscribe"
+        self.all = runs == "*"
+        self.cursors: dict[str, int] = {} if self.all else dict.fromkeys(runs, since)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.on_event, self.on_control, self.on_note = on_event, on_control, on_note
+        self.max_backoff = max_backoff
+        self.connects = 0
+        self._stop = False
+
+    async def run(self) -> None:
+        """Follow until a callback asks to stop; raises :class:`RelayRefused` on an HTTP refusal."""
+        attempt = 0
+        while not self._stop:
+            code = None
+            try:
+                async with connect(
+                    self.url, additional_headers=self.headers, open_timeout=5, max_size=None, compression=None
+                ) as conn:
+                    self.connects += 1
+                    attempt = 0
+                    await self._session(conn)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (400, 401, 403):
+                    raise RelayRefused(f"the relay refused the connection: HTTP {status}") from None
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+            except (OSError, TimeoutError):
+                pass
+            if self._stop:
+                return
+            delay = 0.05 if code == SLOW_CONSUMER else min(self.max_backoff, 0.25 * 2**attempt)
+            attempt += 1
+            self.on_note(f"connection lost; resuming in {delay:.1f}s from {self._where()}")
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    def _where(self) -> str:
+        if self.all:
+            return "now (all runs)"
+        return ", ".join(f"{run} seq {seq}" for run, seq in self.cursors.items())
+
+    async def _session(self, conn) -> None:
+        if self.all:
+            await conn.send(json.dumps({"op": "subscribe", "run_id": "*"}))
+        for run_id, seq in self.cursors.items():
+            await conn.send(json.dumps({"op": "subscribe", "run_id": run_id, "since": seq}))
+        retries: set[asyncio.Task[None]] = set()
+        try:
+            async for frame in conn:
+                msg = json.loads(frame)
+                if isinstance(msg, dict) and "op" in msg:
+                    self._control(conn, msg, retries)
+                    if self.on_control(msg):
+                        return self.stop()
+                    continue
+                for event in events_of(msg):
+                    run_id, seq = event.get("run_id"), event.get("seq")
+                    if isinstance(seq, int):
+                        if seq <= self.cursors.get(run_id, 0):
+                            continue  # already delivered
+                        self.cursors[run_id] = seq
+                    if self.on_event(event):
+                        return self.stop()
+        finally:
+            for task in retries:
+                task.cancel()
+
+    def _control(self, conn, msg: dict[str, Any], retries: set[asyncio.Task[None]]) -> None:
+        run_id = msg.get("run_id")
+        if msg.get("op") == "gap":
+            self.cursors[run_id] = msg["resume_from"] - 1
+            self.on_note(f"run {run_id}: history before seq {msg['resume_from']} is gone (retention)")
+        elif msg.get("op") == "error" and msg.get("code") == "unknown_run" and run_id in self.cursors:
+
+            async def again() -> None:  # the run has not started yet: ask again
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.send(
+                        json.dumps({"op": "subscribe", "run_id": run_id, "since": self.cursors[run_id]})
+                    )
+
+            task = asyncio.create_task(again())
+            retries.add(task)
+            task.add_done_callback(retries.discard)
+
+    def stop(self) -> None:
+        self._stop = True

@@ -1,0 +1,259 @@
+"""``fedrelay tail RUN_ID|--all``: watch training from a terminal.
+
+On a terminal it is a live rich view (progress bar, latest metrics, recent events); piped or
+redirected it prints one plain line per event, so scripts and tests can read it. Either way it
+resumes from the last seq after a relay restart or a dropped connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .follow import DEFAULT_URL, Follower, RelayRefused
+
+_METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def metrics_of(data: dict[str, Any]) -> dict[str, Any]:
+    """``{"eval_metrics": {"loss": 1}}`` -> ``{"eval.loss": 1}``; plain ``metrics`` keep their names."""
+    out: dict[str, Any] = {}
+    for source in _METRIC_SOURCES:
+        values = data.get(source)
+        if isinstance(values, dict):
+            prefix = "" if source == "metrics" else source.split("_")[0] + "."
+            out.update((prefix + key, value) for key, value in values.items())
+    return out
+
+
+def describe(event: dict[str, Any]) -> str:
+    """A one-line summary of an event's payload."""
+    d = event.get("data") or {}
+    kind = event.get("type")
+    parts: list[str] = []
+    if "round" in d and kind not in ("training_start", "status"):
+        total = d.get("total_rounds")
+        parts.append(f"round {d['round']}" + (f"/{total}" if total else ""))
+    if "epoch" in d:
+        parts.append(f"epoch {d['epoch']}")
+    if d.get("client_id") is not None:
+        parts.append(f"client {d['client_id']}")
+    for key in ("phase", "local_epoch", "status", "training_mode", "experiment_name", "message", "reason"):
+        if d.get(key) is not None and not (key == "phase" and kind == "epoch_end"):
+            parts.append(f"{key}={d[key]}" if key in ("local_epoch", "phase") else str(d[key]))
+    if kind == "training_end" and d.get("best_metric_name"):
+        parts.append(f"best {d['best_metric_name']}={_fmt(d.get('best_metric_value'))}")
+    parts.extend(f"{k}={_fmt(v)}" for k, v in metrics_of(d).items() if isinstance(v, int | float))
+    return " ".join(parts)
+
+
+def plain_line(event: dict[str, Any], with_run: bool) -> str:
+    run = f"{event.get('run_id')} " if with_run else ""
+    return f"{run}#{event.get('seq')} {event.get('type')} {describe(event)}".rstrip()
+
+
+class RunState:
+    """What the live view shows of one run, folded from its events."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.mode: str | None = None
+        self.name: str | None = None
+        self.status = "running"
+        self.round = self.total_rounds = self.epoch = self.max_epochs = None
+        self.metrics: dict[str, Any] = {}
+        self.clients: set[str] = set()
+        self.last_seq = 0
+
+    def apply(self, event: dict[str, Any]) -> None:
+        d = event.get("data") or {}
+        kind = event.get("type")
+        self.last_seq = event.get("seq") or self.last_seq
+        if kind == "training_start":
+            self.mode = d.get("training_mode") or self.mode
+            self.name = d.get("experiment_name") or self.name
+            self.total_rounds = d.get("num_rounds") or self.total_rounds
+            self.max_epochs = d.get("max_epochs") or self.max_epochs
+            self.status = "running"
+        elif kind in ("round_start", "round_end"):
+            self.mode = self.mode or "federated"
+            self.round = max(self.round or 0, d.get("round") or 0)
+            self.total_rounds = d.get("total_rounds") or self.total_rounds
+        elif kind in ("epoch_start", "epoch_end"):
+            self.mode = self.mode or "centralized"
+            self.epoch = max(self.epoch or 0, d.get("epoch") or 0)
+        elif kind == "training_end":
+            self.status = d.get("status", "completed")
+        if d.get("client_id") is not None:
+            self.clients.add(str(d["client_id"]))
+        if kind in ("round_end", "epoch_end", "status"):
+            self.metrics.update((k, v) for k, v in metrics_of(d).items() if isinstance(v, int | float))
+
+    def progress(self) -> tuple[str, int, int | None]:
+        if self.mode == "centralized" or (self.round is None and self.epoch is not None):
+            return "epoch", self.epoch or 0, self.max_epochs
+        return "round", self.round or 0, self.total_rounds
+
+
+class LiveView:
+    """The rich terminal view: one panel per run (the latest few), recent events below."""
+
+    def __init__(self, with_run: bool) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.with_run = with_run
+        self.runs: dict[str, RunState] = {}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=12)
+        self.console = Console()
+        self.live = Live(console=self.console, auto_refresh=False, transient=False)
+
+    def __enter__(self) -> LiveView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self.render(), refresh=True)
+        self.live.__exit__(*exc)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        run_id = event.get("run_id", "?")
+        self.runs.setdefault(run_id, RunState(run_id)).apply(event)
+        self.recent.append(event)
+
+    def refresh(self) -> None:
+        self.live.update(self.render(), refresh=True)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]{text}[/]")
+
+    def render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        panels = []
+        for state in list(self.runs.values())[-4:]:
+            unit, done, total = state.progress()
+            bar = Table.grid(padding=(0, 1))
+            bar.add_row(
+                f"{unit} {done}/{total or '?'}",
+                ProgressBar(total=float(total or max(done, 1)), completed=float(done), width=40),
+                f"[bold]{state.status}[/]",
+                f"{len(state.clients)} clients" if state.clients else "",
+            )
+            metrics = Table("metric", "latest", box=None, show_header=True, header_style="dim")
+            for name, value in list(state.metrics.items())[:16]:
+                metrics.add_row(name, _fmt(value))
+            where = f"{state.mode or '?'}, {state.run_id}, seq {state.last_seq}"
+            title = f"{state.name or state.run_id} [dim]({where})"
+            panels.append(Panel(Group(bar, metrics), title=title, title_align="left"))
+        events = Table(box=None, header_style="dim", title="recent events", title_justify="left")
+        events.add_column("seq", justify="right")
+        events.add_column("type")
+        events.add_column("", no_wrap=True, overflow="ellipsis")
+        for event in self.recent:
+            run = f"{event.get('run_id')} " if self.with_run else ""
+            events.add_row(str(event.get("seq")), f"{run}{event.get('type')}", describe(event))
+        return Group(*panels, events)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``tail`` to a ``fedrelay`` sub-command set."""
+    tail = subparsers.add_parser(
+        "tail",
+        help="watch a run (or all runs) live in the terminal",
+        description="Watch a run live: a rich view on a terminal, one line per event when piped. "
+        "Resumes from the last seq after a relay restart.",
+    )
+    target = tail.add_mutually_exclusive_group(required=True)
+    target.add_argument("run_id", nargs="?", help="the run to follow")
+    target.add_argument("--all", action="store_true", help="every run, live from now (no backlog)")
+    tail.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    tail.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
+    tail.add_argument("--since", type=int, default=0, help="start after this seq (0 = the whole run)")
+    stop = tail.add_mutually_exclusive_group()
+    stop.add_argument("--once", action="store_true", help="print what is stored so far, then exit")
+    stop.add_argument("--until-end", action="store_true", help="exit when the run ends (training_end)")
+    tail.add_argument("--plain", action="store_true", help="one line per event, even on a terminal")
+    tail.set_defaults(func=run)
+    return tail
+
+
+def run(args: argparse.Namespace) -> int:
+    """Follow until Ctrl-C, or as ``--once`` / ``--until-end`` say; exit 1 if the relay refuses."""
+    url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
+    runs: list[str] | str = "*" if args.all else [args.run_id]
+    plain = args.plain or not sys.stdout.isatty()
+    view = None if plain else LiveView(with_run=args.all)
+    target: dict[str, int | None] = {"last_seq": None}
+
+    def on_event(event: dict[str, Any]) -> bool:
+        if view is None:
+            print(plain_line(event, args.all), flush=True)
+        else:
+            view.apply(event)
+            view.refresh()
+        if args.until_end and event.get("type") == "training_end":
+            return True
+        return bool(
+            args.once and target["last_seq"] is not None and event.get("seq", 0) >= target["last_seq"]
+        )
+
+    def on_control(frame: dict[str, Any]) -> bool:
+        if frame.get("op") == "subscribed" and frame.get("run_id") != "*":
+            if target["last_seq"] is None:
+                target["last_seq"] = frame.get("last_seq") or 0
+            return bool(args.once and target["last_seq"] <= args.since)
+        if frame.get("op") == "subscribed":
+            return bool(args.once)  # all runs: nothing is stored for "*", so --once has nothing to show
+        if frame.get("op") == "error":
+            print(f"fedrelay tail: {frame.get('code')}: {frame.get('detail')}", file=sys.stderr, flush=True)
+        return False
+
+    def on_note(text: str) -> None:
+        if view is None:
+            print(f"fedrelay tail: {text}", file=sys.stderr, flush=True)
+        else:
+            view.note(text)
+
+    follower = Follower(
+        url, runs, since=args.since, token=token, on_event=on_event, on_control=on_control, on_note=on_note
+    )
+    try:
+        if view is None:
+            asyncio.run(follower.run())
+        else:
+            with view:
+                asyncio.run(follower.run())
+    except RelayRefused as exc:
+        print(f"fedrelay tail: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedrelay.tail``: the command on its own."""
+    parser = argparse.ArgumentParser(prog="fedrelay")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tail", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
