@@ -162,6 +162,8 @@ class ResendingProducer:
                         if self.pace:
                             await asyncio.sleep(self.pace)
                     while self.unacked and not reader.done():
+                        if asyncio.get_running_loop().time() > deadline:
+                            raise TimeoutError(f"{len(self.unacked)} events never acked")
                         await asyncio.sleep(0.01)
                     reader.cancel()
             except (TimeoutError, OSError, ConnectionClosed):
