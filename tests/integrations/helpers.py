@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections import Counter
@@ -23,13 +24,23 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-async def run_demo(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[int, str]:
-    """``python -m fedrelay.demo ARGS`` in a subprocess; returns (exit code, output tail)."""
+async def run_demo(
+    tmp_path: Path, *args: str, timeout: float = 240.0, command: list[str] | None = None
+) -> tuple[int, str]:
+    """``python -m fedrelay.demo ARGS`` in a subprocess; returns (exit code, output tail).
+
+    Each call writes its own log; ``command`` replaces ``-m fedrelay.demo``.
+    """
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "demo.log"
+    n = 1
+    while log.exists():
+        n += 1
+        log = tmp_path / f"demo{n}.log"
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fedrelay.demo", *args, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            env=demo_env(tmp_path),
+            sys.executable, *(command or ["-m", "fedrelay.demo"]), *args,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, env=demo_env(tmp_path),
         )  # fmt: skip
         try:
             code = await asyncio.wait_for(proc.wait(), timeout)
@@ -61,3 +72,40 @@ def assert_gap_free(events: list[dict[str, Any]]) -> None:
 
 def of_type(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == kind and all(e["data"].get(k) == v for k, v in match.items())]
+
+
+# The demo starts a local relay when none answers at --relay, and has no flag to forbid it. For
+# "relay down for the whole run" the same CLI runs with that probe answering yes: nothing starts,
+# and the emitters find nobody listening.
+_NO_RELAY_START = (
+    "import sys; from fedrelay.demo import cli; cli.relay_answers = lambda *a, **k: True; sys.exit(cli.main())"
+)
+
+
+async def run_demo_without_relay(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[int, str]:
+    """Like :func:`run_demo`, but the demo never starts a relay of its own."""
+    return await run_demo(tmp_path, *args, timeout=timeout, command=["-c", _NO_RELAY_START])
+
+
+def final_metrics(log: str) -> dict[str, Any]:
+    """The final server metrics the demo prints after ``fedrelay demo: run ... done``."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("fedrelay demo: run ") and " done in " in line:
+            return json.loads(lines[i + 1])
+    raise AssertionError(f"no final metrics in the demo output:\n{log[-3000:]}")
+
+
+def spooled_count(spool_dir: Path) -> int:
+    """Events waiting in a spool dir (segment names end in their event count)."""
+    return sum(int(p.stem.rsplit("-", 1)[1]) for p in spool_dir.glob("*/*.seg"))
+
+
+async def run_sync(tmp_path: Path, url: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """``python -m fedrelay sync --url URL`` with the demo's private spool dir."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedrelay", "sync", "--url", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=demo_env(tmp_path),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
