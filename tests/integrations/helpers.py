@@ -24,12 +24,10 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-async def run_demo(
-    tmp_path: Path, *args: str, timeout: float = 240.0, command: list[str] | None = None
-) -> tuple[int, str]:
+async def run_demo(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[int, str]:
     """``python -m fedrelay.demo ARGS`` in a subprocess; returns (exit code, output tail).
 
-    Each call writes its own log; ``command`` replaces ``-m fedrelay.demo``.
+    Each call writes its own log.
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "demo.log"
@@ -39,7 +37,7 @@ async def run_demo(
         log = tmp_path / f"demo{n}.log"
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, *(command or ["-m", "fedrelay.demo"]), *args,
+            sys.executable, "-m", "fedrelay.demo", *args,
             stdout=out, stderr=asyncio.subprocess.STDOUT, env=demo_env(tmp_path),
         )  # fmt: skip
         try:
@@ -77,14 +75,9 @@ def of_type(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[
 # The demo starts a local relay when none answers at --relay, and has no flag to forbid it. For
 # "relay down for the whole run" the same CLI runs with that probe answering yes: nothing starts,
 # and the emitters find nobody listening.
-_NO_RELAY_START = (
-    "import sys; from fedrelay.demo import cli; cli.relay_answers = lambda *a, **k: True; sys.exit(cli.main())"
-)
-
-
 async def run_demo_without_relay(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[int, str]:
     """Like :func:`run_demo`, but the demo never starts a relay of its own."""
-    return await run_demo(tmp_path, *args, timeout=timeout, command=["-c", _NO_RELAY_START])
+    return await run_demo(tmp_path, *args, "--no-start-relay", timeout=timeout)
 
 
 def final_metrics(log: str) -> dict[str, Any]:

@@ -158,12 +158,15 @@ async def test_relay_sigkilled_after_round_one_and_restarted_subscriber_sees_eac
         await until(lambda: follow.done() or of_type(live.events, "round_end", round=1), timeout=120)
         assert not follow.done()
         relay.kill()  # SIGKILL: no goodbye to anyone, round 2 is on its way
-        assert not demo.done(), "the kill must land mid-run"
+        seen_before_kill = len(live.events)
+        assert not demo.done() and seen_before_kill < TOTAL, "the kill must land mid-run"
         await asyncio.to_thread(relay.start)  # same db, same port
 
         code, log = await demo
         assert code == 0, log
-        await follow
+        done, _ = await asyncio.wait({follow}, timeout=30)
+        assert done, (len(live.events), spooled_count(tmp_path / "spool"))  # spooled: not delivered live
+        follow.result()
         events = live.events
         run_id = assert_complete_run(events)
         assert live.connections >= 2 and not live.gaps

@@ -45,6 +45,11 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     demo.add_argument("--samples", type=int, default=1000, help="generated training images (1000)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--relay", metavar="URL", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    demo.add_argument(
+        "--no-start-relay",
+        action="store_true",
+        help="never start a local relay: stream to --relay, or spool for `fedrelay sync` if it is down",
+    )
     demo.add_argument("--no-browser", action="store_true", help="do not open the dashboard; exit when done")
     demo.add_argument("--no-telemetry", action="store_true", help="train without streaming (baseline)")
     faults = demo.add_argument_group("failure injection (to see failures on the dashboard)")
@@ -162,7 +167,7 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     url = args.relay or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
     relay: subprocess.Popen[bytes] | None = None
-    if not args.no_telemetry and not relay_answers(url):
+    if not args.no_telemetry and not args.no_start_relay and not relay_answers(url):
         try:
             relay = start_local_relay(url)
         except (RuntimeError, OSError) as exc:
@@ -173,7 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         if not args.no_telemetry:
             print(f"fedrelay demo: watch live at {watch}", flush=True)
-            if not args.no_browser:
+            if not args.no_browser and _has_display():
                 webbrowser.open(watch)
         try:
             outcome = _train(args, url)
@@ -199,3 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_demo_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args) or 0)
+
+
+def _has_display() -> bool:
+    """Open a browser only where one can show: on a headless Linux box,
+    ``webbrowser`` would start a text browser in this terminal instead."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -160,6 +160,7 @@ class Emitter:
         self._release_on_exit = False
         self._deadline = float("inf")
         self._helpers: list[Emitter] = []
+        self._persist_requests: list[threading.Event] = []
         self._resumer: threading.Thread | None = None
         if fresh_name:
             self._generated = self._base_name is None
@@ -331,6 +332,23 @@ class Emitter:
                 self._cond.wait(min(remaining, 0.05))
         return True
 
+    def persist(self, timeout: float = 2.0) -> bool:
+        """Write every event not acked yet to the spool now; True when done within ``timeout``.
+
+        For processes that may end without running atexit hooks, where ``close()`` would never
+        spool the leftovers: Ray ends its actor processes at the end of a simulation. The sender
+        goes on delivering, from the spool, and ``fedrelay sync`` finds what it could not.
+        """
+        if self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        with self._lock:
+            if not self._running or self._thread is None or self._done.is_set():
+                return self._settled >= self._next_id - 1
+            self._persist_requests.append(done)
+        self._wake.set()
+        return done.wait(max(0.0, timeout)) and self._spool is not None
+
     def close(self, timeout: float = 5.0) -> bool:
         """Flush for at most ``timeout`` seconds, stop the sender, spool the rest.
 
@@ -456,6 +474,7 @@ class Emitter:
             log.exception("fedrelay emitter %s: sender failed: %r", self.producer, exc)
         finally:
             self._spool_leftovers()
+            self._answer_persist()
             if self._release_on_exit:
                 self._release_spool()
             self._done.set()
@@ -468,6 +487,9 @@ class Emitter:
         if self._closing:
             timeout = max(0.5, min(timeout, self._deadline - time.monotonic()))
         try:
+            # connect() is a context manager; entering it by hand (the connection is closed by
+            # _run) avoids the deprecated direct use on websockets >= 17.1 without needing its
+            # ``legacy`` flag, which older supported versions (>= 14) do not accept.
             return connect(
                 publish_url(self.url, self.producer),
                 additional_headers=headers,
@@ -477,8 +499,7 @@ class Emitter:
                 proxy=None,
                 max_size=2**24,
                 user_agent_header=f"fedrelay-emitter/{__version__}",
-                legacy=True,
-            )
+            ).__enter__()
         except InvalidStatus as exc:
             code = exc.response.status_code
             self.last_error = f"relay answered HTTP {code}"
@@ -495,6 +516,7 @@ class Emitter:
         deadline = time.monotonic() + delay
         while not self._stop.is_set() and not self._closing:
             self._drain()
+            self._serve_persist()
             self._update_settled()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -520,6 +542,7 @@ class Emitter:
         self._maybe_resume_orphans()
         while True:
             self._drain()
+            self._serve_persist()
             self._send_ready(ws)
             self._update_settled()
             if self._stop.is_set():
@@ -732,6 +755,22 @@ class Emitter:
             self._counts["errors"] += 1
             log.error("fedrelay emitter %s: could not spool leftovers: %r", self.producer, exc)
         self._update_settled()
+
+    def _serve_persist(self) -> None:
+        """In the sender: answer ``persist()`` calls by spooling everything not acked."""
+        if not self._persist_requests:
+            return
+        if self._spool is None:
+            self._open_spool()
+        if self._spool is not None:  # without a spool dir, keep the events in memory
+            self._spool_leftovers()
+        self._answer_persist()
+
+    def _answer_persist(self) -> None:
+        with self._lock:
+            requests, self._persist_requests = self._persist_requests, []
+        for done in requests:
+            done.set()
 
     def _release_spool(self) -> None:
         if self._spool is not None:

@@ -315,7 +315,8 @@ class InstrumentedStrategy(Strategy):
         if self._round is not None and not self._round.ended:
             self._end_round(self._round)
         self._emit("training_end", {"status": "completed", **self._summary()})
-        self.emitter.flush(self._flush_timeout)
+        if _reachable(self.emitter):
+            self.emitter.flush(self._flush_timeout)
         return result
 
     def _emit_training_start(
@@ -495,7 +496,8 @@ class InstrumentedStrategy(Strategy):
                 },
             )
             self._emit("training_end", {"status": "stopped" if stopped else "failed", **self._summary()})
-            self.emitter.flush(self._flush_timeout)
+            if _reachable(self.emitter):
+                self.emitter.flush(self._flush_timeout)
         except Exception:  # never mask the training error
             pass
 
@@ -544,6 +546,11 @@ def instrument(
 # --------------------------------------------------------------------------- client side
 
 
+def _reachable(emitter: Emitter) -> bool:
+    """False when a connection to the relay failed and none is up: waiting for acks is pointless."""
+    return emitter.last_error is None or bool(emitter.stats["connected"])
+
+
 def _client_emitter(url: str | None, context: Context) -> Emitter:
     url = url or relay_url(context)
     return get_emitter(url) if url else get_emitter()
@@ -556,8 +563,9 @@ class ClientTelemetryMod:
     It holds only plain settings, so Ray pickles it cheaply; the emitter is looked up per process
     with ``get_emitter``. Before handing the reply back it flushes (bounded by ``flush_timeout``):
     then a client's events are stored before the server sees the reply, so ``client_complete``
-    precedes the server's ``round_end``, and nothing is lost when the simulation ends its actors.
-    The wait is one relay round trip (~10 ms locally) per message; ``flush_timeout=0`` skips it.
+    precedes the server's ``round_end``. What is not acked by then (relay down) is spooled, so
+    nothing is lost when the simulation ends its actors. The wait is one relay round trip (~10 ms
+    locally) per message, none while the relay is unreachable; ``flush_timeout=0`` skips it.
     """
 
     def __init__(self, url: str | None = None, *, flush_timeout: float = 2.0, phases=("train", "evaluate")):
@@ -593,8 +601,7 @@ class ClientTelemetryMod:
                 {**base, "message": f"{phase} failed: {type(exc).__name__}: {exc}"[:1000],
                  "detail": _error_detail(exc)},
             )  # fmt: skip
-            if self.flush_timeout > 0:
-                emitter.flush(self.flush_timeout)
+            self._settle(emitter)
             raise
         duration = round(time.perf_counter() - started, 6)
         if reply.has_error():
@@ -607,9 +614,21 @@ class ClientTelemetryMod:
             if isinstance(examples, int | float) and examples >= 0:
                 data["num_examples"] = int(examples)
             emit("client_complete", data)
-        if self.flush_timeout > 0:
-            emitter.flush(self.flush_timeout)
+        self._settle(emitter)
         return reply
+
+    def _settle(self, emitter: Emitter) -> None:
+        """Before the reply leaves: the events acked, or else on disk.
+
+        Ray ends actor processes without running atexit hooks, so events still in memory when
+        the simulation ends would be lost: what the relay has not acked is spooled now, for the
+        sender to deliver later or for ``fedrelay sync``. With the relay known to be unreachable
+        (a connection failed and none is up), waiting for acks would only slow training down.
+        """
+        if self.flush_timeout <= 0:
+            return
+        if not _reachable(emitter) or not emitter.flush(self.flush_timeout):
+            emitter.persist(self.flush_timeout)
 
 
 fedrelay_mod = ClientTelemetryMod()
