@@ -23,10 +23,10 @@ import json
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 
 P = "pub-tok-3f9a1c7e55d2"
@@ -76,14 +76,7 @@ def with_token(path: str, token: str) -> str:
 
 
 def metric(relay: RelayProcess, name: str) -> float:
-    status, body = relay.get("/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            if (f"{s.name}{{{labels}}}" if labels else s.name) == name:
-                return s.value
-    return 0.0
+    return scrape(relay).get(name, 0.0)
 
 
 # -- the token matrix ----------------------------------------------------------

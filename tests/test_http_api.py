@@ -6,12 +6,12 @@ import http.client
 import json
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import fedrelay
 from tests.support.clients import Collector, ResendingProducer, event, until
+from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 
 METRIC_NAMES = [
@@ -52,14 +52,7 @@ def raw_get(relay: RelayProcess, target: str) -> tuple[int, dict[str, str], byte
 
 
 def metrics(relay: RelayProcess) -> dict[str, float]:
-    status, body = relay.get("/metrics")
-    assert status == 200
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return scrape(relay)
 
 
 async def publish(relay: RelayProcess, name: str, events: list[dict], batch: int = 500) -> ResendingProducer:

@@ -16,11 +16,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
+from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 
 MAX_QUEUE = 65536
@@ -43,15 +43,8 @@ def stream_size() -> int:
 
 
 async def metrics(relay: RelayProcess) -> dict[str, float]:
-    """The relay's /metrics samples, as {name{labels}: value}, fetched off the event loop."""
-    status, body = await asyncio.to_thread(relay.get, "/metrics")
-    assert status == 200
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    """The relay's /metrics samples, fetched off the event loop."""
+    return await asyncio.to_thread(scrape, relay)
 
 
 async def wait_for_metric(relay: RelayProcess, name: str, at_least: float, timeout: float = 15.0) -> float:
