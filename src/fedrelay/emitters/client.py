@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,12 +42,20 @@ from .config import (
     resolve_url,
 )
 from .encode import Unencodable, encode_event
-from .spool import Entry, Spool, producer_dirs
+from .spool import DamagedSegment, Entry, Segment, Spool, producer_dirs
 
 log = logging.getLogger("fedrelay.emitter")
 
 _ROLES = frozenset(("server", "client", "trainer"))
 _FRAME_LEVEL = frozenset(("too_large", "too_many_events"))
+_TRANSIENT = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN))
+"""Read errors that say nothing about the segment: retried, not quarantined."""
+_NESTED = ("metrics", "fit_metrics", "eval_metrics", "server_metrics", "config", "participating_clients")
+"""The protocol's nested ``data`` fields, copied by ``emit()``: trainers reuse and mutate them
+(Lightning's ``callback_metrics``). Other nested values are not copied (a loop over every key
+would double emit()'s cost); the encoder retries if one changes size while it is encoded."""
+_SPOOL_RETRY = 1.0
+"""Seconds between attempts at a spool that could not be opened or written."""
 
 
 class _Reconnect(Exception):
@@ -134,6 +143,7 @@ class Emitter:
                 "dropped",
                 "renamed",
                 "resumed",
+                "bad_segments",
             ),
             0,
         )
@@ -172,6 +182,10 @@ class Emitter:
         self._acked = 0
         self._sent_id = 0
         self._max_sent = 0
+        self._sent_mark = 0
+        self._spool_retry_at = 0.0
+        self._persist_ok = False
+        self._sender_exited = False
         self._settled = 0
         self._connected = False
         self._ever_connected = False
@@ -192,7 +206,7 @@ class Emitter:
         emitter._generated = bool(spool.meta.get("generated"))
         emitter._base_name = None if emitter._generated else str(spool.meta.get("base") or spool.producer)
         emitter._guard = not emitter._generated
-        emitter._max_sent = int(spool.meta.get("max_sent") or 0)
+        emitter._max_sent = emitter._sent_mark = int(spool.meta.get("max_sent") or 0)
         emitter._next_id = spool.last_id + 1
         emitter._drained_upto = spool.last_id
         with emitter._lock:
@@ -221,22 +235,27 @@ class Emitter:
         role: str | None = None,
         client_id: str | int | None = None,
     ) -> None:
-        """Queue one event. Never raises, never blocks on I/O."""
+        """Queue one event. Never raises; never blocks on I/O (except behind a concurrent close())."""
         try:
             if type not in EVENT_TYPES:
                 self._invalid("unknown_type", "unknown event type %r; event dropped", type)
                 return
             if data is None:
                 data = {}
-            elif data.__class__ is dict:
-                data = data.copy()  # the caller may reuse its dict; nested values are not copied
-            elif isinstance(data, Mapping):
-                data = dict(data)
             else:
-                self._invalid(
-                    "bad_data", "data must be a dict, not %s; event dropped", data.__class__.__name__
-                )
-                return
+                if data.__class__ is dict:
+                    data = data.copy()  # the caller may reuse its dict
+                elif isinstance(data, Mapping):
+                    data = dict(data)
+                else:
+                    self._invalid(
+                        "bad_data", "data must be a dict, not %s; event dropped", data.__class__.__name__
+                    )
+                    return
+                for key in _NESTED:  # and the metrics dicts a trainer updates in place, one level
+                    value = data.get(key)
+                    if value is not None and (value.__class__ is dict or value.__class__ is list):
+                        data[key] = value.copy()
             if run_id is None:
                 rid = self.run_id
             else:
@@ -347,7 +366,7 @@ class Emitter:
                 return self._settled >= self._next_id - 1
             self._persist_requests.append(done)
         self._wake.set()
-        return done.wait(max(0.0, timeout)) and self._spool is not None
+        return done.wait(max(0.0, timeout)) and self._persist_ok
 
     def close(self, timeout: float = 5.0) -> bool:
         """Flush for at most ``timeout`` seconds, stop the sender, spool the rest.
@@ -355,7 +374,8 @@ class Emitter:
         Returns True when everything was acked. What was not is in the spool
         dir, under this emitter's producer name and ids, for ``fedrelay sync``
         or the next emitter. ``emit()`` after ``close()`` starts a new sender
-        under a new producer name.
+        under a new producer name; an ``emit()`` from another thread while
+        ``close()`` puts the leftovers away waits for that (milliseconds).
         """
         if self._pid != os.getpid():
             return True
@@ -378,14 +398,18 @@ class Emitter:
             helper.close(max(0.0, self._deadline - time.monotonic()))
         thread.join(max(0.0, self._deadline - time.monotonic()) + 2.0)
         with self._lock:
+            # Under the lock: an emit() from another thread waits here, then starts a new sender
+            # under a new name, instead of restarting on state that is still being put away.
+            if not self._sender_exited:
+                self._release_on_exit = True  # the sender spools and releases when it ends
+            else:
+                self._spool_leftovers()
+                self._release_spool()
             self._running = False
             self._closed = True
-        if thread.is_alive():
-            self._release_on_exit = True
+        if self._release_on_exit:
             self._once("close_stuck", "sender did not stop in time; leftovers spooled when it does")
             return False
-        self._spool_leftovers()
-        self._release_spool()
         return ok and self._settled >= self._next_id - 1
 
     def __enter__(self) -> Emitter:
@@ -408,6 +432,8 @@ class Emitter:
     def _start_locked(self) -> None:
         """Start (or, after close, restart under a new name) the sender thread."""
         if self._closed:
+            if self._thread is not None and self._sender_exited:
+                self._thread.join(1.0)  # past its last use of our state: only returning
             if self._thread is not None and self._thread.is_alive():
                 raise RuntimeError("emit() after close() while the old sender is still stopping")
             self._once("reopened", "emit() after close(): starting again under a new producer name")
@@ -440,7 +466,7 @@ class Emitter:
         try:
             if self._spool is None:
                 self._open_spool()
-            failures = 0
+            failures = session_failures = 0
             while not self._stop.is_set():
                 ws = self._connect()
                 if ws is None:
@@ -453,29 +479,39 @@ class Emitter:
                     self._backoff(failures)
                     continue
                 failures = 0
+                acked_before = self._acked
+                failed = False
                 try:
                     self._session(ws)
                 except _Reconnect:
                     pass
                 except (ConnectionClosed, OSError, TimeoutError, ValueError) as exc:
+                    failed = True
                     self.last_error = f"connection lost: {exc!r}"
                     self._once("disconnected", "connection to %s lost (%r); reconnecting", self.url, exc)
                 except Exception as exc:  # a bug must cost a reconnect, not the sender
+                    failed = True
                     self._counts["errors"] += 1
                     self.last_error = f"sender error: {exc!r}"
                     log.exception("fedrelay emitter %s: sender error; reconnecting", self.producer)
-                    self._backoff(1)
                 finally:
                     self._connected = False
                     with contextlib.suppress(Exception):
                         ws.close()
+                if failed:  # back off here too: a session that keeps failing must not spin
+                    session_failures = 1 if self._acked > acked_before else session_failures + 1
+                    self._backoff(session_failures)
         except Exception as exc:  # a bug here must not take the training process down
             self._counts["errors"] += 1
             log.exception("fedrelay emitter %s: sender failed: %r", self.producer, exc)
         finally:
             self._spool_leftovers()
+            self._persist_ok = self._all_on_disk()
             self._answer_persist()
-            if self._release_on_exit:
+            with self._lock:
+                self._sender_exited = True
+                release = self._release_on_exit
+            if release:
                 self._release_spool()
             self._done.set()
             with self._cond:
@@ -511,10 +547,15 @@ class Emitter:
         return None
 
     def _backoff(self, failures: int) -> None:
-        """Capped exponential backoff with jitter; keeps draining the queue meanwhile."""
+        """Capped exponential backoff with jitter; keeps draining the queue meanwhile.
+
+        While closing, it waits at most until the close deadline.
+        """
         delay = min(self._max_backoff, 0.1 * 2 ** min(failures - 1, 16)) * random.uniform(0.5, 1.0)
         deadline = time.monotonic() + delay
-        while not self._stop.is_set() and not self._closing:
+        while not self._stop.is_set():
+            if self._closing:
+                deadline = min(deadline, self._deadline)
             self._drain()
             self._serve_persist()
             self._update_settled()
@@ -529,7 +570,7 @@ class Emitter:
         if not isinstance(hello, dict) or hello.get("op") != "hello":
             raise ValueError(f"expected hello, got {str(hello)[:200]}")
         last_id = hello.get("last_id")
-        if isinstance(last_id, int) and last_id > self._max_sent and self._guard:
+        if isinstance(last_id, int) and last_id > self._sent_mark and self._guard:
             self._take_fresh_name(last_id)
             raise _Reconnect
         if self._ever_connected:
@@ -562,9 +603,12 @@ class Emitter:
         """The relay knows this name with ids we never sent: our ids would be dropped."""
         old = self.producer
         self.producer = self._fresh_name()
-        if self._spool is not None and not self._spool.rename(self.producer):
-            self._once("spool_rename", "could not rename spool dir %s", self._spool.path)
-        self._max_sent = 0
+        self._max_sent = self._sent_mark = 0
+        if self._spool is not None:
+            if not self._spool.rename(self.producer):
+                self._once("spool_rename", "could not rename spool dir %s", self._spool.path)
+            with contextlib.suppress(OSError):
+                self._spool.write_meta(max_sent=0)
         self._guard = True
         self._counts["renamed"] += 1
         self._rewind()
@@ -677,34 +721,59 @@ class Emitter:
             if len(unsent) + len(self._inflight) > self._max_buffer:
                 self._spill(len(unsent) + len(self._inflight) - self._max_buffer // 2)
 
-    def _spill(self, count: int) -> None:
-        """Move the ``count`` oldest in-memory events to the spool, in order."""
-        if self._spool is None:
-            self._open_spool()
-        if self._spool is None:
-            # no spool dir: keep memory bounded anyway, loudly
-            for _ in range(count):
+    def _spill(self, count: int, *, force: bool = False) -> None:
+        """Move the ``count`` oldest in-memory events to the spool, in order.
+
+        When the spool cannot be opened (no usable spool dir) or written (disk full), the
+        events stay in memory, the spool is tried again at most every ``_SPOOL_RETRY`` seconds
+        (``force``: now, for ``close()`` and ``persist()``), and past ``max_buffer`` events in
+        memory the oldest are dropped: counted in ``stats["dropped"]`` and logged once as an
+        error. Memory stays bounded and the cost per event constant, whatever the disk does.
+        """
+        now = time.monotonic()
+        if force or now >= self._spool_retry_at:
+            if self._spool is None:
+                self._open_spool()
+            if self._spool is not None:
+                self._write_spool(min(count, len(self._inflight) + len(self._unsent)), now)
+        excess = len(self._inflight) + len(self._unsent) - self._max_buffer
+        if excess > 0:
+            for _ in range(excess):
                 (self._inflight or self._unsent).popleft()
-            self._counts["dropped"] += count
+            self._counts["dropped"] += excess
             self._once(
-                "no_spool", "buffer full and no spool dir: dropped %d events", count, level=logging.ERROR
+                "spool_drop",
+                "buffer full and the spool unusable: dropping the oldest events (counted in "
+                "stats['dropped'])",
+                level=logging.ERROR,
             )
-            return
-        moved: list[Entry] = []
-        for _ in range(count):
-            moved.append((self._inflight or self._unsent).popleft())
+
+    def _write_spool(self, count: int, now: float) -> None:
+        assert self._spool is not None
+        from_inflight = min(count, len(self._inflight))
+        moved = [(self._inflight or self._unsent).popleft() for _ in range(count)]
+        written = 0
         try:
             for chunk in self._chunks(moved):
                 self._spool.append(chunk)
-            self._spool.write_meta(max_sent=self._max_sent)
+                written += len(chunk)
+            self._spool.write_meta(max_sent=self._sent_mark)
         except OSError as exc:
             self._counts["errors"] += 1
-            self._once("spool_write", "cannot write spool (%s); keeping events in memory", exc)
-            done = {seg.last for seg in self._spool.segments}
-            keep = [e for e in moved if e[0] > max(done, default=0)]
-            self._unsent.extendleft(reversed(keep))
-            return
-        self._counts["spooled"] += len(moved)
+            self._spool_retry_at = now + _SPOOL_RETRY
+            self._once(
+                "spool_write",
+                "cannot write spool %s (%s); keeping at most %d events in memory",
+                self._spool.path,
+                exc,
+                self._max_buffer,
+                level=logging.ERROR,
+            )
+            back = moved[written:]  # where they came from: ids stay in order along the line
+            to_inflight = max(0, from_inflight - written)
+            self._unsent.extendleft(reversed(back[to_inflight:]))
+            self._inflight.extendleft(reversed(back[:to_inflight]))
+        self._counts["spooled"] += written
 
     def _chunks(self, entries: list[Entry]) -> list[list[Entry]]:
         """Split into frame-sized runs: one spool segment is one frame."""
@@ -725,7 +794,7 @@ class Emitter:
         meta = {
             "generated": self._generated,
             "base": self._base_name,
-            "max_sent": self._max_sent,
+            "max_sent": self._sent_mark,
             "url": self.url,
             "run_id": self.run_id,
             "pid": os.getpid(),
@@ -738,7 +807,8 @@ class Emitter:
                 spool = Spool.create(self._spool_root, self.producer, meta)
         except OSError as exc:
             self._counts["errors"] += 1
-            self._once("spool_dir", "spool dir %s unusable (%s)", self._spool_root, exc)
+            self._spool_retry_at = time.monotonic() + _SPOOL_RETRY
+            self._once("spool_dir", "spool dir %s unusable (%s)", self._spool_root, exc, level=logging.ERROR)
             return
         self._spool = spool
 
@@ -746,24 +816,26 @@ class Emitter:
         """Everything not acked goes to disk: the queue, then memory, after the spool."""
         try:
             self._drain()
-            leftovers = list(self._inflight) + list(self._unsent)
+            leftovers = len(self._inflight) + len(self._unsent)
             if leftovers:
-                self._spill(len(leftovers))
-            if self._spool is not None:
-                self._spool.write_meta(max_sent=self._max_sent)
+                self._spill(leftovers, force=True)
+            elif self._spool is not None:
+                self._spool.write_meta(max_sent=self._sent_mark)
         except Exception as exc:
             self._counts["errors"] += 1
             log.error("fedrelay emitter %s: could not spool leftovers: %r", self.producer, exc)
         self._update_settled()
 
+    def _all_on_disk(self) -> bool:
+        """Nothing unacked left only in memory (what is not acked is in the spool)."""
+        return not self._inflight and not self._unsent
+
     def _serve_persist(self) -> None:
         """In the sender: answer ``persist()`` calls by spooling everything not acked."""
         if not self._persist_requests:
             return
-        if self._spool is None:
-            self._open_spool()
-        if self._spool is not None:  # without a spool dir, keep the events in memory
-            self._spool_leftovers()
+        self._spool_leftovers()  # without a usable spool, the events stay in memory (bounded)
+        self._persist_ok = self._all_on_disk()
         self._answer_persist()
 
     def _answer_persist(self) -> None:
@@ -784,19 +856,43 @@ class Emitter:
             entries = self._next_frame()
             if not entries:
                 return
+            if entries[-1][0] > self._sent_mark:
+                self._raise_mark(entries[-1][0])
             ws.send("[" + ",".join(line for _, line in entries) + "]")
             self._sent_id = entries[-1][0]
             self._max_sent = max(self._max_sent, self._sent_id)
             self._counts["frames"] += 1
             self._counts["sent"] += len(entries)
 
+    def _raise_mark(self, upto: int) -> None:
+        """Before ids past the recorded mark go out, record a higher one (one window ahead).
+
+        ``meta.json``'s ``max_sent`` is then never below what the relay may have from this
+        name, even after a kill -9, so whoever adopts the spool keeps the name (and the
+        relay's deduplication) unless another process really used it: no event twice.
+        """
+        mark = upto + max(self._max_buffer, self._batch)
+        if self._spool is not None:
+            try:
+                self._spool.write_meta(max_sent=mark)
+            except OSError as exc:  # delivery goes on; only a crash right now could duplicate
+                self._counts["errors"] += 1
+                self._once("spool_meta", "cannot write %s/meta.json (%s)", self._spool.path, exc)
+        self._sent_mark = mark
+
     def _next_frame(self) -> list[Entry]:
         """The oldest events not yet sent on this connection, at most one frame."""
         if self._spool is not None:
-            for segment in self._spool.segments:
+            for segment in list(self._spool.segments):
                 if segment.last > self._sent_id:
-                    entries = [e for e in Spool.read(segment) if e[0] > self._sent_id]
-                    return self._chunks(entries)[0] if entries else []
+                    try:
+                        entries = Spool.read(segment)
+                    except (OSError, DamagedSegment) as exc:
+                        if isinstance(exc, OSError) and exc.errno in _TRANSIENT:
+                            raise  # a reconnect, after a backoff, reads it again
+                        self._quarantine(segment, exc)
+                        continue
+                    return self._chunks([e for e in entries if e[0] > self._sent_id])[0]
         if not self._unsent:
             return []
         frame: list[Entry] = []
@@ -810,6 +906,22 @@ class Emitter:
             size += len(entry[1]) + 1
         self._inflight.extend(frame)
         return frame
+
+    def _quarantine(self, segment: Segment, exc: Exception) -> None:
+        """A segment that cannot be read must not stop the rest: set it aside, say so once."""
+        assert self._spool is not None
+        where = self._spool.quarantine(segment)
+        self._counts["bad_segments"] += 1
+        self._once(
+            "bad_segment",
+            "spool segment %s unreadable (%s): %d events skipped, file kept as %s "
+            "(counted in stats['bad_segments'])",
+            segment.path,
+            exc,
+            segment.count,
+            where or "nothing (it is gone)",
+            level=logging.ERROR,
+        )
 
     # -- orphans -------------------------------------------------------------
 

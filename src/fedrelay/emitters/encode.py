@@ -16,6 +16,10 @@ from typing import Any
 _STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=lambda o: _unwrap(o))
 
 
+_ATTEMPTS = 3
+"""Encodings tried when another thread changes the data meanwhile (emit copies one level deep)."""
+
+
 class Unencodable(ValueError):
     """The event cannot be turned into JSON at all (e.g. a circular reference)."""
 
@@ -65,13 +69,25 @@ def encode_event(
     if source is not None:
         event["source"] = source
     event["data"] = data
-    try:
-        return _STRICT.encode(event), 0
-    except (ValueError, TypeError, RecursionError, RuntimeError):
-        pass
-    counter = [0]
-    try:
-        event["data"] = _finite(data, counter)
-        return _STRICT.encode(event), counter[0]
-    except (ValueError, TypeError, RecursionError, RuntimeError) as exc:
-        raise Unencodable(str(exc)) from None
+    for _ in range(_ATTEMPTS):
+        try:
+            return _STRICT.encode(event), 0
+        except RecursionError:
+            break
+        except RuntimeError:  # "changed size during iteration": the trainer mutates a nested value
+            continue
+        except (ValueError, TypeError):
+            break
+    problem: Exception | None = None
+    for _ in range(_ATTEMPTS):
+        counter = [0]
+        try:
+            event["data"] = _finite(data, counter)
+            return _STRICT.encode(event), counter[0]
+        except RecursionError as exc:
+            raise Unencodable(str(exc)) from None
+        except RuntimeError as exc:
+            problem = exc
+        except (ValueError, TypeError) as exc:
+            raise Unencodable(str(exc)) from None
+    raise Unencodable(str(problem))

@@ -3,15 +3,19 @@
 Layout, one directory per producer name (the name *is* the directory name)::
 
     <spool_dir>/<producer>/lock                      flock held by the owning process
-    <spool_dir>/<producer>/meta.json                 who wrote it, highest id ever sent
+    <spool_dir>/<producer>/meta.json                 who wrote it, a bound on the ids sent
     <spool_dir>/<producer>/<first>-<last>-<n>.seg    n events, ids first..last, in order
 
 A segment holds one relay frame's worth of events, one ``<id>\\t<json>`` line
-each, and is written to a dot-file then renamed, so a reader never sees half
-a segment. Segments are always the *oldest* unacked events of their producer;
-newer ones are in memory. Several processes (Ray actors, ``fedrelay sync``)
-may share a spool dir: a producer directory is only touched by whoever holds
-its lock, and the lock dies with its process.
+each, and is written to a dot-file, fsynced, then renamed, so a reader never
+sees half a segment (``meta.json`` likewise, and the directory is fsynced after
+each batch of segments). A segment that is nonetheless missing, truncated or
+garbled (a power loss, a disk error, a hand edit) is renamed to ``*.seg.bad``
+and skipped, so that it cannot stop delivery of the rest. Segments are always
+the *oldest* unacked events of their producer; newer ones are in memory.
+Several processes (Ray actors, ``fedrelay sync``) may share a spool dir: a
+producer directory is only touched by whoever holds its lock, and the lock
+dies with its process.
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ except ImportError:  # pragma: no cover - Windows
 
 Entry = tuple[int, str]
 """An encoded event: its id and its JSON text."""
+
+
+class DamagedSegment(ValueError):
+    """A segment file whose content does not match its name: truncated, empty or garbled."""
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,9 @@ class Spool:
         segments = sorted(
             (seg for seg in map(Segment.parse, names) if seg is not None), key=lambda s: s.first
         )
+        for tmp in path.glob(".*.tmp"):  # a write its process did not finish: never a whole segment
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         return cls(path, fd, meta, segments)
 
     # -- reading and writing ---------------------------------------------
@@ -150,22 +175,62 @@ class Spool:
         first, last = entries[0][0], entries[-1][0]
         name = f"{first:020d}-{last:020d}-{len(entries)}.seg"
         tmp = self.path / f".{name}.tmp"
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.writelines(f"{event_id}\t{line}\n" for event_id, line in entries)
-        os.replace(tmp, self.path / name)
+        try:
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.writelines(f"{event_id}\t{line}\n" for event_id, line in entries)
+                fh.flush()
+                os.fsync(fh.fileno())  # else a power loss can leave an empty file under the new name
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a full disk: give the space back
+            raise
         segment = Segment(first, last, len(entries), self.path / name)
         self.segments.append(segment)
         return segment
 
     @staticmethod
     def read(segment: Segment) -> list[Entry]:
+        """The segment's events; OSError when unreadable, DamagedSegment when not what its name says.
+
+        Checked: every line complete (newline-terminated), ``<id>\\t{...}``, ids increasing from
+        ``first`` to ``last``, ``count`` of them. Event JSON is produced by the emitter as ASCII
+        objects, so a line that is not one (zeroed blocks, a cut) is damage.
+        """
+        with open(segment.path, "rb") as fh:
+            raw = fh.read()
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise DamagedSegment(f"{segment.path.name}: not ASCII") from None
+        if not text.endswith("\n"):
+            raise DamagedSegment(f"{segment.path.name}: {'empty' if not text else 'truncated'}")
         entries: list[Entry] = []
-        with open(segment.path, encoding="ascii") as fh:
-            for raw in fh:
-                event_id, _, line = raw.rstrip("\n").partition("\t")
-                if line:
-                    entries.append((int(event_id), line))
+        previous = segment.first - 1
+        for line in text[:-1].split("\n"):
+            event_id, _, body = line.partition("\t")
+            try:
+                number = int(event_id)
+            except ValueError:
+                raise DamagedSegment(f"{segment.path.name}: bad id {event_id[:20]!r}") from None
+            if number <= previous or not (body.startswith("{") and body.endswith("}")):
+                raise DamagedSegment(f"{segment.path.name}: bad line for id {number}")
+            entries.append((number, body))
+            previous = number
+        if len(entries) != segment.count or entries[0][0] != segment.first or previous != segment.last:
+            raise DamagedSegment(f"{segment.path.name}: {len(entries)} events, not {segment.count}")
         return entries
+
+    def quarantine(self, segment: Segment) -> Path | None:
+        """Set a segment that cannot be read aside (``*.seg.bad``); where it went, if anywhere."""
+        with contextlib.suppress(ValueError):
+            self.segments.remove(segment)
+        target = segment.path.with_name(segment.path.name + ".bad")
+        try:
+            os.replace(segment.path, target)
+        except OSError:
+            return None
+        return target
 
     def trim(self, upto: int) -> int:
         """Delete the segments an ack covers whole; return how many events went."""
@@ -178,10 +243,15 @@ class Spool:
         return removed
 
     def write_meta(self, **changes: Any) -> None:
+        """Update ``meta.json`` durably; also makes the segments renamed into place before durable."""
         self.meta.update(changes)
         tmp = self.path / ".meta.json.tmp"
-        tmp.write_text(json.dumps(self.meta))
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.meta))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path / "meta.json")
+        _fsync_dir(self.path)
 
     def rename(self, producer: str) -> bool:
         """Move to a new producer name (the relay knows the old one from elsewhere)."""

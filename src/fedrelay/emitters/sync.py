@@ -27,6 +27,8 @@ class SyncReport:
     """Events still in the spool dir."""
     busy: int = 0
     """Producer spools locked by a running emitter, left alone."""
+    bad_segments: int = 0
+    """Unreadable segments set aside as ``*.seg.bad`` (their events were skipped)."""
     error: str | None = None
 
     @property
@@ -60,6 +62,7 @@ def sync_spool(
         done = emitter.flush(timeout)
         emitter.close(timeout=1.0)
         report.delivered += emitter.stats["acked"]
+        report.bad_segments += emitter.stats["bad_segments"]
         if done:
             report.producers += 1
             continue
