@@ -25,7 +25,13 @@ from websockets.asyncio.client import connect
 
 from tests.support.clients import Collector, ResendingProducer, event, until
 from tests.support.relay_process import RelayProcess, wait_until
-from tests.test_slow_consumer import kernel_send_buffer_max, metrics, tiny_receive_socket, wait_for_metric
+from tests.test_slow_consumer import (
+    kernel_send_buffer_max,
+    metrics,
+    send_handshake,
+    tiny_receive_socket,
+    wait_for_metric,
+)
 
 
 async def publish_raw(url: str, producer: str, frames: list[str], upto: int) -> list[dict]:
@@ -152,14 +158,7 @@ async def test_catch_up_to_a_reader_that_never_reads_is_cut(relay_factory):
     )
     sock = tiny_receive_socket(relay.port)
     try:
-        sock.sendall(
-            (
-                "GET /subscribe?run_id=big&since=0 HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{relay.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        send_handshake(sock, relay.port, "/subscribe?run_id=big&since=0")
         await wait_for_metric(relay, "fedrelay_slow_consumers_total", 1, timeout=30)
         # Everyone else is unaffected: a reading subscriber gets the whole run.
         async with Collector(relay.url, "run_id=big&since=0") as c:
@@ -260,14 +259,7 @@ async def test_a_publisher_that_never_reads_its_errors_is_cut(relay_factory):
     relay = relay_factory("--max-queue-bytes", "65536")
     sock = tiny_receive_socket(relay.port)
     try:
-        sock.sendall(
-            (
-                "GET /publish?producer=deaf HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{relay.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        send_handshake(sock, relay.port, "/publish?producer=deaf")
         # Masked client text frames of 1000 bad events each: ~80 KB of errors per 2 KB sent.
         payload = ("[" + ",".join(["1"] * 1000) + "]").encode()
         mask = b"\x01\x02\x03\x04"

@@ -69,6 +69,18 @@ def tiny_receive_socket(port: int) -> socket.socket:
     return sock
 
 
+def send_handshake(sock: socket.socket, port: int, target: str) -> None:
+    """A WebSocket upgrade request written by hand: the client never reads after it."""
+    sock.sendall(
+        (
+            f"GET {target} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+
+
 def padded(run: str, i: int) -> dict:
     return event(run, i, pad="p" * PAD)
 
@@ -149,14 +161,7 @@ async def test_raw_socket_that_never_reads_is_cut_while_the_stream_goes_on(relay
 
     # Handshake by hand, read the 101 answer, and never read again.
     sock = tiny_receive_socket(relay.port)
-    sock.sendall(
-        (
-            "GET /subscribe?run_id=raw&since=0 HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{relay.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
+    send_handshake(sock, relay.port, "/subscribe?run_id=raw&since=0")
     sock.settimeout(5)
     head = b""
     while b"\r\n\r\n" not in head:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..schemas.wire import Refused, encode, legacy_shape
+from ..schemas.wire import Refused, encode, legacy_shape, utf8_size
 
 _RUN_INFO_FIELDS = {
     "training_start": (
@@ -245,7 +245,7 @@ class Hub:
                 event["timestamp"] = _iso(now)
             body = encode(event)
             if max_body is not None:
-                size = _utf8_size(body, max_body)
+                size = utf8_size(body, max_body)
                 if size > max_body:
                     refused = Refused(
                         "too_large", f"event of {size} bytes once stored; at most {max_body} are accepted"
@@ -415,11 +415,3 @@ def _iso(ts: float) -> str:
         _second_prefix[0] = second
         _second_prefix[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{_second_prefix[1]}.{micros // 1000:03d}+00:00"
-
-
-def _utf8_size(text: str, limit: int) -> int:
-    """Length in UTF-8 bytes, computed only when characters alone cannot decide."""
-    size = len(text)
-    if size * 4 > limit and size <= limit:
-        return len(text.encode("utf-8", "surrogatepass"))
-    return size

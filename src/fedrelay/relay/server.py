@@ -32,6 +32,7 @@ from ..schemas.wire import (
     parse_json,
     refuse_unsafe_values,
     split_frame,
+    utf8_size,
     validate_event,
 )
 from .access import any_token_ok, origin_ok, presented_tokens
@@ -321,9 +322,7 @@ class Relay:
     def _check_size(self, frame: str | bytes) -> int:
         """Refuse a frame over ``max_frame_bytes`` (UTF-8 bytes); return its size."""
         limit = self.config.max_frame_bytes
-        size = len(frame)
-        if isinstance(frame, str) and size * 4 > limit:  # past this, characters != bytes matters
-            size = len(frame.encode("utf-8", "surrogatepass"))
+        size = utf8_size(frame, limit) if isinstance(frame, str) else len(frame)
         if size > limit:
             raise Refused("too_large", f"frame of {size} bytes; at most {limit} are accepted")
         return size

@@ -128,6 +128,17 @@ def parse_json(frame: str | bytes) -> Any:
     return obj
 
 
+def utf8_size(text: str, limit: int) -> int:
+    """Length in UTF-8 bytes, exact whenever it could matter against ``limit``.
+
+    Below ``limit / 4`` characters the text cannot exceed ``limit`` bytes, so
+    the common small frame skips the encode.
+    """
+    if len(text) * 4 > limit:
+        return len(text.encode("utf-8", "surrogatepass"))
+    return len(text)
+
+
 def encode(obj: Any) -> str:
     """The one JSON encoding the relay sends and stores: compact, UTF-8."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
