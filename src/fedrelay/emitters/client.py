@@ -62,6 +62,31 @@ class _Reconnect(Exception):
     """Leave the current session and connect again at once (no backoff)."""
 
 
+class _ReplyReader:
+    """Reads the relay's replies on its own thread and wakes the sender for each.
+
+    The sender then waits on one event for everything (emit batches, flush,
+    acks) instead of blocking in ``recv()`` for a whole linger while a flush
+    waits for an event that has not been sent yet.
+    """
+
+    def __init__(self, ws: ClientConnection, wake: threading.Event, producer: str) -> None:
+        self.inbox: deque[str | bytes] = deque()
+        self.ended: Exception | None = None
+        self._ws, self._wake = ws, wake
+        threading.Thread(target=self._read, name=f"fedrelay-replies-{producer}", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._ws:
+                self.inbox.append(message)
+                self._wake.set()
+            self.ended = ConnectionError("the relay closed the connection")
+        except Exception as exc:  # ConnectionClosedError, OSError: the sender reconnects
+            self.ended = exc
+        self._wake.set()
+
+
 class Emitter:
     """Publish training events to a fedrelay relay without slowing training down.
 
@@ -341,6 +366,8 @@ class Emitter:
             return True
         target = self._next_id - 1
         deadline = time.monotonic() + max(0.0, timeout)
+        if self._settled < target:
+            self._wake.set()  # send now rather than after the linger
         with self._cond:
             while self._settled < target:
                 if self._thread is None or self._done.is_set():
@@ -581,23 +608,25 @@ class Emitter:
         if isinstance(last_id, int):
             self._apply_ack(last_id)
         self._maybe_resume_orphans()
-        while True:
-            self._drain()
-            self._serve_persist()
-            self._send_ready(ws)
-            self._update_settled()
-            if self._stop.is_set():
-                return
-            try:
-                message = ws.recv(timeout=self._linger)
-            except TimeoutError:
-                continue
+        replies = _ReplyReader(ws, self._wake, self.producer)
+        try:
             while True:
-                self._handle(message)
-                try:
-                    message = ws.recv(timeout=0)
-                except TimeoutError:
-                    break
+                while replies.inbox:
+                    self._handle(replies.inbox.popleft())
+                self._drain()
+                self._serve_persist()
+                self._send_ready(ws)
+                self._update_settled()
+                if self._stop.is_set():
+                    return
+                if replies.ended is not None and not replies.inbox:
+                    raise replies.ended
+                # Emitted events wait up to one linger so that they leave in batches; a flush,
+                # a persist request, close() or a reply from the relay ends the wait at once.
+                self._wake.wait(self._linger)
+                self._wake.clear()
+        finally:
+            ws.close()  # ends the reader thread too
 
     def _take_fresh_name(self, last_id: int) -> None:
         """The relay knows this name with ids we never sent: our ids would be dropped."""
