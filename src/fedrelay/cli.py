@@ -75,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_events_per_frame=args.max_events_per_frame,
             max_queue_bytes=args.max_queue_bytes,
             max_store_lag=args.max_store_lag,
+            max_connections_per_ip=args.max_connections_per_ip,
             ping_interval=args.ping_interval,
             ping_timeout=args.ping_timeout,
             publish_token=args.publish_token,
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-bytes", type=int, help="send queue per subscriber before cutting it (4 MiB)"
     )
     serve.add_argument("--max-store-lag", type=int, help="uncommitted events before producers wait (200000)")
+    serve.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        help="open connections per client address (IPv6: per /64), WebSocket or HTTP; "
+        "more are refused with HTTP 503 (2048; 0 = no limit)",
+    )
     serve.add_argument("--ping-interval", type=float, help="seconds between keepalive pings (20)")
     serve.add_argument("--ping-timeout", type=float, help="seconds to wait for a pong (20)")
     serve.add_argument("--publish-token", help="token producers must present")

@@ -34,6 +34,13 @@ class RelayConfig:
     """Bytes waiting for one subscriber before it is cut as a slow consumer."""
     max_store_lag: int = 200_000
     """Uncommitted events past which producers are read no further (backpressure)."""
+    max_connections_per_ip: int = 2048
+    """Open connections (WebSocket or HTTP) per client address (IPv6: per /64); 0 = no limit.
+
+    High enough for a 1,000-client federation behind one NAT, or a benchmark's
+    1,000 subscribers on loopback; low enough that one address cannot take
+    every file descriptor.
+    """
     publish_token: str | None = None
     subscribe_token: str | None = None
     allow_origins: list[str] = field(default_factory=list)
@@ -58,6 +65,7 @@ class RelayConfig:
             "max_events_per_frame": 1,
             "max_queue_bytes": 1024,
             "max_store_lag": 1,
+            "max_connections_per_ip": 0,
             "stall_after": 0,
             "ping_interval": 0,
             "ping_timeout": 0,
@@ -71,6 +79,10 @@ class RelayConfig:
                 )
         if self.port > 65535:
             raise ValueError(f"--port must be 0-65535, not {self.port}")
+        for name in ("publish_token", "subscribe_token"):
+            if getattr(self, name) == "":  # e.g. --publish-token "$UNSET": "?token=" would match it
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} is empty; leave it out to run without a token")
 
     @property
     def in_memory(self) -> bool:

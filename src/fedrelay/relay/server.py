@@ -10,6 +10,7 @@ subscriber's backlog is its transport buffer, bounded by
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable
@@ -35,7 +36,14 @@ from ..schemas.wire import (
     utf8_size,
     validate_event,
 )
-from .access import any_token_ok, origin_ok, presented_tokens
+from .access import (
+    ConnectionLimiter,
+    address_key,
+    any_token_ok,
+    origin_ok,
+    presented_tokens,
+    rebinding_suspect,
+)
 from .config import RelayConfig
 from .fanout import Frame, queued_bytes
 from .http import HttpApi, first_param, text_response, whole_number
@@ -62,6 +70,12 @@ _ENVELOPE_SLACK = 1024
 _ENDPOINTS = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
 HARD_SIZE_FACTOR = 4
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection gets to send its request and be answered; it holds its address's slot."""
+ANSWERED_PAST_LIMIT = 64
+"""Connections past an address's limit that still get a 503; beyond that they are closed unread."""
+REFUSALS_LOG_EVERY = 60.0
+"""Seconds between log lines about one address's refused connections."""
 
 
 class Relay:
@@ -88,6 +102,7 @@ class Relay:
         self._cutting: set[ServerConnection] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
+        self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -103,10 +118,14 @@ class Relay:
             runs=lambda: len(self.hub.runs),
         )
         cfg = self.config
+        connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
         self._server = await serve(
             self._handle,
             cfg.host,
             cfg.port,
+            logger=_websockets_logger(),
+            create_connection=connection_type,
+            open_timeout=HANDSHAKE_TIMEOUT,
             process_request=self._gate,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
@@ -123,6 +142,15 @@ class Relay:
             cfg.db,
             len(restored.runs),
         )
+        open_roles = [role for role in ("publish", "subscribe") if getattr(cfg, f"{role}_token") is None]
+        if open_roles and not _loopback(cfg.host):
+            log.warning(
+                "listening on %s without a %s token: anyone who can reach this port may %s "
+                "(set FEDRELAY_PUBLISH_TOKEN and FEDRELAY_SUBSCRIBE_TOKEN; see docs/security.md)",
+                cfg.host,
+                " or ".join(open_roles),
+                " and ".join(open_roles),
+            )
 
     @property
     def port(self) -> int:
@@ -173,17 +201,77 @@ class Relay:
             freed = self.hub.forget_idle_rings(time.time(), IDLE_RING_AFTER)
             if freed:
                 log.debug("freed the replay rings of %d idle runs", freed)
+            for address, unlogged in self.limits.quiet_since(time.monotonic()):
+                if unlogged:
+                    log.warning(
+                        "refused %d more connections from %s (over --max-connections-per-ip %d)",
+                        unlogged,
+                        address,
+                        self.limits.limit,
+                    )
+
+    # -- connections per address ---------------------------------------------
+
+    def _opened(self, conn: _CountedConnection, transport: asyncio.BaseTransport) -> None:
+        """Take a slot of the peer's address; past the limit, refuse now or at the request."""
+        conn.address = address_key(transport.get_extra_info("peername"))
+        count = self.limits.opened(conn.address)
+        if not self.limits.over(count):
+            return
+        if self.limits.over(count, ANSWERED_PAST_LIMIT):
+            self.metrics.handshakes_refused.labels("ip_flood").inc()
+            transport.abort()  # a flood: not even worth reading its request
+        else:
+            conn.over_limit = True
+        self._note_refused(conn.address, count)
+
+    def _note_refused(self, address: str, count: int) -> None:
+        """Log an address's refusals once per interval, with how many there were."""
+        unlogged = self.limits.note_refusal(address, time.monotonic())
+        if unlogged is None:
+            return
+        log.warning(
+            "refusing connections from %s: %d open, over --max-connections-per-ip %d (%s)",
+            address,
+            count,
+            self.limits.limit,
+            f"{unlogged} more refused since the last such line" if unlogged else "one line a minute at most",
+        )
 
     # -- handshake ---------------------------------------------------------
 
     async def _gate(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Route plain HTTP; check origin and tokens before a WebSocket opens."""
+        """Refuse floods, bad targets and DNS rebinding; route plain HTTP; check origin
+        and tokens before a WebSocket opens."""
+        if isinstance(conn, _CountedConnection) and conn.over_limit:
+            response = self._refuse(
+                "ip_limit",
+                503,
+                f"too many connections from your address (at most {self.limits.limit}, "
+                "--max-connections-per-ip): close some, or retry later\n",
+            )
+            response.headers["Retry-After"] = "5"
+            return response
+        if not request.path.isprintable():  # NUL, CR, tabs...: no URL has them
+            return self._refuse("request", 400, "malformed request target\n")
         try:
             url = urlsplit(request.path)
             query = parse_qs(url.query, keep_blank_values=True)
         except ValueError:
-            return text_response(400, "malformed request target\n")
+            return self._refuse("request", 400, "malformed request target\n")
         try:
+            headers = request.headers
+            host = headers.get("Host")  # two Host headers: 400, as RFC 9112 requires
+            if self._open_to_rebinding and rebinding_suspect(
+                headers.get("Origin"), headers.get("Sec-Fetch-Site"), host, self.config.allow_origins
+            ):
+                return self._refuse(
+                    "host",
+                    403,
+                    f"Host {str(host)[:100]!r} is not a name of this relay: without both tokens, browsers "
+                    "must name it by IP address, localhost, or a host given with --allow-origin "
+                    "(protection against DNS rebinding)\n",
+                )
             upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
             if not upgrade:
                 return await self.http.respond(url.path, query, request.headers)
@@ -193,6 +281,11 @@ class Relay:
             if name.lower() == "origin":
                 return self._refuse("origin", 403, "several Origin headers\n")
             return self._refuse("header", 400, f"several {name} headers; send one\n")
+
+    @property
+    def _open_to_rebinding(self) -> bool:
+        """Without both tokens a DNS-rebinding page could read or publish; with them it has no token."""
+        return self.config.publish_token is None or self.config.subscribe_token is None
 
     def _check_handshake(self, path: str, query: dict[str, list[str]], headers: Headers) -> Response | None:
         endpoint = _ENDPOINTS.get(path)
@@ -276,7 +369,7 @@ class Relay:
         except Refused as exc:
             self._reject(conn, exc)
             return
-        many = len(raws) > 1
+        many = isinstance(parsed, list)
         valid: list[dict[str, Any]] = []
         where: list[tuple[int, Any]] = []
         top_id = 0
@@ -629,6 +722,23 @@ class Relay:
             self._track(conn.close(SLOW_CONSUMER, "not reading: replies queued past the limit"))
 
 
+class _CountedConnection(ServerConnection):
+    """A connection that holds one slot of its client address from accept to close."""
+
+    relay: Relay
+    """Set on the subclass each relay makes (serve() takes a class, not an instance)."""
+    address: str = ""
+    over_limit: bool = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.relay._opened(self, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.relay.limits.closed(self.address)
+
+
 @dataclass(eq=False, slots=True)
 class _AckState:
     """A producer connection's ack positions: registered, stored, sent."""
@@ -664,6 +774,29 @@ def _error(code: str, detail: str) -> dict[str, Any]:
 
 def _valid_name(name: str) -> bool:
     return RUN_ID_RE.fullmatch(name) is not None
+
+
+def _loopback(host: str) -> bool:
+    """Whether only this machine can reach an address the relay listens on."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _websockets_logger() -> logging.Logger:
+    """websockets' own logger, at WARNING unless someone set its level on purpose.
+
+    At DEBUG websockets logs every request line and header: tokens in
+    ``?token=`` and ``Authorization``. An application that embeds the relay
+    and turns DEBUG on for everything must not write those to its log.
+    """
+    logger = logging.getLogger("fedrelay.websockets")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    return logger
 
 
 def _peer(conn: ServerConnection) -> str:
