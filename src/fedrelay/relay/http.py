@@ -148,7 +148,7 @@ class HttpApi:
             target = target / part
         try:
             body = target.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        except (OSError, ValueError):  # missing, a directory, a name too long, a NUL byte...
             return _error(404, f"no file {name[:100]}")
         suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
         return _response(200, body, _STATIC_TYPES.get(suffix, "application/octet-stream"))

@@ -26,6 +26,9 @@ class Refused(ValueError):
     """Input the relay will not accept, and why."""
 
     def __init__(self, code: str, detail: str) -> None:
+        # A detail may quote the input (a key on a field path), and the input may hold
+        # a lone surrogate: escaped here, or the error frame itself could not be encoded.
+        detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(detail)
         self.code = code
         self.detail = detail
@@ -72,6 +75,20 @@ def _poison_int(text: str) -> int | Poison:
 
 _DECODER = json.JSONDecoder(parse_constant=_poison_constant, parse_float=_poison_float, parse_int=_poison_int)
 
+_ENCODE_HEADROOM = 200
+"""Stack frames kept free when a frame could be nested deep: what decodes with this much
+recursion to spare can be encoded again from any later call site (the stored body, the
+check for lone surrogates, the root path's reshaping), instead of failing there with
+RecursionError and taking the connection down."""
+_MAY_NEST_DEEP = 500
+"""Fewer containers than this cannot nest deep enough for the headroom to matter."""
+
+
+def _decode_with_headroom(frame: str, frames: int = _ENCODE_HEADROOM) -> Any:
+    if frames:
+        return _decode_with_headroom(frame, frames - 1)
+    return _DECODER.decode(frame)
+
 
 def parse_frame(frame: str | bytes) -> tuple[Any, bool]:
     """Decode one frame; also say whether it may hold values to refuse.
@@ -87,7 +104,10 @@ def parse_frame(frame: str | bytes) -> tuple[Any, bool]:
         raise Refused("binary_frame", "binary frames are not accepted; send JSON as a text frame")
     marks = _marks[0]
     try:
-        obj = _DECODER.decode(frame)
+        if frame.count("[") + frame.count("{") >= _MAY_NEST_DEEP:
+            obj = _decode_with_headroom(frame)
+        else:
+            obj = _DECODER.decode(frame)
     except RecursionError:
         raise Refused("bad_json", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and int() past the digit limit
@@ -104,11 +124,11 @@ def refuse_unsafe_values(value: Any) -> None:
     while stack:
         item, path = stack.pop()
         if isinstance(item, Poison):
-            raise Refused("non_finite", f"{path or 'value'}: {item.detail}")
+            raise Refused("non_finite", f"{_where(path) or 'value'}: {item.detail}")
         if isinstance(item, float) and not math.isfinite(item):  # decoded without marks
-            raise Refused("non_finite", f"{path or 'value'}: not a finite number; send null or one")
+            raise Refused("non_finite", f"{_where(path) or 'value'}: not a finite number; send null or one")
         if isinstance(item, dict):
-            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+            stack.extend((v, f"{path}.{_key(k)}" if path else _key(k)) for k, v in item.items())
         elif isinstance(item, list):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
     try:
@@ -160,11 +180,28 @@ def split_frame(obj: Any, max_events: int) -> list[Any]:
     raise Refused("bad_frame", "a frame must be an event object or an array of events")
 
 
+_KEY_CHARS = 40
+_PATH_CHARS = 160
+
+
+def _key(key: object) -> str:
+    """A key as an error quotes it: a 60 KB key name must not come back as a 60 KB error."""
+    text = str(key)
+    return text if len(text) <= _KEY_CHARS else text[: _KEY_CHARS - 3] + "..."
+
+
+def _where(path: str) -> str:
+    """A field path short enough to read: a long one keeps its two ends."""
+    if len(path) <= _PATH_CHARS:
+        return path
+    return path[:60] + "..." + path[-(_PATH_CHARS - 63) :]
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False)[:3]:
-        loc = ".".join(str(p) for p in error["loc"][1:] if p is not None) or "event"
-        parts.append(f"{loc}: {error['msg']}")
+        loc = _where(".".join(_key(p) for p in error["loc"][1:] if p is not None)) or "event"
+        parts.append(f"{loc}: {error['msg'][:200]}")
     more = exc.error_count() - len(parts)
     if more > 0:
         parts.append(f"and {more} more")
