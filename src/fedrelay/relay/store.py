@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections import deque
@@ -148,7 +150,10 @@ class EventStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.failing: str | None = None
-        """The last write error while commits are failing, else None."""
+        """The last write error while commits are failing, with its likely cause, else None."""
+        self._failure: str | None = None
+        """The raw text of that error: the cause is looked for again only when it changes."""
+        self._checkpoint_failing = False
         self.commits = 0
         self.last_commit_seconds = 0.0
 
@@ -173,6 +178,8 @@ class EventStore:
             self._db.execute("PRAGMA busy_timeout=10")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_RESTART_BYTES}")
             self._db.executescript(_SCHEMA)
+            if self.path != MEMORY:
+                self._probe_write()
             restored = self._restore()
             if self.path != MEMORY:
                 # Checkpoints move to the reader's thread: an automatic one
@@ -183,11 +190,31 @@ class EventStore:
                 await self._reader.execute("PRAGMA query_only=1")
         except Exception as exc:
             await self._close_connections()
-            raise StoreError(f"cannot open the event store {self.path}: {exc}") from exc
+            why = diagnose(target) if self.path != MEMORY else ""
+            raise StoreError(f"cannot open the event store {self.path}: {exc}{why}") from exc
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-store-writer")
         if self._reader is not None:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
+
+    def _probe_write(self) -> None:
+        """Fail now, not at the first commit, when the database cannot be written.
+
+        An existing database opens and reads fine from a read-only file (SQLite falls back to
+        read-only), and needs no write at start: the relay would serve, accept and hold events
+        it can never store. A rolled-back insert raises SQLITE_READONLY without touching disk.
+        """
+        assert self._db is not None
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return  # another process (a backup, the sqlite3 shell) is writing: it is writable
+            raise
+        try:
+            self._db.execute("INSERT OR REPLACE INTO producers (name, last_id, updated_at) VALUES ('', 0, 0)")
+        finally:
+            self._db.execute("ROLLBACK")
 
     def _restore(self) -> Restored:
         assert self._db is not None
@@ -310,7 +337,7 @@ class EventStore:
                 if self._defuse(batch, exc):
                     continue
                 log.error("store: commit refused and no event to blame: %s", exc)
-                self.failing = str(exc)
+                self.failing = self._failure = str(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -323,9 +350,12 @@ class EventStore:
                     if time.monotonic() - busy_since < _BUSY_PATIENCE:
                         await asyncio.sleep(0.002)
                         continue
-                if self.failing is None:
-                    log.error("store: commit failed, will retry: %s", exc)
-                self.failing = str(exc)
+                if str(exc) != self._failure:  # "disk I/O error" alone does not say what to fix
+                    self._failure = str(exc)
+                    explained = f"{exc}{diagnose(self.path)}" if self.path != MEMORY else str(exc)
+                    if self.failing is None:
+                        log.error("store: commit failed, will retry: %s", explained)
+                    self.failing = explained
                 if self._closing and backoff > 1.0:
                     return
                 await asyncio.sleep(backoff)
@@ -334,7 +364,7 @@ class EventStore:
             busy_since = None
             if self.failing is not None:
                 log.warning("store: commits work again")
-                self.failing = None
+                self.failing = self._failure = None
             backoff = 0.05
             for _ in range(size):
                 self._pending_chars -= len(self._pending.popleft().body)
@@ -412,7 +442,14 @@ class EventStore:
             try:
                 await self._reader.execute(f"PRAGMA wal_checkpoint({mode})")
             except Exception as exc:
-                log.warning("store: WAL checkpoint failed: %s", exc)
+                # Once per episode: a read-only or full disk would otherwise log every second.
+                if not self._checkpoint_failing:
+                    log.warning("store: WAL checkpoint failed, will retry: %s", exc)
+                self._checkpoint_failing = True
+                continue
+            if self._checkpoint_failing:
+                log.warning("store: WAL checkpoints work again")
+                self._checkpoint_failing = False
 
     def _commit(self, batch: list[Sequenced]) -> None:
         db = self._db
@@ -498,6 +535,62 @@ class EventStore:
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
             return self._db.execute(_READ_PAGE, params).fetchall()
         raise StoreError("the event store is closed")
+
+
+def diagnose(path: str) -> str:
+    """Why writes to the database at ``path`` may fail, as a suffix for the error text.
+
+    SQLite reports a full disk, an exceeded file size limit and a read-only file alike as
+    "disk I/O error" (or "unable to open database file"); an operator needs to know which. Looks
+    at what can be checked without writing: the files' write access (``O_WRONLY`` opens nothing
+    new; root is refused too when the file is immutable), whether the directory takes new files
+    (``-wal``/``-shm``), the process's RLIMIT_FSIZE and the free space.
+    """
+    db = Path(path).expanduser()
+    causes: list[str] = []
+    for file in (db, Path(f"{db}-wal")):
+        try:
+            os.close(os.open(file, os.O_WRONLY))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            causes.append(f"{file.name} is read-only ({exc.strerror})")
+    probe = db.parent / f".{db.name}.probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            causes.append(
+                f"cannot create files in {db.parent} ({exc.strerror}); SQLite needs "
+                f"{db.name}-wal and {db.name}-shm next to the database"
+            )
+    limit = _file_size_limit()
+    if limit is not None:
+        sizes = []
+        for file in (db, Path(f"{db}-wal")):
+            with contextlib.suppress(OSError):
+                sizes.append(f"{file.name} {file.stat().st_size} bytes")
+        causes.append(f"the file size limit (RLIMIT_FSIZE) is {limit} bytes (now {', '.join(sizes)})")
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(db.parent).free
+        if free < 16 << 20:
+            causes.append(f"the disk is full ({free} bytes free)")
+    return f" ({'; '.join(causes)})" if causes else ""
+
+
+def _file_size_limit() -> int | None:
+    """This process's RLIMIT_FSIZE soft limit, None when unlimited (or not on POSIX)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - Windows
+        return None
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 def _storable(item: Sequenced) -> bool:
