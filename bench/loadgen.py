@@ -31,7 +31,7 @@ from typing import Any
 
 import uvloop
 
-from rawws import RawSubscriber, connect_many
+from rawws import RawSubscriber, close_all, connect_many
 from wsclient import WsSubscriber, connect_ws_many
 
 Subscriber = RawSubscriber | WsSubscriber
@@ -97,18 +97,6 @@ def write_latencies(subs: list[Subscriber], path: str | None) -> int:
     with open(path, "wb") as handle:
         samples.tofile(handle)
     return len(samples) // 2
-
-
-async def close_all(subs: list[Subscriber], timeout: float = 5.0) -> None:
-    """Close cleanly, then abort whatever did not finish in time."""
-    for sub in subs:
-        sub.close()
-    pending = [sub.closed for sub in subs if not sub.closed.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    for sub in subs:
-        if not sub.closed.done():
-            sub.abort()
 
 
 async def handle_connect(cmd: dict[str, Any]) -> tuple[list[Subscriber], dict[str, Any]]:

@@ -25,7 +25,8 @@ import re
 import socket
 import time
 from array import array
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EVENT_MARKER = b'"sent_ns"'
@@ -339,3 +340,25 @@ async def connect_many(
 
     await asyncio.gather(*(one() for _ in range(count)))
     return subs, errors
+
+
+class Closable(Protocol):
+    """What close_all needs of a client: both client kinds in bench/ have it."""
+
+    closed: asyncio.Future[Any]
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+async def close_all(subs: Sequence[Closable], timeout: float = 5.0) -> None:
+    """Close cleanly; abort what has not finished by the deadline."""
+    for sub in subs:
+        sub.close()
+    pending = [sub.closed for sub in subs if not sub.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    for sub in subs:
+        if not sub.closed.done():
+            sub.abort()

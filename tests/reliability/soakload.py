@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.producer import Producer, event
-from bench.rawws import RawSubscriber
+from bench.rawws import RawSubscriber, close_all
 
 HOST = "127.0.0.1"
 SEQ_RE = re.compile(rb'"seq": ?(\d+)')
@@ -421,18 +421,6 @@ async def open_all(subs: list[SoakSubscriber], timeout: float, concurrency: int 
         raise RuntimeError(f"{len(errors)} of {len(subs)} subscribers failed to connect: {errors[:3]}")
 
 
-async def close_all(subs: list[SoakSubscriber], timeout: float = 10.0) -> None:
-    """Close cleanly; abort what has not finished by the deadline."""
-    for sub in subs:
-        sub.close()
-    pending = [sub.closed for sub in subs if not sub.closed.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    for sub in subs:
-        if not sub.closed.done():
-            sub.abort()
-
-
 # -- producers -----------------------------------------------------------------------------
 
 
@@ -695,7 +683,7 @@ async def run_soak(cfg: SoakConfig, port: int, pid: int, log_path: Path) -> Soak
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await close_all(normal + slow)
+        await close_all(normal + slow, timeout=10.0)
         for producer in producers:
             await producer.close()
 

@@ -381,6 +381,25 @@ async def test_relay_sigstopped_past_its_ping_timeout(tmp_path: Path, rng: rando
     tally.record("faults:relay_sigstop", started)
 
 
+def check_producer_run(
+    relay: RelayProcess, run_id: str, count: int, tally: Tally | None, followers: list[Any] = ()
+) -> Verdict:
+    """One producer's ids 1..count exactly once in the store and at every follower."""
+    stored = read_all(relay, run_id)
+    verdict = check(
+        producer_expected(1, count),
+        stored,
+        {f.name: f.events for f in followers},
+        key=producer_key,
+        exact=True,
+        id_is_index=True,
+    )
+    if tally is not None:
+        tally.verdict.add(verdict)
+    verdict.assert_ok(f"seed {SEED}")
+    return verdict
+
+
 async def frozen_round(work: Path, rng: random.Random, tally: Tally) -> None:
     """~10 s of a 2,500 events/s stream: the relay frozen twice for ~3 s, then the producer once."""
     work.mkdir(parents=True)
@@ -415,17 +434,7 @@ async def frozen_round(work: Path, rng: random.Random, tally: Tally) -> None:
                 )
         report = await producer.finish()
         await asyncio.wait_for(asyncio.gather(*following), 60)
-        stored = read_all(relay, "frozen")
-        verdict = check(
-            producer_expected(1, count),
-            stored,
-            {f.name: f.events for f in followers},
-            key=producer_key,
-            exact=True,
-            id_is_index=True,
-        )
-        tally.verdict.add(verdict)
-        verdict.assert_ok(f"seed {SEED}")
+        check_producer_run(relay, "frozen", count, tally, followers)
         assert relay.proc.pid == pid and relay.proc.poll() is None  # frozen, never restarted
         assert report["stats"]["reconnects"] >= 1, report  # cut while frozen, came back
         assert followers[1].connections >= 2  # the pinging subscriber gave up on the frozen relay
@@ -575,17 +584,7 @@ async def drop_round(work: Path, rng: random.Random, tally: Tally) -> None:
         await producer.finish()
         streamed_until = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*following), 80)
-        stored = read_all(relay, "dropped")
-        verdict = check(
-            producer_expected(1, count),
-            stored,
-            {f.name: f.events for f in followers},
-            key=producer_key,
-            exact=True,
-            id_is_index=True,
-        )
-        tally.verdict.add(verdict)
-        verdict.assert_ok(f"seed {SEED}")
+        check_producer_run(relay, "dropped", count, tally, followers)
         while_streaming = sum(t < streamed_until for f in followers for t in f.drop_times)
         assert all(f.drops >= 12 for f in followers), [f.drops for f in followers]
         assert while_streaming >= 24, while_streaming
@@ -686,10 +685,7 @@ async def disk_full_round(work: Path, rng: random.Random, tally: Tally) -> None:
                 await asyncio.to_thread(relay.start)
             await poll(lambda: relay.get("/healthz")[0] == 200, 30, f"the store to recover ({ending})")
         report = await producer.finish(timeout=120)
-        stored = read_all(relay, "full")
-        verdict = check(producer_expected(1, count), stored, key=producer_key, exact=True, id_is_index=True)
-        tally.verdict.add(verdict)
-        verdict.assert_ok(f"seed {SEED}")
+        check_producer_run(relay, "full", count, tally)
         assert relay.log_path is not None
         log = relay.log_path.read_text()
         assert "commit failed, will retry" in log and "commits work again" in log, log[-3000:]
@@ -782,9 +778,7 @@ async def test_database_becomes_read_only_while_running(tmp_path: Path, rng: ran
             assert relay.proc.poll() is None
         await poll(lambda: relay.get("/healthz")[0] == 200, 30, "the store to recover")
         await producer.finish()
-        stored = read_all(relay, "ro")
-        verdict = check(producer_expected(1, count), stored, key=producer_key, exact=True, id_is_index=True)
-        verdict.assert_ok(f"seed {SEED}")
+        verdict = check_producer_run(relay, "ro", count, None)
         assert relay.log_path is not None
         log = relay.log_path.read_text()
         assert "Traceback" not in log
