@@ -12,7 +12,8 @@ handing each statement to a worker thread (as aiosqlite does) costs a
 GIL hand-off per statement, which under a busy loop means milliseconds
 of delivery latency (bench/README.md has the measurements). Everything
 that can take long runs through aiosqlite on a second connection:
-catch-up and API reads, and WAL checkpoints (the only fsyncs).
+catch-up and API reads on one, WAL checkpoints (the only fsyncs) on a
+third, so that a long read never delays a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -90,8 +92,14 @@ SELECT seq, body FROM (
 """
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
-_WAL_RESTART_BYTES = 32 << 20
-"""WAL size past which a checkpoint makes the log start over."""
+_WAL_RESTART_BYTES = 16 << 20
+"""WAL size past which commits pause for a checkpoint that lets the log start over."""
+_WAL_KEEP_FACTOR = 4
+"""A WAL that starts over keeps its file up to this many times the restart size:
+truncating it costs the next commit milliseconds on the loop, so only a WAL that
+grew abnormally (a reader held it for long) is cut back."""
+_HOLD_COMMITS_AT_MOST = 0.02
+"""Seconds commits wait for that checkpoint before going on without it."""
 _BUSY_PATIENCE = 10.0
 """Seconds of "database is locked" before commits count as failing."""
 _INT64_MAX = 2**63 - 1
@@ -126,6 +134,7 @@ class EventStore:
         max_batch: int = 2000,
         retain_events: int = 0,
         on_pruned: Callable[[str, int], None] | None = None,
+        wal_restart_bytes: int = _WAL_RESTART_BYTES,
     ) -> None:
         self.path = str(path)
         self._runs = runs
@@ -133,12 +142,17 @@ class EventStore:
         self._on_pruned = on_pruned
         self.max_batch = max_batch
         self.retain_events = retain_events
+        self.wal_restart_bytes = wal_restart_bytes
         self._db: sqlite3.Connection | None = None
         """The writer's connection, used on the event loop thread only."""
         self._reader: aiosqlite.Connection | None = None
         """Catch-up and API reads: a second connection on a file, so a long
         read neither waits behind commits nor delays them."""
+        self._checkpointer: aiosqlite.Connection | None = None
+        """WAL checkpoints: their own connection, so they never queue behind a read."""
         self._checkpoints: asyncio.Task[None] | None = None
+        self._commits_open = asyncio.Event()
+        self._commits_open.set()
         self._pending: deque[Sequenced] = deque()
         self._pending_chars = 0
         self._lock_file: int | None = None
@@ -155,6 +169,8 @@ class EventStore:
         """The raw text of that error: the cause is looked for again only when it changes."""
         self._checkpoint_failing = False
         self.commits = 0
+        self.busy_waits = 0
+        """Commits put off because another connection held the write lock."""
         self.last_commit_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------
@@ -173,27 +189,29 @@ class EventStore:
             self._db = sqlite3.connect(target, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            # Short: the writer runs on the loop; a checkpoint holding the lock
-            # is waited for in _write_loop, between other work.
-            self._db.execute("PRAGMA busy_timeout=10")
-            self._db.execute(f"PRAGMA journal_size_limit={_WAL_RESTART_BYTES}")
+            # None: the writer runs on the loop, where a busy wait would stall
+            # delivery; a lock held elsewhere is waited for in _write_loop.
+            self._db.execute("PRAGMA busy_timeout=0")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_FACTOR * self.wal_restart_bytes}")
             self._db.executescript(_SCHEMA)
             if self.path != MEMORY:
                 self._probe_write()
             restored = self._restore()
             if self.path != MEMORY:
-                # Checkpoints move to the reader's thread: an automatic one
-                # inside a commit stalls delivery for milliseconds.
+                # Checkpoints move to their own connection's thread: an automatic
+                # one inside a commit stalls delivery for milliseconds.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
                 self._reader = await aiosqlite.connect(target)
                 await self._reader.execute("PRAGMA busy_timeout=5000")
                 await self._reader.execute("PRAGMA query_only=1")
+                self._checkpointer = await aiosqlite.connect(target)
+                await self._checkpointer.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:
             await self._close_connections()
             why = diagnose(target) if self.path != MEMORY else ""
             raise StoreError(f"cannot open the event store {self.path}: {exc}{why}") from exc
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-store-writer")
-        if self._reader is not None:
+        if self._checkpointer is not None:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
 
@@ -265,13 +283,14 @@ class EventStore:
         return left
 
     async def _close_connections(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await self._reader.close()
+        for conn in (self._reader, self._checkpointer):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
-        self._db = self._reader = None
+        self._db = self._reader = self._checkpointer = None
         if self._lock_file is not None:
             os.close(self._lock_file)  # releases the flock
             self._lock_file = None
@@ -327,6 +346,8 @@ class EventStore:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if not self._commits_open.is_set():
+                await self._commits_open.wait()  # a checkpoint is letting the WAL start over
             size = min(len(self._pending), self.max_batch)
             batch = [self._pending[i] for i in range(size)]
             try:
@@ -346,6 +367,7 @@ class EventStore:
                 if _is_busy(exc):
                     # A checkpoint holds the write lock for a moment: wait without
                     # blocking the loop, and only call it failing if it lasts.
+                    self.busy_waits += 1
                     busy_since = busy_since or time.monotonic()
                     if time.monotonic() - busy_since < _BUSY_PATIENCE:
                         await asyncio.sleep(0.002)
@@ -422,26 +444,35 @@ class EventStore:
         return found
 
     async def _checkpoint_loop(self) -> None:
-        """Fold the WAL back into the database from the reader's thread, once a second.
+        """Fold the WAL back into the database once a second, off the loop's thread.
 
-        PASSIVE never waits for the writer; but while commits keep coming it
-        never catches up with the newest frames, so the WAL cannot restart
-        and grows. Past ``_WAL_RESTART_BYTES`` a RESTART checkpoint takes the
-        write lock for as long as it needs (commits wait on the loop, see
-        ``_is_busy``) and the next commit starts the WAL from the beginning.
+        A PASSIVE checkpoint never waits for the writer, but while commits keep
+        coming it never copies the newest frames, and the WAL starts over only
+        after a checkpoint has copied all of them: it would grow for ever. A
+        RESTART checkpoint would take the write lock and stall every commit,
+        and so delivery, for ~10 ms. Past ``wal_restart_bytes`` a second
+        PASSIVE pass runs instead while commits (not the loop) pause: it copies
+        only what was written since the first, ~1 ms, and the next commit
+        starts the WAL from the beginning.
         """
-        assert self._reader is not None
+        assert self._checkpointer is not None
         wal = Path(str(Path(self.path).expanduser()) + "-wal")
+        finishing: asyncio.Future[Any] | None = None
         while True:
             await asyncio.sleep(_CHECKPOINT_EVERY)
             try:
                 size = wal.stat().st_size
             except OSError:
                 continue
-            mode = "RESTART" if size > _WAL_RESTART_BYTES else "PASSIVE"
             try:
-                await self._reader.execute(f"PRAGMA wal_checkpoint({mode})")
+                if finishing is not None:  # the last held pass outlived its hold
+                    await finishing
+                    finishing = None
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if size > self.wal_restart_bytes:
+                    finishing = await self._checkpoint_holding_commits()
             except Exception as exc:
+                finishing = None
                 # Once per episode: a read-only or full disk would otherwise log every second.
                 if not self._checkpoint_failing:
                     log.warning("store: WAL checkpoint failed, will retry: %s", exc)
@@ -450,6 +481,22 @@ class EventStore:
             if self._checkpoint_failing:
                 log.warning("store: WAL checkpoints work again")
                 self._checkpoint_failing = False
+
+    async def _checkpoint_holding_commits(self) -> asyncio.Future[Any] | None:
+        """A PASSIVE checkpoint with no commit in between; commits wait at most
+        ``_HOLD_COMMITS_AT_MOST``. Returns the checkpoint if it is still running."""
+        assert self._checkpointer is not None
+        self._commits_open.clear()
+        try:
+            # No commit is running: commits run on this loop, in one call.
+            checkpoint = asyncio.ensure_future(self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            done, _ = await asyncio.wait((checkpoint,), timeout=_HOLD_COMMITS_AT_MOST)
+        finally:
+            self._commits_open.set()
+        if done:
+            checkpoint.result()
+            return None
+        return checkpoint
 
     def _commit(self, batch: list[Sequenced]) -> None:
         db = self._db
