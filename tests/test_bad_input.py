@@ -46,6 +46,17 @@ def relay(limited_relay):
     return limited_relay
 
 
+def hello_for(producer: str) -> dict:
+    """A new producer's greeting: no stored position, and the relay's frame limits."""
+    return {
+        "op": "hello",
+        "producer": producer,
+        "last_id": None,
+        "max_frame_bytes": MAX_FRAME,
+        "max_events_per_frame": MAX_EVENTS,
+    }
+
+
 def tag() -> str:
     return uuid.uuid4().hex[:10]
 
@@ -132,7 +143,7 @@ async def good_stream(relay: RelayProcess, n: int = N_GOOD):
     they started with, and neither saw an error."""
     stream = GoodStream(relay, n)
     async with connect(f"{relay.url}/publish?producer={stream.producer}", compression=None) as prod:
-        assert await recv_json(prod) == {"op": "hello", "producer": stream.producer, "last_id": None}
+        assert await recv_json(prod) == hello_for(stream.producer)
         await prod.send(json.dumps(stream.frames[0]))
         first_ack = await recv_json(prod)  # stored: the run exists and can be subscribed to
         assert first_ack == {"op": "ack", "producer": stream.producer, "upto": MAX_EVENTS}
@@ -285,7 +296,7 @@ async def test_bad_publish_frame_is_refused_and_the_stream_goes_on(relay, build,
         name = f"bad-{tag()}"
         async with connect(f"{relay.url}/publish?producer={name}", compression=None) as conn:
             hello = await recv_json(conn)
-            assert hello == {"op": "hello", "producer": name, "last_id": None}
+            assert hello == hello_for(name)
             await conn.send(build(target))
             # The same connection goes on: a valid event after the bad frame is stored and acked.
             await conn.send(json.dumps(event(target, 1000)))

@@ -104,3 +104,28 @@ def test_explicit_producer_name_reused_is_not_dropped_as_duplicates(relay, make_
     events = stored_events(relay, "reuse")
     assert [e["data"]["epoch"] for e in events] == list(range(10))
     assert [e["producer"] for e in events] == ["trainer-a"] * 5 + [second.producer] * 5
+
+
+def test_frames_fit_the_relays_limits_and_an_oversize_event_arrives_as_an_error(relay_factory, make_emitter):
+    """The relay's hello names its limits; an event over them becomes an error event with its id."""
+    relay = relay_factory("--max-frame-bytes", "4096", "--max-events-per-frame", "5")
+    em = make_emitter(relay.url, run_id="limits", role="client", client_id=3)
+    for i in range(100):
+        em.emit("status", {"message": "x" * 100, "i": i})
+    em.emit("status", {"message": "y" * 20_000})  # over 4x the limit: the relay would close on it
+    em.emit("status", {"message": "after"})
+    assert em.flush(20), em.stats
+    em.emit("status", {"message": "z" * 3_000})  # fits a frame, not the relay's stored-event limit
+    em.emit("status", {"message": "last"})
+    assert em.flush(20), em.stats
+    stats = em.stats
+    assert (stats["invalid"], stats["refused"], stats["reconnects"]) == (2, 0, 0)
+    events = stored_events(relay, "limits")
+    assert [e["id"] for e in events] == list(range(1, 105))
+    assert [e["type"] for e in events[99:]] == ["status", "error", "status", "error", "status"]
+    for stand_in, size in ((events[100], 20_000), (events[102], 3_000)):
+        message = stand_in["data"]["message"]
+        assert "status event was dropped" in message and "limit of 2048 bytes per event" in message
+        assert int(message.split(": ")[1].split(" bytes")[0]) > size
+        assert stand_in["timestamp"] and stand_in["source"] == {"role": "client", "client_id": 3}
+    assert [e["data"]["message"] for e in (events[101], events[103])] == ["after", "last"]

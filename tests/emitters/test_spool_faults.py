@@ -11,6 +11,7 @@ import time
 
 from fedrelay.emitters.sync import sync_spool
 from tests.emitters.conftest import spooled_count, stored_events
+from tests.support.cutting_proxy import CuttingProxy
 from tests.support.relay_process import RelayProcess, free_port, wait_until
 
 
@@ -76,17 +77,21 @@ def test_sync_skips_an_empty_segment_and_delivers_the_rest(tmp_path, make_emitte
         relay.stop()
 
 
-def test_backs_off_when_sessions_keep_failing(relay_factory, make_emitter):
-    """The relay closes every connection (1009: frames over 4x its limit): no reconnect spin."""
-    relay = relay_factory("--max-frame-bytes", "4096")
-    em = make_emitter(relay.url, run_id="spin", max_backoff=0.5)
-    for i in range(300):
-        em.emit("status", {"message": "x" * 100, "i": i})
-    wait_until(lambda: em.stats["reconnects"] >= 1, 10, what="a first failed session")
-    started = time.monotonic()
-    wait_until(lambda: em.stats["reconnects"] >= 4, 10, what="three more sessions")
-    # backoff after failures 2, 3, 4 is at least 0.1 + 0.2 + 0.25 s; without it, a few ms
-    assert time.monotonic() - started >= 0.3
+def test_backs_off_when_sessions_keep_failing(relay, make_emitter):
+    """Every connection is cut right after the relay's hello (a flaky proxy): no reconnect spin."""
+    proxy = CuttingProxy(relay.port)
+    try:
+        em = make_emitter(proxy.url, run_id="spin", max_backoff=0.5)
+        em.emit("status", {"message": "x"})
+        wait_until(lambda: em.stats["reconnects"] >= 2, 10, what="two failed sessions")
+        started = time.monotonic()
+        wait_until(lambda: em.stats["reconnects"] >= 5, 10, what="three more sessions")
+        # the backoffs after the 2nd, 3rd and 4th failure in a row: at least 0.1 + 0.2 + 0.25 s;
+        # without backoff, a few ms
+        assert time.monotonic() - started >= 0.3
+        assert proxy.cuts >= 5
+    finally:
+        proxy.close()
 
 
 CRASHING_PRODUCER = textwrap.dedent(

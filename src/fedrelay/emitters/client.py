@@ -41,7 +41,7 @@ from .config import (
     resolve_token,
     resolve_url,
 )
-from .encode import Unencodable, encode_event
+from .encode import Unencodable, encode_event, too_large_stand_in
 from .spool import DamagedSegment, Entry, Segment, Spool, producer_dirs
 
 log = logging.getLogger("fedrelay.emitter")
@@ -54,6 +54,9 @@ _NESTED = ("metrics", "fit_metrics", "eval_metrics", "server_metrics", "config",
 """The protocol's nested ``data`` fields, copied by ``emit()``: trainers reuse and mutate them
 (Lightning's ``callback_metrics``). Other nested values are not copied (a loop over every key
 would double emit()'s cost); the encoder retries if one changes size while it is encoded."""
+_STORED_SLACK = 2048
+"""Bytes of an event's frame limit it may not use: the relay refuses an event whose stored form
+(with the seq and producer it adds) comes within 1 KiB of its ``max_frame_bytes``."""
 _SPOOL_RETRY = 1.0
 """Seconds between attempts at a spool that could not be opened or written."""
 
@@ -514,6 +517,8 @@ class Emitter:
                     pass
                 except (ConnectionClosed, OSError, TimeoutError, ValueError) as exc:
                     failed = True
+                    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 1009:
+                        self._halve_limits()  # a frame over 4x the relay's limit: smaller ones
                     self.last_error = f"connection lost: {exc!r}"
                     self._once("disconnected", "connection to %s lost (%r); reconnecting", self.url, exc)
                 except Exception as exc:  # a bug must cost a reconnect, not the sender
@@ -604,6 +609,7 @@ class Emitter:
             self._counts["reconnects"] += 1
         self._ever_connected = self._connected = True
         self.last_error = None
+        self._adopt_limits(hello)
         self._rewind()
         if isinstance(last_id, int):
             self._apply_ack(last_id)
@@ -682,14 +688,45 @@ class Emitter:
             if frame.get("id") is None and code in _FRAME_LEVEL:
                 self._shrink_frames()
 
+    def _adopt_limits(self, hello: dict[str, Any]) -> None:
+        """Frames no larger than the relay takes (its ``hello`` says): a frame past its
+        limit is refused whole, and past 4x the limit the connection is closed."""
+        frame_bytes, per_frame = hello.get("max_frame_bytes"), hello.get("max_events_per_frame")
+        if isinstance(frame_bytes, int) and not isinstance(frame_bytes, bool) and frame_bytes >= 1024:
+            self._frame_bytes = min(self._frame_bytes, frame_bytes)
+        if isinstance(per_frame, int) and not isinstance(per_frame, bool) and per_frame >= 1:
+            self._batch = min(self._batch, per_frame)
+
+    def _fitted(self, entry: Entry) -> Entry:
+        """An event the relay would refuse for its size becomes an ``error`` event with the same id: sent as
+        it is, it would be refused on every reconnect; dropped, nobody watching would know,
+        and a spooled one would wait for an ack that never comes."""
+        event_id, line = entry
+        limit = max(self._frame_bytes - _STORED_SLACK, self._frame_bytes // 2)
+        if len(line) <= limit:
+            return entry
+        self._counts["invalid"] += 1
+        self._once(
+            "too_large",
+            "an event of %d bytes is over the limit of %d per event; an error event is sent in its place",
+            len(line),
+            limit,
+        )
+        return event_id, too_large_stand_in(line, limit)
+
     def _shrink_frames(self) -> None:
         """The relay's frame limits are below ours: halve them and resend."""
+        if self._halve_limits():
+            raise _Reconnect
+
+    def _halve_limits(self) -> bool:
+        """For a relay that refuses our frames though its hello named no limit; False at the floor."""
         if self._batch == 1 and self._frame_bytes <= 4096:
             self._once("frame_floor", "relay refuses even single small frames; giving up shrinking")
-            return
+            return False
         self._batch = max(1, self._batch // 2)
         self._frame_bytes = max(4096, self._frame_bytes // 2)
-        raise _Reconnect
+        return True
 
     def _apply_ack(self, upto: int) -> None:
         if upto <= self._acked:
@@ -740,13 +777,7 @@ class Emitter:
             if non_finite:
                 counts["non_finite"] += non_finite
                 self._once("non_finite", "NaN/Infinity in a %s event sent as null", type_)
-            if len(line) + 2 > self._frame_bytes:
-                counts["invalid"] += 1
-                self._once(
-                    "too_large", "a %s event of %d bytes exceeds the frame limit; dropped", type_, len(line)
-                )
-                continue
-            unsent.append((event_id, line))
+            unsent.append(self._fitted((event_id, line)))
             if len(unsent) + len(self._inflight) > self._max_buffer:
                 self._spill(len(unsent) + len(self._inflight) - self._max_buffer // 2)
 
@@ -921,14 +952,14 @@ class Emitter:
                             raise  # a reconnect, after a backoff, reads it again
                         self._quarantine(segment, exc)
                         continue
-                    return self._chunks([e for e in entries if e[0] > self._sent_id])[0]
+                    return self._chunks([self._fitted(e) for e in entries if e[0] > self._sent_id])[0]
         if not self._unsent:
             return []
         frame: list[Entry] = []
         size = 2
         unsent = self._unsent
         while unsent and len(frame) < self._batch:
-            entry = unsent[0]
+            entry = unsent[0] = self._fitted(unsent[0])
             if frame and size + len(entry[1]) + 1 > self._frame_bytes:
                 break
             frame.append(unsent.popleft())

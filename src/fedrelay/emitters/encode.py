@@ -91,3 +91,22 @@ def encode_event(
         except (ValueError, TypeError) as exc:
             raise Unencodable(str(exc)) from None
     raise Unencodable(str(problem))
+
+
+def too_large_stand_in(line: str, limit: int) -> str:
+    """An ``error`` event with the id, run, time and source of an encoded event too large
+    for the relay, so the id is still delivered and acked, and the dashboard
+    says what happened instead of a silent hole."""
+    try:
+        original = json.loads(line)
+    except ValueError:
+        original = {}
+    if not isinstance(original, dict):
+        original = {}
+    event = {key: original[key] for key in ("type", "run_id", "timestamp", "id", "source") if key in original}
+    event["data"] = {
+        "message": f"a {str(event.get('type', 'unknown'))[:40]} event was dropped: "
+        f"{len(line)} bytes, over the limit of {limit} bytes per event",
+    }
+    event["type"] = "error"
+    return _STRICT.encode(event)

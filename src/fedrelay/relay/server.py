@@ -354,7 +354,16 @@ class Relay:
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
-        self._send(conn, {"op": "hello", "producer": name, "last_id": last_id})
+        self._send(
+            conn,
+            {
+                "op": "hello",
+                "producer": name,
+                "last_id": last_id,
+                "max_frame_bytes": self.config.max_frame_bytes,
+                "max_events_per_frame": self.config.max_events_per_frame,
+            },
+        )
         acks = _AckState(conn, name)
         async for frame in conn:
             self._ingest(conn, name, frame, acks)

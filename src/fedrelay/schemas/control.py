@@ -16,11 +16,14 @@ class _Frame(BaseModel):
 
 
 class Hello(_Frame):
-    """Sent to a producer on connect: where the relay's dedup stands for it."""
+    """Sent to a producer on connect: where the relay's dedup stands for it, and the
+    frame limits past which its frames are refused."""
 
     op: Literal["hello"]
     producer: str
     last_id: int | None
+    max_frame_bytes: int
+    max_events_per_frame: int
 
 
 class Ack(_Frame):

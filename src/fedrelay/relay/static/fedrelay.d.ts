@@ -144,11 +144,13 @@ export interface Gap {
   resume_from: number;
 }
 
-/** Sent to a producer on connect: where the relay's dedup stands for it. */
+/** Sent to a producer on connect: where the relay's dedup stands for it, and the frame limits past which its frames are refused. */
 export interface Hello {
   op: "hello";
   producer: string;
   last_id: number | null;
+  max_frame_bytes: number;
+  max_events_per_frame: number;
 }
 
 export interface Ping {
