@@ -364,7 +364,11 @@ class Emitter:
         return out
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every event emitted so far is acked (True) or ``timeout`` passes."""
+        """Wait until nothing emitted so far is pending (True) or ``timeout`` passes.
+
+        Not pending: acked by the relay (stored or refused), or given up on here and counted
+        in ``stats`` (invalid, unencodable, dropped, in an unreadable spool segment).
+        """
         if self._pid != os.getpid():
             return True
         target = self._next_id - 1
