@@ -895,7 +895,8 @@ class SteadyStream:
             producer_url, compression=None, open_timeout=TIMEOUT, **NO_KEEPALIVE
         ) as producer:
             hello = json.loads(await asyncio.wait_for(producer.recv(), TIMEOUT))
-            assert (hello["op"], hello["producer"], hello["last_id"]) == ("hello", STEADY_PRODUCER, None), hello
+            greeting = (hello["op"], hello["producer"], hello["last_id"])
+            assert greeting == ("hello", STEADY_PRODUCER, None), hello
             acks = asyncio.create_task(self._read_replies(producer))
             await self._publish(producer)
             await self._until(lambda: self.acked >= len(self.sent), acks, "the first steady ack")
