@@ -26,6 +26,8 @@ METRIC_NAMES = [
     "fedrelay_store_lag_events",
     "fedrelay_store_failing",
     "fedrelay_runs",
+    "fedrelay_producers",
+    "fedrelay_producers_forgotten_total",
 ]
 
 
@@ -120,6 +122,8 @@ async def test_metrics_count_real_traffic(relay):
         assert m["fedrelay_store_lag_events"] == 0
         assert m["fedrelay_store_failing"] == 0
         assert m["fedrelay_runs"] == 1
+        assert m["fedrelay_producers"] == 1  # "trainer"; "bad" stored nothing
+        assert m["fedrelay_producers_forgotten_total"] == 0
         assert m['fedrelay_connections{endpoint="subscribe"}'] == 1
         assert sub.seqs() == list(range(1, total + 1))
     await until(lambda: metrics(relay)['fedrelay_connections{endpoint="subscribe"}'] == 0, timeout=5)

@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
             replay_size=args.replay_size,
             replay_bytes=args.replay_bytes,
             retain_events=args.retain_events,
+            forget_producers_after=args.forget_producers_after,
             max_frame_bytes=args.max_frame_bytes,
             max_events_per_frame=args.max_events_per_frame,
             max_queue_bytes=args.max_queue_bytes,
@@ -241,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replay-size", type=int, help="events per run kept in memory (1000)")
     serve.add_argument("--replay-bytes", type=int, help="characters per run kept in memory, at most (8 MiB)")
     serve.add_argument("--retain-events", type=int, help="events per run kept on disk (0 = all)")
+    serve.add_argument(
+        "--forget-producers-after",
+        type=float,
+        help="seconds after which an idle producer's dedup position is forgotten; a resend of an "
+        "already stored event under its name is then stored again (30 days; 0 = never)",
+    )
     serve.add_argument("--max-frame-bytes", type=int, help="largest accepted frame (1 MiB)")
     serve.add_argument("--max-events-per-frame", type=int, help="events per frame (1000)")
     serve.add_argument(

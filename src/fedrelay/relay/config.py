@@ -27,6 +27,13 @@ class RelayConfig:
     """...and at most this many characters of them per run."""
     retain_events: int = 0
     """Events per run kept in the store; 0 keeps everything."""
+    forget_producers_after: float = 30 * 86400.0
+    """Seconds after which an idle producer's dedup position is forgotten; 0 keeps every one.
+
+    A producer counts as idle once it has neither stored an event nor been
+    connected for that long. Forgotten, its name is new again: a resend of an
+    event already stored (whose ack was lost) would be stored a second time.
+    """
     max_frame_bytes: int = 1 << 20
     """Larger frames get an error frame; 4x this closes the connection."""
     max_events_per_frame: int = 1000
@@ -66,13 +73,14 @@ class RelayConfig:
             "max_queue_bytes": 1024,
             "max_store_lag": 1,
             "max_connections_per_ip": 0,
+            "forget_producers_after": 0,
             "stall_after": 0,
             "ping_interval": 0,
             "ping_timeout": 0,
         }
         for name, low in at_least.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:  # NaN too
                 flag = name.replace("_", "-")
                 raise ValueError(
                     f"--{flag} / FEDRELAY_{name.upper()} must be a number >= {low}, not {value!r}"

@@ -209,6 +209,12 @@ class Hub:
         self.producers[name] = last_id
         self.stored_positions[name] = last_id
 
+    def forget_producers(self, names: Iterable[str]) -> None:
+        """The store forgot these producers' positions (idle too long): their names are new again."""
+        for name in names:
+            self.producers.pop(name, None)
+            self.stored_positions.pop(name, None)
+
     # -- producers ---------------------------------------------------------
 
     @staticmethod

@@ -32,6 +32,14 @@ class RelayMetrics:
         self.store_lag = Gauge("fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r)
         self.store_failing = Gauge("fedrelay_store_failing", "1 while store commits fail", registry=r)
         self.runs = Gauge("fedrelay_runs", "Runs known to the relay", registry=r)
+        self.producers = Gauge(
+            "fedrelay_producers", "Producer names whose dedup position the relay keeps", registry=r
+        )
+        self.producers_forgotten = Counter(
+            "fedrelay_producers_forgotten",
+            "Producer positions forgotten after --forget-producers-after of idleness",
+            registry=r,
+        )
 
     def bind(
         self,
@@ -39,11 +47,13 @@ class RelayMetrics:
         store_lag: Callable[[], float],
         store_failing: Callable[[], float],
         runs: Callable[[], float],
+        producers: Callable[[], float],
     ) -> None:
         """Gauges read live state at scrape time instead of being kept in sync."""
         self.store_lag.set_function(store_lag)
         self.store_failing.set_function(store_failing)
         self.runs.set_function(runs)
+        self.producers.set_function(producers)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

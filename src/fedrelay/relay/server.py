@@ -61,6 +61,8 @@ MAX_RUNS_PER_SUBSCRIBER = 1024
 MAX_STORE_LAG_CHARS = 256 << 20
 """Uncommitted characters past which producers are not read (with ``max_store_lag``)."""
 HOUSEKEEPING_EVERY = 60.0
+"""Seconds between housekeeping passes (shorter when ``forget_producers_after`` is short)."""
+HOUSEKEEPING_AT_LEAST = 0.1
 IDLE_RING_AFTER = 600.0
 """Seconds after its last event before a finished run's replay ring is freed."""
 FRAME_BUDGET = 256 * 1024
@@ -91,6 +93,7 @@ class Relay:
             on_commit=self._on_commit,
             retain_events=config.retain_events,
             on_pruned=self.hub.pruned,
+            forget_producers_after=config.forget_producers_after,
         )
         self.http = HttpApi(self)
         self.started_at = time.time()
@@ -102,6 +105,10 @@ class Relay:
         self._cutting: set[ServerConnection] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
+        self._publishing: dict[str, int] = {}
+        """Producer name -> open /publish connections: their positions are never forgotten."""
+        self._gone: set[str] = set()
+        """Producers whose last connection closed since the last housekeeping pass."""
         self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
 
     # -- lifecycle ---------------------------------------------------------
@@ -112,10 +119,12 @@ class Relay:
             self.hub.restore_run(run)
         for name, last_id in restored.producers.items():
             self.hub.restore_producer(name, last_id)
+        self.metrics.producers_forgotten.inc(restored.forgotten)
         self.metrics.bind(
             store_lag=lambda: self.store.lag,
             store_failing=lambda: 1.0 if self.store.failing else 0.0,
             runs=lambda: len(self.hub.runs),
+            producers=lambda: len(self.hub.stored_positions),
         )
         cfg = self.config
         connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
@@ -194,10 +203,20 @@ class Relay:
             log.info("relay stopped; store flushed")
         return left
 
+    @property
+    def housekeeping_every(self) -> float:
+        """Seconds between housekeeping passes: 60, or half of ``forget_producers_after``
+        when that is shorter, so that a short setting is kept to within its own length."""
+        forget = self.config.forget_producers_after
+        if forget > 0:
+            return max(HOUSEKEEPING_AT_LEAST, min(HOUSEKEEPING_EVERY, forget / 2))
+        return HOUSEKEEPING_EVERY
+
     async def _keep_house(self) -> None:
-        """Free memory that only speeds things up: rings of finished, idle runs."""
+        """Free memory: rings of finished, idle runs; positions of long-idle producers."""
         while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY)
+            await asyncio.sleep(self.housekeeping_every)
+            await self._forget_idle_producers()
             freed = self.hub.forget_idle_rings(time.time(), IDLE_RING_AFTER)
             if freed:
                 log.debug("freed the replay rings of %d idle runs", freed)
@@ -209,6 +228,36 @@ class Relay:
                         address,
                         self.limits.limit,
                     )
+
+    async def _forget_idle_producers(self) -> None:
+        """Forget the dedup positions of producers idle past ``forget_producers_after``.
+
+        Never one with a /publish connection open now; those seen since the last pass
+        are marked active first. The store deletes in small batches between commits.
+        """
+        if not self.config.forget_producers_after > 0:
+            return
+        seen = self._gone | self._publishing.keys()
+        self._gone = set()
+        try:
+            forgotten = await self.store.forget_producers(
+                seen=seen,
+                keep=self._publishing.__contains__,
+                on_forgotten=self._forgot_producers,
+            )
+        except Exception:
+            log.exception("forgetting idle producers failed")
+            forgotten = None
+        if forgotten is None:
+            self._gone |= seen - self._publishing.keys()  # mark them at the next pass
+        elif forgotten:
+            log.debug(
+                "forgot %d producers idle for more than %g s", forgotten, self.config.forget_producers_after
+            )
+
+    def _forgot_producers(self, names: list[str]) -> None:
+        self.hub.forget_producers(names)
+        self.metrics.producers_forgotten.inc(len(names))
 
     # -- connections per address ---------------------------------------------
 
@@ -365,9 +414,22 @@ class Relay:
             },
         )
         acks = _AckState(conn, name)
-        async for frame in conn:
-            self._ingest(conn, name, frame, acks)
-            await self._backpressure()
+        # No await since last_id was read: the position cannot be forgotten in between,
+        # and from here on it is kept for as long as the connection is open.
+        self._publishing[name] = self._publishing.get(name, 0) + 1
+        try:
+            async for frame in conn:
+                self._ingest(conn, name, frame, acks)
+                await self._backpressure()
+        finally:
+            self._stopped_publishing(name)
+
+    def _stopped_publishing(self, name: str) -> None:
+        left = self._publishing.pop(name) - 1
+        if left:
+            self._publishing[name] = left
+        elif self.config.forget_producers_after > 0:
+            self._gone.add(name)  # the next housekeeping pass marks it active up to then
 
     def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState) -> None:
         """Validate, sequence and queue one producer frame; ack after commit."""

@@ -28,7 +28,7 @@ import shutil
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS producers (
     last_id     INTEGER NOT NULL,
     updated_at  REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS producers_by_update ON producers (updated_at);
 """
 
 _INSERT_EVENT = (
@@ -108,6 +109,18 @@ INSERT INTO producers (name, last_id, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET
     last_id = max(last_id, excluded.last_id), updated_at = excluded.updated_at
 """
+_TOUCH_PRODUCER = "UPDATE producers SET updated_at = ? WHERE name = ? AND updated_at < ?"
+_FORGET_PRODUCER = "DELETE FROM producers WHERE rowid = ?"
+_IDLE_PRODUCERS = """
+SELECT rowid, name, updated_at FROM producers
+WHERE updated_at < ? AND (updated_at, rowid) > (?, ?)
+ORDER BY updated_at, rowid LIMIT ?
+"""
+_FORGET_BATCH = 500
+"""Producer rows touched or deleted per transaction: each is one short step on the loop."""
+_FORGET_MAX_LAG = 10_000
+"""Uncommitted events past which forgetting producers waits for the next pass: each batch
+looks through them for the names it must keep."""
 
 
 @dataclass(slots=True)
@@ -116,6 +129,8 @@ class Restored:
 
     runs: list[Run]
     producers: dict[str, int]
+    forgotten: int = 0
+    """Producers deleted at start for being idle past ``forget_producers_after``."""
 
 
 class StoreError(RuntimeError):
@@ -135,6 +150,7 @@ class EventStore:
         retain_events: int = 0,
         on_pruned: Callable[[str, int], None] | None = None,
         wal_restart_bytes: int = _WAL_RESTART_BYTES,
+        forget_producers_after: float = 0.0,
     ) -> None:
         self.path = str(path)
         self._runs = runs
@@ -143,6 +159,9 @@ class EventStore:
         self.max_batch = max_batch
         self.retain_events = retain_events
         self.wal_restart_bytes = wal_restart_bytes
+        self.forget_producers_after = forget_producers_after
+        """Seconds after which a producer row not updated is deleted (0: never)."""
+        self._forgetting_failed = False
         self._db: sqlite3.Connection | None = None
         """The writer's connection, used on the event loop thread only."""
         self._reader: aiosqlite.Connection | None = None
@@ -254,8 +273,35 @@ class EventStore:
             run.last_seq = row[6]
             run.first_seq = row[7]
             runs.append(run)
+        forgotten = self._forget_at_start()
         producers = dict(self._db.execute("SELECT name, last_id FROM producers"))
-        return Restored(runs, producers)
+        return Restored(runs, producers, forgotten)
+
+    def _forget_at_start(self) -> int:
+        """Delete the producers idle past ``forget_producers_after`` before loading the rest.
+
+        Nothing is connected yet and nothing is pending, so one statement does it; the
+        relay is not serving, so its length delays only the start.
+        """
+        assert self._db is not None
+        if not self.forget_producers_after > 0:
+            return 0
+        cutoff = time.time() - self.forget_producers_after
+        try:
+            forgotten = self._db.execute("DELETE FROM producers WHERE updated_at < ?", (cutoff,)).rowcount
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            # An outside tool holds the write lock: load them all, the periodic pass forgets them.
+            log.warning("store: producers idle too long not forgotten at start (%s); will retry", exc)
+            return 0
+        if forgotten:
+            log.info(
+                "store: forgot %d producers idle for more than %g s (--forget-producers-after)",
+                forgotten,
+                self.forget_producers_after,
+            )
+        return forgotten
 
     def begin_close(self) -> None:
         """Release producers held by backpressure: shutdown has begun."""
@@ -563,6 +609,91 @@ class EventStore:
             self._db.execute("UPDATE runs SET first_seq = ? WHERE run_id = ?", (new_first, run_id))
             pruned.append((run_id, new_first))
         return pruned
+
+    # -- forgetting idle producers -------------------------------------------
+
+    async def forget_producers(
+        self,
+        *,
+        seen: Iterable[str],
+        keep: Callable[[str], bool],
+        on_forgotten: Callable[[list[str]], None],
+    ) -> int | None:
+        """Delete the rows of producers idle past ``forget_producers_after``.
+
+        First the rows of ``seen`` (producers connected since the last pass) are marked as
+        updated now: a producer counts as idle from its last commit or the last pass that
+        saw it connected, and that survives a relay restart. Then rows older than the
+        cutoff are deleted, except the names ``keep`` holds (an open connection) and those
+        with events waiting in the queue. ``on_forgotten`` gets each batch's names in the
+        same step as their deletion, so no ``hello`` can report a position the table no
+        longer has.
+
+        Runs on the writer's connection between commits, in transactions of at most
+        ``_FORGET_BATCH`` rows, giving the loop back between them: a commit waits for one
+        small batch at most (about a millisecond). Returns how many producers were
+        forgotten, or None when the pass stopped early (commits failing or closing, the
+        database locked by another process, too much pending); the next pass goes on.
+        """
+        if not self.forget_producers_after > 0:
+            return 0
+        now = time.time()
+        cutoff = now - self.forget_producers_after
+        names = list(seen)
+        forgotten = 0
+        try:
+            for start in range(0, len(names), _FORGET_BATCH):
+                touch = [(now, name, now) for name in names[start : start + _FORGET_BATCH]]
+                if not await self._between_commits():
+                    return None
+                self._in_transaction(_TOUCH_PRODUCER, touch)
+            after: tuple[float, int] = (float("-inf"), -_INT64_MAX - 1)
+            while True:
+                if not await self._between_commits():
+                    return None
+                assert self._db is not None
+                rows = self._db.execute(_IDLE_PRODUCERS, (cutoff, *after, _FORGET_BATCH)).fetchall()
+                if not rows:
+                    if self._forgetting_failed:
+                        log.warning("store: forgetting idle producers works again")
+                        self._forgetting_failed = False
+                    return forgotten
+                after = (rows[-1][2], rows[-1][0])
+                if len(self._pending) > _FORGET_MAX_LAG:
+                    return None
+                waiting = {item.producer for item in self._pending}
+                doomed = [(rowid, name) for rowid, name, _ in rows if name not in waiting and not keep(name)]
+                if doomed:
+                    self._in_transaction(_FORGET_PRODUCER, [(rowid,) for rowid, _ in doomed])
+                    on_forgotten([name for _, name in doomed])
+                    forgotten += len(doomed)
+        except Exception as exc:
+            self._rollback()
+            if _is_busy(exc):  # another process writes: the next pass tries again
+                return None
+            if not self._forgetting_failed:  # once per episode, like checkpoint failures
+                log.warning("store: forgetting idle producers failed, will retry: %s", exc)
+            self._forgetting_failed = True
+            return None
+
+    async def _between_commits(self) -> bool:
+        """Wait for a moment when the writer's connection may run other statements (commits
+        flowing, no checkpoint holding them, no transaction open); False if there is none now."""
+        await asyncio.sleep(0)  # a commit that is due goes first
+        if not self._commits_open.is_set():
+            await self._commits_open.wait()
+        return (
+            self._db is not None
+            and not self._closing
+            and self.failing is None
+            and not self._db.in_transaction
+        )
+
+    def _in_transaction(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self._db is not None
+        self._db.execute("BEGIN")
+        self._db.executemany(statement, rows)
+        self._db.execute("COMMIT")
 
     # -- reads -------------------------------------------------------------
 
