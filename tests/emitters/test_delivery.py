@@ -7,7 +7,7 @@ import threading
 from datetime import datetime
 
 from tests.emitters.conftest import stored_events
-from tests.support.relay_process import wait_until
+from tests.support.relay_process import RelayProcess, free_port, wait_until
 
 
 def test_events_arrive_in_order_exactly_once_with_ids_and_timestamps(relay, make_emitter):
@@ -129,3 +129,39 @@ def test_frames_fit_the_relays_limits_and_an_oversize_event_arrives_as_an_error(
         assert int(message.split(": ")[1].split(" bytes")[0]) > size
         assert stand_in["timestamp"] and stand_in["source"] == {"role": "client", "client_id": 3}
     assert [e["data"]["message"] for e in (events[101], events[103])] == ["after", "last"]
+
+
+def test_a_spooled_oversize_event_counts_once_and_frames_follow_the_relays_limits(tmp_path, make_emitter):
+    """Spooled under the emitter's own limits, sent to a relay with smaller ones, then to one
+    restarted with the defaults: frames shrink, then grow back."""
+    port = free_port()
+    em = make_emitter(f"ws://127.0.0.1:{port}", run_id="spooled-limits", max_buffer=50, batch_size=100)
+    em.emit("status", {"message": "y" * 20_000})  # the oldest: spooled
+    for i in range(200):
+        em.emit("status", {"message": "x" * 100, "i": i})
+    wait_until(lambda: em.stats["spooled"] >= 150, 10, what="events spooled while the relay is down")
+    small = RelayProcess(
+        tmp_path / "relay.db", port=port, args=["--max-frame-bytes", "4096", "--max-events-per-frame", "5"]
+    ).start()
+    try:
+        assert em.flush(30), em.stats
+        assert (em.stats["invalid"], em.stats["refused"]) == (1, 0)  # fitted at every read, counted once
+        frames_before = em.stats["frames"]
+        assert frames_before >= 200 / 5
+        reconnects = em.stats["reconnects"]
+    finally:
+        small.stop()
+    events = None
+    default = RelayProcess(tmp_path / "relay.db", port=port).start()
+    try:
+        wait_until(lambda: em.stats["reconnects"] > reconnects, 15, what="a session with the restarted relay")
+        for i in range(500):
+            em.emit("status", {"message": "z", "i": i})
+        assert em.flush(30), em.stats
+        assert em.stats["frames"] - frames_before < 500 / 5  # batches above the old relay's 5 again
+        events = stored_events(default, "spooled-limits")
+    finally:
+        default.stop()
+    assert [e["id"] for e in events] == list(range(1, 702))
+    assert events[0]["type"] == "error" and "20" in events[0]["data"]["message"]
+    assert {e["type"] for e in events[1:]} == {"status"}

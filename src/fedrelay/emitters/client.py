@@ -123,8 +123,8 @@ class Emitter:
         self._token = resolve_token(token)
         self._spool_root = resolve_spool_dir(spool_dir)
         self._max_buffer = max(1, int(max_buffer))
-        self._batch = max(1, min(int(batch_size), 1000))
-        self._frame_bytes = max(1024, int(max_frame_bytes))
+        self._batch = self._own_batch = max(1, min(int(batch_size), 1000))
+        self._frame_bytes = self._own_frame_bytes = max(1024, int(max_frame_bytes))
         self._max_queue = max(self._max_buffer, int(max_queue))
         self._linger = linger
         self._max_backoff = max_backoff
@@ -206,6 +206,8 @@ class Emitter:
         self._guard = True
         self._adopted = False
         self._next_id = 1
+        self._oversize_counted_upto = 0
+        """Oversize events are counted once, though a spooled one is fitted at every read."""
         self._drained_upto = 0
         self._acked = 0
         self._sent_id = 0
@@ -694,22 +696,26 @@ class Emitter:
 
     def _adopt_limits(self, hello: dict[str, Any]) -> None:
         """Frames no larger than the relay takes (its ``hello`` says): a frame past its
-        limit is refused whole, and past 4x the limit the connection is closed."""
+        limit is refused whole, and past 4x the limit the connection is closed. Each
+        hello sets them anew, so a relay restarted with larger limits gets larger frames."""
         frame_bytes, per_frame = hello.get("max_frame_bytes"), hello.get("max_events_per_frame")
         if isinstance(frame_bytes, int) and not isinstance(frame_bytes, bool) and frame_bytes >= 1024:
-            self._frame_bytes = min(self._frame_bytes, frame_bytes)
+            self._frame_bytes = min(self._own_frame_bytes, frame_bytes)
         if isinstance(per_frame, int) and not isinstance(per_frame, bool) and per_frame >= 1:
-            self._batch = min(self._batch, per_frame)
+            self._batch = min(self._own_batch, per_frame)
 
     def _fitted(self, entry: Entry) -> Entry:
         """An event the relay would refuse for its size becomes an ``error`` event with the same id: sent as
         it is, it would be refused on every reconnect; dropped, nobody watching would know,
         and a spooled one would wait for an ack that never comes."""
         event_id, line = entry
-        limit = max(self._frame_bytes - _STORED_SLACK, self._frame_bytes // 2)
+        limit = max(self._frame_bytes - _STORED_SLACK, self._frame_bytes // 4)
         if len(line) <= limit:
             return entry
-        self._counts["invalid"] += 1
+        if event_id > self._oversize_counted_upto:
+            self._oversize_counted_upto = event_id
+            with self._lock:
+                self._counts["invalid"] += 1
         self._once(
             "too_large",
             "an event of %d bytes is over the limit of %d per event; an error event is sent in its place",
@@ -729,7 +735,7 @@ class Emitter:
             self._once("frame_floor", "relay refuses even single small frames; giving up shrinking")
             return False
         self._batch = max(1, self._batch // 2)
-        self._frame_bytes = max(4096, self._frame_bytes // 2)
+        self._frame_bytes = max(min(4096, self._frame_bytes), self._frame_bytes // 2)
         return True
 
     def _apply_ack(self, upto: int) -> None:

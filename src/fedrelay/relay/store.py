@@ -11,9 +11,10 @@ WAL append without fsync takes tens of microseconds per event, while
 handing each statement to a worker thread (as aiosqlite does) costs a
 GIL hand-off per statement, which under a busy loop means milliseconds
 of delivery latency (bench/README.md has the measurements). Everything
-that can take long runs through aiosqlite on a second connection:
-catch-up and API reads on one, WAL checkpoints (the only fsyncs) on a
-third, so that a long read never delays a checkpoint.
+that can take long runs through aiosqlite, off the loop: catch-up and API
+reads on a second connection, WAL checkpoints (their fsyncs) on a third,
+so that a long read never delays a checkpoint. The one fsync left on the
+loop is the WAL header's, in the first commit after the WAL starts over.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ truncating it costs the next commit milliseconds on the loop, so only a WAL that
 grew abnormally (a reader held it for long) is cut back."""
 _HOLD_COMMITS_AT_MOST = 0.02
 """Seconds commits wait for that checkpoint before going on without it."""
+_HOLD_COMMITS_ESCALATED = 1.0
+"""...and for the one that runs once the WAL is past ``_WAL_KEEP_FACTOR`` times its restart
+size: behind the catch-up reads already queued, on a disk that may be slow."""
 _BUSY_PATIENCE = 10.0
 """Seconds of "database is locked" before commits count as failing."""
 _INT64_MAX = 2**63 - 1
@@ -189,6 +193,8 @@ class EventStore:
         self._checkpoint_failing = False
         self.commits = 0
         self.busy_waits = 0
+        self.escalated_checkpoints = 0
+        """WAL checkpoints that had to go through the reader's queue (see ``_checkpoint_loop``)."""
         """Commits put off because another connection held the write lock."""
         self.last_commit_seconds = 0.0
 
@@ -496,27 +502,36 @@ class EventStore:
         coming it never copies the newest frames, and the WAL starts over only
         after a checkpoint has copied all of them: it would grow for ever. A
         RESTART checkpoint would take the write lock and stall every commit,
-        and so delivery, for ~10 ms. Past ``wal_restart_bytes`` a second
+        and so delivery, for ~10 ms. Past ``wal_restart_bytes`` of WAL a second
         PASSIVE pass runs instead while commits (not the loop) pause: it copies
         only what was written since the first, ~1 ms, and the next commit
-        starts the WAL from the beginning.
+        starts the WAL from the beginning. That pass can fail to catch up: a
+        slow disk makes it outlast its hold, a catch-up read in flight keeps
+        frames it still needs. Past ``_WAL_KEEP_FACTOR`` times the restart size
+        the pass goes through the reader's queue instead (no read in flight)
+        and commits wait up to ``_HOLD_COMMITS_ESCALATED`` for it: a rare,
+        longer pause that keeps the WAL bounded whatever the load.
         """
-        assert self._checkpointer is not None
-        wal = Path(str(Path(self.path).expanduser()) + "-wal")
+        assert self._checkpointer is not None and self._reader is not None
+        async with self._checkpointer.execute("PRAGMA page_size") as cursor:
+            row = await cursor.fetchone()
+        frame_bytes = (row[0] if row else 4096) + 24  # each WAL frame: a page and its header
         finishing: asyncio.Future[Any] | None = None
         while True:
             await asyncio.sleep(_CHECKPOINT_EVERY)
             try:
-                size = wal.stat().st_size
-            except OSError:
-                continue
-            try:
                 if finishing is not None:  # the last held pass outlived its hold
                     await finishing
                     finishing = None
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                if size > self.wal_restart_bytes:
-                    finishing = await self._checkpoint_holding_commits()
+                checkpointer = self._checkpointer
+                # ``frames`` counts the WAL as the checkpoint found it; commits during it add more.
+                frames = await _checkpoint(checkpointer)
+                wal_bytes = frames * frame_bytes
+                if wal_bytes > _WAL_KEEP_FACTOR * self.wal_restart_bytes:
+                    self.escalated_checkpoints += 1
+                    finishing = await self._checkpoint_holding_commits(self._reader, _HOLD_COMMITS_ESCALATED)
+                elif wal_bytes > self.wal_restart_bytes:
+                    finishing = await self._checkpoint_holding_commits(checkpointer, _HOLD_COMMITS_AT_MOST)
             except Exception as exc:
                 finishing = None
                 # Once per episode: a read-only or full disk would otherwise log every second.
@@ -528,15 +543,16 @@ class EventStore:
                 log.warning("store: WAL checkpoints work again")
                 self._checkpoint_failing = False
 
-    async def _checkpoint_holding_commits(self) -> asyncio.Future[Any] | None:
-        """A PASSIVE checkpoint with no commit in between; commits wait at most
-        ``_HOLD_COMMITS_AT_MOST``. Returns the checkpoint if it is still running."""
-        assert self._checkpointer is not None
+    async def _checkpoint_holding_commits(
+        self, conn: aiosqlite.Connection, hold: float
+    ) -> asyncio.Future[Any] | None:
+        """A PASSIVE checkpoint with no commit in between; commits wait at most ``hold``
+        seconds for it. Returns the checkpoint if it is still running."""
         self._commits_open.clear()
         try:
             # No commit is running: commits run on this loop, in one call.
-            checkpoint = asyncio.ensure_future(self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)"))
-            done, _ = await asyncio.wait((checkpoint,), timeout=_HOLD_COMMITS_AT_MOST)
+            checkpoint = asyncio.ensure_future(_checkpoint(conn))
+            done, _ = await asyncio.wait((checkpoint,), timeout=hold)
         finally:
             self._commits_open.set()
         if done:
@@ -713,6 +729,13 @@ class EventStore:
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
             return self._db.execute(_READ_PAGE, params).fetchall()
         raise StoreError("the event store is closed")
+
+
+async def _checkpoint(conn: aiosqlite.Connection) -> int:
+    """One PASSIVE checkpoint; returns the frames the WAL held when it started."""
+    async with conn.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
+        row = await cursor.fetchone()
+    return int(row[1]) if row else 0
 
 
 def diagnose(path: str) -> str:
