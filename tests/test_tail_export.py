@@ -3,13 +3,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
+import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
 
+import pytest
+from rich.console import Console
+
+from fedrelay.tail import LiveView
+from tests.support.clients import ResendingProducer, until
+from tests.support.clients import event as make_event
+from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess, wait_until
 from tests.support.training import BackgroundProducer, centralized_run, federated_run
 
@@ -29,7 +41,7 @@ def cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
 class Tail:
     """``python -m fedrelay.tail`` with its stdout collected line by line as it comes."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, reading: bool = True) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedrelay.tail", *args],
             stdout=subprocess.PIPE,
@@ -37,12 +49,17 @@ class Tail:
             text=True,
         )
         self.lines: list[str] = []
+        self.reading = threading.Event()
+        """Clear it to stop reading tail's output (a terminal that cannot keep up); set it again."""
+        if reading:
+            self.reading.set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.reading.wait(60)
             self.lines.append(line.rstrip("\n"))
 
     def wait(self, timeout: float) -> tuple[int, str]:
@@ -94,6 +111,184 @@ def test_tail_once_prints_the_stored_run_and_exits(relay):
 
     since = cli("tail", "tail-cen", "--url", relay.url, "--once", "--since", "7")
     assert [line.split()[0] for line in since.stdout.splitlines()] == ["#8", "#9"]
+
+
+@pytest.fixture
+def children():
+    """Processes a test starts; any still running at the end (a failed wait) are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def publish(relay: RelayProcess, events: list[dict]) -> None:
+    """Through a real /publish connection, in array frames of 1,000, until all are acked."""
+    asyncio.run(ResendingProducer(relay.url, "bulk").publish_all(events, batch=1000, timeout=60))
+
+
+def subscribers(relay: RelayProcess) -> float:
+    return scrape(relay).get('fedrelay_connections{endpoint="subscribe"}', 0.0)
+
+
+def events_sent(relay: RelayProcess) -> float:
+    return scrape(relay)["fedrelay_events_out_total"]
+
+
+AHEAD = 15_000
+"""Events (~3 MB) the relay must have sent beyond what tail printed before tail is stopped: the
+relay's close frame then queues behind more than tail's receive queue takes in (max_queue = 16
+frames of up to 256 KiB; the relay keeps sending until it reads tail's close). Unread, tail's socket
+buffers fill at 20,000-25,000 events here; from 15,000 the old tail stalled in every run."""
+
+
+def test_tail_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, children):
+    """Ctrl-C while 100,000 stored events stream in. The relay's close frame would queue behind
+    everything it already sent; once tail's receive queue is full, reading pauses and a closing
+    handshake can never complete: it used to sit out websockets' close_timeout (10 s)."""
+    total = 100_000
+    publish(relay, [make_event("big", i) for i in range(1, total + 1)])
+    tail = Tail("big", "--url", relay.url)
+    children.append(tail.proc)
+    try:
+        wait_until(lambda: len(tail.lines) >= 1000, timeout=30, what="tail printing the catch-up")
+        # Stop reading its output, like a terminal that cannot keep up: tail blocks in print()
+        # and the relay runs ahead until the socket buffers are full.
+        tail.reading.clear()
+        wait_until(
+            lambda: events_sent(relay) - len(tail.lines) >= AHEAD,
+            timeout=10,
+            what="the relay running ahead of tail",
+        )
+        tail.proc.send_signal(signal.SIGINT)
+    finally:
+        tail.reading.set()
+    try:
+        code, err = tail.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        tail.proc.kill()
+        tail.wait(timeout=10)
+        pytest.fail("fedrelay tail did not exit within 5 s of Ctrl-C during a catch-up")
+
+    assert code == 130, err
+    assert "Traceback" not in err, err
+    seqs = tail.seqs()
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < total, "stopped mid catch-up, in order"
+    wait_until(lambda: subscribers(relay) == 0, timeout=5, what="the relay dropping the subscriber")
+
+
+def test_tail_until_end_exits_promptly_with_events_still_in_flight(relay, children):
+    """--until-end stops at training_end with thousands of later events in flight: a clean close
+    that reads and drops them, not one stuck until close_timeout behind a full receive queue."""
+    end = 2_000
+    events = [make_event("ends", i) for i in range(1, 40_001)]
+    events[end - 1] = make_event("ends", end, "training_end", status="completed")
+    publish(relay, events)
+    tail = Tail("ends", "--url", relay.url, "--until-end", reading=False)
+    children.append(tail.proc)
+    try:  # unread, tail blocks in print() before training_end; the relay fills the socket buffers
+        wait_until(
+            lambda: events_sent(relay) >= end + AHEAD, timeout=10, what="the relay running ahead of tail"
+        )
+    finally:
+        tail.reading.set()
+    try:
+        code, err = tail.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        tail.proc.kill()
+        tail.wait(timeout=10)
+        pytest.fail("fedrelay tail --until-end did not exit within 5 s with events still in flight")
+
+    assert code == 0, err
+    assert tail.seqs() == list(range(1, end + 1)) and tail.lines[-1].startswith(f"#{end} training_end")
+    wait_until(lambda: subscribers(relay) == 0, timeout=5, what="the relay dropping the subscriber")
+
+
+def test_live_view_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, children):
+    """The same on a terminal, in the rich view. It also redrew once per event (~4 ms each), so
+    Ctrl-C first waited for the ~1,200 events of the frame in hand: ~4.5 s, then the 10 s close."""
+    pty = pytest.importorskip("pty")
+    publish(relay, [make_event("big", i) for i in range(1, 100_001)])
+    master, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrelay.tail", "big", "--url", relay.url],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        close_fds=True,
+    )
+    children.append(proc)
+    os.close(child)
+    screen = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child is gone
+            while chunk := os.read(master, 65536):
+                screen.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: b"recent events" in screen, timeout=30, what="the live view")
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            pytest.fail("the live view did not exit within 5 s of Ctrl-C during a catch-up")
+        assert code == 130, bytes(screen[-2000:]).decode(errors="replace")
+        assert b"Traceback" not in screen
+    finally:
+        reader.join(5)
+        os.close(master)
+
+
+def test_live_view_draws_a_burst_of_events_a_few_times_then_the_last_state():
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    view = LiveView(with_run=False, console=console)
+
+    async def burst() -> int:
+        with view:
+            for i in range(1, 5_001):
+                view.apply({"run_id": "r", "seq": i, "type": "round_end", "data": {"round": i}})
+                view.changed()
+            drawn = view.redraws
+            await until(lambda: "seq 5000" in console.file.getvalue(), timeout=5)
+        return drawn
+
+    drawn = asyncio.run(burst())
+    assert 1 <= drawn < 100, "once every REDRAW_EVERY seconds, not once per event"
+
+
+def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
+    """``fedrelay tail RUN | head -3``: it used to take the BrokenPipeError for a lost connection
+    and reconnect forever, one event (and one "connection lost" note) per attempt."""
+    publish(relay, [make_event("piped", i) for i in range(1, 5_001)])  # more than a pipe buffer holds
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "fedrelay.tail", "piped", "--url", relay.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children.append(tail)
+    assert tail.stdout is not None and tail.stderr is not None
+    first = [tail.stdout.readline() for _ in range(3)]
+    tail.stdout.close()  # as head does after three lines
+    try:
+        code = tail.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        tail.kill()
+        tail.wait(timeout=10)
+        pytest.fail("fedrelay tail kept running after the reader of its output went away")
+
+    assert [line.split()[0] for line in first] == ["#1", "#2", "#3"]
+    err = tail.stderr.read()
+    assert code == 141, err
+    assert err == "", "no traceback, no reconnect notes"
+    wait_until(lambda: subscribers(relay) == 0, timeout=5, what="the relay dropping the subscriber")
 
 
 def test_export_files_round_trip(relay, tmp_path):

@@ -20,6 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 SLOW_CONSUMER = 1013
+CLOSE_TIMEOUT = 2.0
+"""Seconds a clean close may wait for the relay's answer before the connection is dropped."""
 
 
 class RelayRefused(Exception):
@@ -74,31 +76,55 @@ class Follower:
         self._stop = False
 
     async def run(self) -> None:
-        """Follow until a callback asks to stop; raises :class:`RelayRefused` on an HTTP refusal."""
+        """Follow until a callback asks to stop; raises :class:`RelayRefused` on an HTTP refusal.
+
+        An exception from a callback (``BrokenPipeError`` from a print, say) ends the run: only
+        failures of the connection itself are retried.
+        """
         attempt = 0
         while not self._stop:
             code = None
-            try:
-                async with connect(
-                    self.url, additional_headers=self.headers, open_timeout=5, max_size=None, compression=None
-                ) as conn:
-                    self.connects += 1
-                    attempt = 0
+            conn = await self._connect()
+            if conn is not None:
+                self.connects += 1
+                attempt = 0
+                try:
                     await self._session(conn)
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in (400, 401, 403):
-                    raise RelayRefused(f"the relay refused the connection: HTTP {status}") from None
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else None
-            except (OSError, TimeoutError):
-                pass
+                    await self._hang_up(conn)
+                except ConnectionClosed as exc:
+                    code = exc.rcvd.code if exc.rcvd else None
+                except BaseException:
+                    # Cancelled (Ctrl-C under asyncio.run) or a callback raised: drop the connection
+                    # at once. A closing handshake would wait for the relay's close frame, queued
+                    # behind everything it already sent; with no reader, reading stops once
+                    # max_queue frames wait, and close() lasts until close_timeout.
+                    conn.transport.abort()
+                    raise
             if self._stop:
                 return
             delay = 0.05 if code == SLOW_CONSUMER else min(self.max_backoff, 0.25 * 2**attempt)
             attempt += 1
             self.on_note(f"connection lost; resuming in {delay:.1f}s from {self._where()}")
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def _connect(self):
+        """An open connection, or None to retry later."""
+        try:
+            return await connect(
+                self.url,
+                additional_headers=self.headers,
+                open_timeout=5,
+                close_timeout=CLOSE_TIMEOUT,
+                max_size=None,
+                compression=None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (400, 401, 403):
+                raise RelayRefused(f"the relay refused the connection: HTTP {status}") from None
+        except (OSError, TimeoutError):
+            pass
+        return None
 
     def _where(self) -> str:
         if self.all:
@@ -130,6 +156,25 @@ class Follower:
         finally:
             for task in retries:
                 task.cancel()
+
+    async def _hang_up(self, conn) -> None:
+        """Close cleanly once the session is over, reading and dropping what is still in flight.
+
+        The relay's close frame comes after every frame it sent before reading ours; without a
+        reader, reading stays paused once ``max_queue`` frames wait, and ``close()`` would only
+        end at ``close_timeout``.
+        """
+
+        async def discard() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in conn:
+                    pass
+
+        reader = asyncio.create_task(discard())
+        try:
+            await conn.close()
+        finally:
+            reader.cancel()
 
     def _control(self, conn, msg: dict[str, Any], retries: set[asyncio.Task[None]]) -> None:
         run_id = msg.get("run_id")

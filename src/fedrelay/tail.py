@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -106,24 +109,34 @@ class RunState:
         return "round", self.round or 0, self.total_rounds
 
 
+REDRAW_EVERY = 0.05
+"""Seconds between redraws of the live view. Drawing takes milliseconds: once per event, a
+catch-up of 100,000 events took minutes, and Ctrl-C waited for the ~1,200 of a frame in hand."""
+
+
 class LiveView:
     """The rich terminal view: one panel per run (the latest few), recent events below."""
 
-    def __init__(self, with_run: bool) -> None:
+    def __init__(self, with_run: bool, console: Any = None) -> None:
         from rich.console import Console
         from rich.live import Live
 
         self.with_run = with_run
         self.runs: dict[str, RunState] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=12)
-        self.console = Console()
+        self.console = console or Console()
         self.live = Live(console=self.console, auto_refresh=False, transient=False)
+        self.redraws = 0
+        self._drawn = -math.inf
+        self._later: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> LiveView:
         self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._later is not None:
+            self._later.cancel()
         self.live.update(self.render(), refresh=True)
         self.live.__exit__(*exc)
 
@@ -133,7 +146,20 @@ class LiveView:
         self.recent.append(event)
 
     def refresh(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        self._drawn = time.monotonic()
+        self.redraws += 1
         self.live.update(self.render(), refresh=True)
+
+    def changed(self) -> None:
+        """Redraw now, or once REDRAW_EVERY has passed since the last redraw (on the running loop)."""
+        wait = self._drawn + REDRAW_EVERY - time.monotonic()
+        if wait <= 0:
+            self.refresh()
+        elif self._later is None:
+            self._later = asyncio.get_running_loop().call_later(wait, self.refresh)
 
     def note(self, text: str) -> None:
         self.console.print(f"[yellow]{text}[/]")
@@ -193,7 +219,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Follow until Ctrl-C, or as ``--once`` / ``--until-end`` say; exit 1 if the relay refuses."""
+    """Follow until Ctrl-C (exit 130), or as ``--once`` / ``--until-end`` say (exit 0).
+
+    Exit 1 if the relay refuses, 141 when the reader of the output goes away.
+    """
     url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     runs: list[str] | str = "*" if args.all else [args.run_id]
@@ -206,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             print(plain_line(event, args.all), flush=True)
         else:
             view.apply(event)
-            view.refresh()
+            view.changed()
         if args.until_end and event.get("type") == "training_end":
             return True
         return bool(
@@ -244,6 +273,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # whatever read our output is gone (`fedrelay tail RUN | head`)
+        with contextlib.suppress(OSError):  # and Python's flush at exit must not complain
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     return 0
 
 
