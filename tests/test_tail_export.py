@@ -38,6 +38,16 @@ def cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     )
 
 
+def exit_code_within(proc: subprocess.Popen, timeout: float, failure: str) -> int:
+    """The process's exit code, or kill it and fail the test with ``failure``."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(failure)
+
+
 class Tail:
     """``python -m fedrelay.tail`` with its stdout collected line by line as it comes."""
 
@@ -67,6 +77,11 @@ class Tail:
         self._reader.join(5)
         assert self.proc.stderr is not None
         return code, self.proc.stderr.read()
+
+    def exit_within(self, timeout: float, failure: str) -> tuple[int, str]:
+        """Exit code and stderr, or kill it and fail the test with ``failure``."""
+        code = exit_code_within(self.proc, timeout, failure)
+        return code, self.wait(timeout=10)[1]
 
     def seqs(self) -> list[int]:
         return [int(line.split()[0].lstrip("#")) for line in self.lines if line.startswith("#")]
@@ -165,12 +180,7 @@ def test_tail_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, children):
         tail.proc.send_signal(signal.SIGINT)
     finally:
         tail.reading.set()
-    try:
-        code, err = tail.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        tail.proc.kill()
-        tail.wait(timeout=10)
-        pytest.fail("fedrelay tail did not exit within 5 s of Ctrl-C during a catch-up")
+    code, err = tail.exit_within(5, "fedrelay tail did not exit within 5 s of Ctrl-C during a catch-up")
 
     assert code == 130, err
     assert "Traceback" not in err, err
@@ -194,12 +204,7 @@ def test_tail_until_end_exits_promptly_with_events_still_in_flight(relay, childr
         )
     finally:
         tail.reading.set()
-    try:
-        code, err = tail.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        tail.proc.kill()
-        tail.wait(timeout=10)
-        pytest.fail("fedrelay tail --until-end did not exit within 5 s with events still in flight")
+    code, err = tail.exit_within(5, "fedrelay tail --until-end did not exit within 5 s with events in flight")
 
     assert code == 0, err
     assert tail.seqs() == list(range(1, end + 1)) and tail.lines[-1].startswith(f"#{end} training_end")
@@ -233,12 +238,7 @@ def test_live_view_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, child
     try:
         wait_until(lambda: b"recent events" in screen, timeout=30, what="the live view")
         proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            pytest.fail("the live view did not exit within 5 s of Ctrl-C during a catch-up")
+        code = exit_code_within(proc, 5, "the live view did not exit within 5 s of Ctrl-C during a catch-up")
         assert code == 130, bytes(screen[-2000:]).decode(errors="replace")
         assert b"Traceback" not in screen
     finally:
@@ -277,12 +277,7 @@ def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
     assert tail.stdout is not None and tail.stderr is not None
     first = [tail.stdout.readline() for _ in range(3)]
     tail.stdout.close()  # as head does after three lines
-    try:
-        code = tail.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        tail.kill()
-        tail.wait(timeout=10)
-        pytest.fail("fedrelay tail kept running after the reader of its output went away")
+    code = exit_code_within(tail, 5, "fedrelay tail kept running after the reader of its output went away")
 
     assert [line.split()[0] for line in first] == ["#1", "#2", "#3"]
     err = tail.stderr.read()
