@@ -24,7 +24,9 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-async def run_demo(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[int, str]:
+async def run_demo(
+    tmp_path: Path, *args: str, timeout: float = 240.0, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """``python -m fedrelay.demo ARGS`` in a subprocess; returns (exit code, output tail).
 
     Each call writes its own log.
@@ -38,7 +40,7 @@ async def run_demo(tmp_path: Path, *args: str, timeout: float = 240.0) -> tuple[
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fedrelay.demo", *args,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, env=demo_env(tmp_path),
+            stdout=out, stderr=asyncio.subprocess.STDOUT, env={**demo_env(tmp_path), **(env or {})},
         )  # fmt: skip
         try:
             code = await asyncio.wait_for(proc.wait(), timeout)

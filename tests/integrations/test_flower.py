@@ -2,14 +2,17 @@
 
 Each test runs ``python -m fedrelay.demo`` in a subprocess: the ServerApp thread and every Ray
 actor get their own emitter, as in production, and no Ray state leaks between tests. Ray's start
-costs about ten seconds, so there are only two simulations.
+costs about ten seconds, so there are only three simulations.
 """
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from tests.support.clients import Collector, until
+from tests.support.relay_process import free_port
 
 from .helpers import TINY, assert_gap_free, of_type, run_demo, run_status, stored_events
 
@@ -121,3 +124,19 @@ async def test_failing_client_and_failing_serverapp_show_up_and_fail_the_run(rel
     assert events[-1]["data"]["status"] == "failed"
     assert events[-1]["data"]["rounds_completed"] == 1
     assert run_status(relay, run_id) == "failed"
+
+
+async def test_demo_with_its_own_relay_stores_the_run_and_ends_quietly(tmp_path):
+    """``make demo``'s path: the demo starts a relay, trains, stops it. Its emitter must be done
+    before the relay goes (every event stored, no "connection lost" on the way out)."""
+    db = tmp_path / "own.db"
+    code, log = await run_demo(
+        tmp_path, "--relay", f"ws://127.0.0.1:{free_port()}", "--rounds", "1", "--clients", "2", *TINY,
+        env={"FEDRELAY_DB": str(db)},
+    )  # fmt: skip
+    assert code == 0, log
+    assert "fedrelay demo: started a relay" in log and "done in" in log, log
+    assert "fedrelay emitter" not in log, log  # its warnings: lost connection, reconnecting
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        types = [row[0] for row in conn.execute("SELECT type FROM events ORDER BY run_id, seq")]
+    assert types[0] == "training_start" and types[-1] == "training_end", types

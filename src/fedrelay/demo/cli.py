@@ -20,6 +20,8 @@ import webbrowser
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from ..emitters import get_emitter
+
 DEFAULT_URL = "ws://127.0.0.1:8765"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
@@ -195,6 +197,9 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         if relay is not None:
+            # This process's emitter first: what it holds is delivered, and it does not report
+            # the relay going away as a lost connection.
+            get_emitter(url).close(timeout=5)
             stop_relay(relay)
 
 
