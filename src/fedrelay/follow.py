@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 SLOW_CONSUMER = 1013
@@ -122,7 +122,7 @@ class Follower:
             status = exc.response.status_code
             if status in (400, 401, 403):
                 raise RelayRefused(f"the relay refused the connection: HTTP {status}") from None
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, InvalidHandshake):  # InvalidMessage: closed mid-handshake
             pass
         return None
 

@@ -232,8 +232,10 @@ class Relay:
     async def _forget_idle_producers(self) -> None:
         """Forget the dedup positions of producers idle past ``forget_producers_after``.
 
-        Never one with a /publish connection open now; those seen since the last pass
-        are marked active first. The store deletes in small batches between commits.
+        Never one with a /publish connection open now or since the pass began; those seen
+        since the last pass are marked active first. The store deletes in small batches
+        between commits. Names the hub knows without a stored position (every event they
+        sent was refused) have no row to age: they go once nothing of theirs is open or queued.
         """
         if not self.config.forget_producers_after > 0:
             return
@@ -242,7 +244,7 @@ class Relay:
         try:
             forgotten = await self.store.forget_producers(
                 seen=seen,
-                keep=self._publishing.__contains__,
+                keep=lambda name: name in self._publishing or name in self._gone,
                 on_forgotten=self._forgot_producers,
             )
         except Exception:
@@ -254,6 +256,11 @@ class Relay:
             log.debug(
                 "forgot %d producers idle for more than %g s", forgotten, self.config.forget_producers_after
             )
+        if len(self.hub.producers) != len(self.hub.stored_positions):  # rare: skip the scan otherwise
+            busy = self._publishing.keys() | self._gone | self.store.queued_producers()
+            rowless = self.hub.producers.keys() - self.hub.stored_positions.keys() - busy
+            if rowless:
+                self.hub.forget_producers(rowless)
 
     def _forgot_producers(self, names: list[str]) -> None:
         self.hub.forget_producers(names)

@@ -120,7 +120,11 @@ SELECT rowid, name, updated_at FROM producers
 WHERE updated_at < ? AND (updated_at, rowid) > (?, ?)
 ORDER BY updated_at, rowid LIMIT ?
 """
-_FORGET_BATCH = 500
+_FORGET_AT_START = """
+DELETE FROM producers WHERE rowid IN (SELECT rowid FROM producers WHERE updated_at < ? LIMIT ?)
+"""
+_FORGET_AT_START_BATCH = 10_000
+_FORGET_BATCH = 100
 """Producer rows touched or deleted per transaction: each is one short step on the loop."""
 _FORGET_MAX_LAG = 10_000
 """Uncommitted events past which forgetting producers waits for the next pass: each batch
@@ -286,21 +290,22 @@ class EventStore:
     def _forget_at_start(self) -> int:
         """Delete the producers idle past ``forget_producers_after`` before loading the rest.
 
-        Nothing is connected yet and nothing is pending, so one statement does it; the
-        relay is not serving, so its length delays only the start.
+        Nothing is connected yet and nothing is pending; the relay is not serving, so this
+        delays only the start. In transactions of ``_FORGET_AT_START_BATCH`` rows: one
+        transaction over a large table needs a WAL as large as the table, and a disk without
+        that room must not keep the relay from starting. Whatever fails (a full disk, a lock
+        held by another process) leaves the rest to housekeeping.
         """
         assert self._db is not None
         if not self.forget_producers_after > 0:
             return 0
         cutoff = time.time() - self.forget_producers_after
+        forgotten = 0
         try:
-            forgotten = self._db.execute("DELETE FROM producers WHERE updated_at < ?", (cutoff,)).rowcount
+            while deleted := self._db.execute(_FORGET_AT_START, (cutoff, _FORGET_AT_START_BATCH)).rowcount:
+                forgotten += deleted
         except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
-                raise
-            # An outside tool holds the write lock: load them all, the periodic pass forgets them.
-            log.warning("store: producers idle too long not forgotten at start (%s); will retry", exc)
-            return 0
+            log.warning("store: producers idle too long not all forgotten at start (%s); will retry", exc)
         if forgotten:
             log.info(
                 "store: forgot %d producers idle for more than %g s (--forget-producers-after)",
@@ -366,6 +371,10 @@ class EventStore:
         self._pending_chars += sum(len(item.body) for item in items)
         self._appended += len(items)
         self._wakeup.set()
+
+    def queued_producers(self) -> set[str]:
+        """Producers with events accepted and not committed yet."""
+        return {item.producer for item in self._pending}
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything appended so far is committed."""
@@ -647,8 +656,8 @@ class EventStore:
 
         Runs on the writer's connection between commits, in transactions of at most
         ``_FORGET_BATCH`` rows, giving the loop back between them: a commit waits for one
-        small batch at most (about a millisecond). Returns how many producers were
-        forgotten, or None when the pass stopped early (commits failing or closing, the
+        small batch at most (a few milliseconds on a table of a million names). Returns how
+        many producers were forgotten, or None when the pass stopped early (commits failing or closing, the
         database locked by another process, too much pending); the next pass goes on.
         """
         if not self.forget_producers_after > 0:
