@@ -200,3 +200,29 @@ async def test_forgetting_runs_in_small_batches_between_commits(tmp_path):
     # A commit went in between every two batches: none waited for the whole pass.
     assert commits_before == sorted(set(commits_before)), commits_before
     assert set(producer_rows(db)) == {"queued", "kept", "other"}
+
+
+async def test_a_name_whose_every_event_was_refused_is_forgotten_too(relay_factory, tmp_path):
+    """Refused events advance the name's dedup position in memory but write no row: with no
+    row to age, the name stayed in memory for ever, and its ids counted as duplicates."""
+    relay = relay_factory("--forget-producers-after", "1", "--max-frame-bytes", "4096", db=tmp_path / "r.db")
+    oversize = event("ghost-run", 1)
+    oversize["data"]["message"] = "x" * 3500  # fits a frame, not the stored-event limit
+    async with connect(f"{relay.url}/publish?producer=ghost") as conn:
+        assert json.loads(await conn.recv())["last_id"] is None
+        await conn.send(json.dumps(oversize))
+        assert json.loads(await conn.recv())["code"] == "too_large"
+
+    async def resend_is_stored() -> bool:
+        async with connect(f"{relay.url}/publish?producer=ghost") as conn:
+            await conn.recv()  # hello
+            await conn.send(json.dumps(event("ghost-run", 1)))
+            assert json.loads(await asyncio.wait_for(conn.recv(), 5))["op"] == "ack"
+        status, _ = relay.get("/api/runs/ghost-run")
+        return status == 200
+
+    # Id 1 again, valid now: dropped as a duplicate until the name is forgotten, then stored.
+    deadline = time.monotonic() + 15
+    while not await resend_is_stored():
+        assert time.monotonic() < deadline, "the refused-only name was never forgotten"
+        await asyncio.sleep(0.2)
