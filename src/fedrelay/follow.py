@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -107,7 +107,7 @@ class Follower:
             self.on_note(f"connection lost; resuming in {delay:.1f}s from {self._where()}")
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
-    async def _connect(self):
+    async def _connect(self) -> ClientConnection | None:
         """An open connection, or None to retry later."""
         try:
             return await connect(
@@ -157,7 +157,7 @@ class Follower:
             for task in retries:
                 task.cancel()
 
-    async def _hang_up(self, conn) -> None:
+    async def _hang_up(self, conn: ClientConnection) -> None:
         """Close cleanly once the session is over, reading and dropping what is still in flight.
 
         The relay's close frame comes after every frame it sent before reading ours; without a

@@ -705,9 +705,9 @@ class Emitter:
             self._batch = min(self._own_batch, per_frame)
 
     def _fitted(self, entry: Entry) -> Entry:
-        """An event the relay would refuse for its size becomes an ``error`` event with the same id: sent as
-        it is, it would be refused on every reconnect; dropped, nobody watching would know,
-        and a spooled one would wait for an ack that never comes."""
+        """An event the relay would refuse for its size becomes an ``error`` event with the
+        same id: sent as it is, it would be refused on every reconnect; dropped, nobody
+        watching would know, and a spooled one would wait for an ack that never comes."""
         event_id, line = entry
         limit = max(self._frame_bytes - _STORED_SLACK, self._frame_bytes // 4)
         if len(line) <= limit:

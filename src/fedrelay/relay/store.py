@@ -197,9 +197,9 @@ class EventStore:
         self._checkpoint_failing = False
         self.commits = 0
         self.busy_waits = 0
+        """Commits put off because another connection held the write lock."""
         self.escalated_checkpoints = 0
         """WAL checkpoints that had to go through the reader's queue (see ``_checkpoint_loop``)."""
-        """Commits put off because another connection held the write lock."""
         self.last_commit_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------
@@ -657,8 +657,9 @@ class EventStore:
         Runs on the writer's connection between commits, in transactions of at most
         ``_FORGET_BATCH`` rows, giving the loop back between them: a commit waits for one
         small batch at most (a few milliseconds on a table of a million names). Returns how
-        many producers were forgotten, or None when the pass stopped early (commits failing or closing, the
-        database locked by another process, too much pending); the next pass goes on.
+        many producers were forgotten, or None when the pass stopped early (commits failing
+        or closing, the database locked by another process, too much pending); the next
+        pass goes on.
         """
         if not self.forget_producers_after > 0:
             return 0
@@ -686,7 +687,7 @@ class EventStore:
                 after = (rows[-1][2], rows[-1][0])
                 if len(self._pending) > _FORGET_MAX_LAG:
                     return None
-                waiting = {item.producer for item in self._pending}
+                waiting = self.queued_producers()
                 doomed = [(rowid, name) for rowid, name, _ in rows if name not in waiting and not keep(name)]
                 if doomed:
                     self._in_transaction(_FORGET_PRODUCER, [(rowid,) for rowid, _ in doomed])
