@@ -62,9 +62,7 @@ async def test_python_follower_joins_before_the_run_and_gets_it_all_live_without
 
 
 async def test_fedrelay_js_joins_before_the_run_and_gets_it_all_live_without_polling(relay):
-    command = node_command(
-        "follow_run.mjs", relay.url, "js-later", str(N), flags=("--experimental-detect-module",)
-    )
+    command = node_command("follow_run.mjs", relay.url, "js-later", str(N))
     proc = await asyncio.create_subprocess_exec(
         *command,
         stdout=asyncio.subprocess.PIPE,

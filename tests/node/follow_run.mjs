@@ -2,7 +2,8 @@
 // one run from seq 0, prints {"open": true} once connected, then each event's seq and
 // type as JSON lines, and after COUNT events {"done": true, "connects": N, "controls": [...]}.
 //
-//   node --experimental-detect-module follow_run.mjs ws://127.0.0.1:PORT RUN_ID COUNT
+//   node follow_run.mjs ws://127.0.0.1:PORT RUN_ID COUNT
+import { readFile } from "node:fs/promises";
 import WebSocket from "ws";
 
 /** A browser's WebSocket reports a failed connection to onerror/onclose and goes on; ws throws
@@ -14,7 +15,9 @@ class BrowserLikeWebSocket extends WebSocket {
   }
 }
 globalThis.WebSocket = BrowserLikeWebSocket;
-const { subscribe } = await import("../../src/fedrelay/relay/static/fedrelay.js");
+// fedrelay.js is an ES module without a package.json saying so: load its text as one.
+const source = await readFile(new URL("../../src/fedrelay/relay/static/fedrelay.js", import.meta.url), "utf8");
+const { subscribe } = await import(`data:text/javascript;base64,${Buffer.from(source).toString("base64")}`);
 
 const [url, runId, count] = process.argv.slice(2);
 const controls = [];
