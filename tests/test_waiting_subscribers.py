@@ -23,6 +23,9 @@ from tests.support.node import node_command
 from tests.support.relay_process import wait_until
 
 N = 25
+QUIET = 1.5
+"""Seconds a waiting client is watched before its run starts: the clients used to ask again
+every second. An observation window for a thing that must not happen, not a synchronisation."""
 
 
 def counter(relay, name: str) -> float:
@@ -50,6 +53,8 @@ async def test_python_follower_joins_before_the_run_and_gets_it_all_live_without
     assert controls == [{"op": "subscribed", "run_id": "later", "since": 0, "last_seq": 0}]
     assert relay.get_json("/api/runs")[1]["runs"] == []  # waiting for a run is no run
     assert relay.get("/api/runs/later")[0] == 404
+    await asyncio.sleep(QUIET)
+    assert subscriptions(relay)["waiting"] == 1 and follower.connects == 1
 
     await ResendingProducer(relay.url, "later-producer").publish_all(
         [event("later", i) for i in range(1, N + 1)]
@@ -71,6 +76,7 @@ async def test_fedrelay_js_joins_before_the_run_and_gets_it_all_live_without_pol
     assert proc.stdout is not None
     assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30)) == {"open": True}
     await asyncio.to_thread(wait_until, lambda: subscriptions(relay)["waiting"] == 1, what="the waiting join")
+    await asyncio.sleep(QUIET)
     await ResendingProducer(relay.url, "js-producer").publish_all(
         [event("js-later", i) for i in range(1, N + 1)]
     )

@@ -62,6 +62,7 @@ def test_a_run_opened_before_its_first_event_fills_in_live_with_one_subscription
     waiting = 'fedrelay_subscriptions_total{start="waiting"}'
     wait_until(lambda: scrape(relay).get(waiting) == 1, what="the waiting join")
     assert relay.get("/api/runs/soon")[0] == 404
+    page.wait_for_timeout(1500)  # watched while waiting (clients used to ask again every second)
     run_async(ResendingProducer(relay.url, "soon").publish_all([event("soon", i) for i in range(1, 21)]))
     wait(page, f"() => {STATE}.lastSeq === 20")
     assert page.evaluate(f"() => {STATE}.connects") == 1
