@@ -101,9 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger("fedrelay").error("%s", exc)
             return 1
         except OSError as exc:
-            logging.getLogger("fedrelay").error(
-                "cannot listen on %s port %s: %s", ", ".join(config.host), config.port, exc.strerror or exc
-            )
+            where = (f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}" for host in config.host)
+            logging.getLogger("fedrelay").error("cannot listen on %s: %s", ", ".join(where), exc.strerror or exc)
             await relay.store.close()
             return 1
         loop = asyncio.get_running_loop()
