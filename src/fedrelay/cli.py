@@ -101,8 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger("fedrelay").error("%s", exc)
             return 1
         except OSError as exc:
-            where = (f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}" for host in config.host)
-            logging.getLogger("fedrelay").error("cannot listen on %s: %s", ", ".join(where), exc.strerror or exc)
+            port = config.port
+            where = ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in config.host)
+            logging.getLogger("fedrelay").error("cannot listen on %s: %s", where, exc.strerror or exc)
             await relay.store.close()
             return 1
         loop = asyncio.get_running_loop()
