@@ -145,9 +145,14 @@ def test_run_tracking_takes_only_values_of_the_expected_kind():
     assert "epoch" not in run and "round" not in run and "num_rounds" not in run
     nothing = {"metric_name": None, "best_metric_value": None, "reason": None}
     assert run["early_stopping"] == {"epoch": 4, **nothing}
-    publish(hub, "p", [{"type": "error", "run_id": "r", "data": {"error": "boom", "error_type": "x"}}])
+    dropped = {"type": "error", "run_id": "s", "data": {"message": "a round_end event was dropped"}}
+    publish(hub, "p", [dropped])  # from /publish: an emitter reports, the run goes on
+    assert hub.runs["s"].status == "running" and "dropped" in hub.runs["s"].info["last_error"]
+    seed = {"type": "error", "run_id": "r", "via": "root", "data": {"error": "boom", "error_type": "x"}}
+    publish(hub, "p", [seed])  # from /: a hand-rolled trainer's fatal error
     assert hub.runs["r"].status == "failed" and hub.runs["r"].info["last_error"] == "boom"
-    publish(hub, "p", [{"type": "error", "run_id": "s", "data": {"message": "c1 died", "client_id": "c1"}}])
+    client = {"message": "c1 died", "client_id": "c1"}
+    publish(hub, "p", [{"type": "error", "run_id": "s", "via": "root", "data": client}])
     assert hub.runs["s"].status == "running"  # one client's failure is not the run's
 
 

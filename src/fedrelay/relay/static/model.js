@@ -327,14 +327,17 @@ const HANDLERS = {
   early_stopping(model, data) {
     model.earlyStopping = { ...data };
   },
-  error(model, data, at) {
+  error(model, data, at, event) {
     model.errors += 1;
     const message = text(data.message) ?? text(data.error);
     model.lastError = message;
     if (data.client_id === undefined || data.client_id === null) {
-      // Not one client's failure: the run's (a trainer's exception, a seed system's send_error).
-      model.status = "failed";
-      model.endedAt = at;
+      // On the root path, a hand-rolled trainer's fatal error (as its frontends take it); fedrelay's
+      // emitters end a failed run with training_end and report other things (a dropped event) here.
+      if (event.via === "root") {
+        model.status = "failed";
+        model.endedAt = at;
+      }
       return;
     }
     if (!isCount(data.round)) return;
