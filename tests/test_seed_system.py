@@ -62,7 +62,7 @@ class SeedFrontend:
 def stored_runs(frames: list[Frame]) -> list[str]:
     """The run each frame must be stored under (docs/protocol.md): its ``data.run_id`` as text;
     without one, the run the last frame from the same host named while that run is running;
-    else ``default``. A run stops running at training_end, or an error that names no client."""
+    else ``default``. A run stops running at training_end, or (on /) an error that names no client."""
     running: dict[str, bool] = {}
     last_named = None
     runs = []

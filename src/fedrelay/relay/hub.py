@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..schemas.compat import root_view
+from ..schemas.compat import VIA_ROOT, root_view
 from ..schemas.wire import Refused, encode, utf8_size
 
 _SUMMARY_TEXT = 200
@@ -98,13 +98,16 @@ class Run:
     ring_chars: int = 0
     live: set[Subscription] = field(default_factory=set)
 
-    def track(self, kind: str, data: Any, now: float) -> None:
+    def track(self, kind: str, data: Any, now: float, *, from_root: bool = False) -> None:
         """Fold an event into the run's status and progress summary.
 
         Root-path events reach here unvalidated (``data`` may be anything, a
         ``status`` a list, a duration a string): only values of the expected
         kind are folded in, and kept small, so the summary stays what the API
-        documents whatever a trainer sends.
+        documents whatever a trainer sends. On the root path an ``error`` that
+        names no client ends the run as failed, as hand-rolled frontends take
+        it; fedrelay's emitters say so with ``training_end`` instead, and use
+        ``error`` for things that do not end a run (an oversized event dropped).
         """
         self.updated_at = now
         if not isinstance(data, dict):
@@ -133,7 +136,7 @@ class Run:
         elif kind == "error":
             message = data.get("message", data.get("error", ""))
             self.info["last_error"] = (message if isinstance(message, str) else encode(message))[:500]
-            if data.get("client_id") is None:  # not one client's failure: the run's
+            if from_root and data.get("client_id") is None:  # not one client's failure: the run's
                 self.status = "failed"
                 self.ended_at = now
         elif kind == "training_end":
@@ -297,7 +300,7 @@ class Hub:
                 if waiting:
                     run.live |= waiting
             run.last_seq = seq
-            run.track(event["type"], event.get("data"), now)
+            run.track(event["type"], event.get("data"), now, from_root=event.get("via") == VIA_ROOT)
             self._changed[run_id] = run
             accepted.new.append(
                 Sequenced(
