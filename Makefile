@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup browser serve demo test lint bench clean
+.PHONY: setup browser node serve demo test lint bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/python:
@@ -27,7 +27,18 @@ browser:
 		echo "installing chromium (apt-get)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
+# Some tests drive Node clients (a plain ws client, the seed system's frontend, fedrelay.js):
+# Node and npm from apt-get when missing, then the npm package ws as tests/node's lock pins it.
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+node: $(NODE_DEPS)
+
+$(NODE_DEPS): tests/node/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "installing nodejs and npm (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
+test: setup browser node
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
 
 lint: setup
@@ -38,4 +49,4 @@ bench: setup
 	$(BIN)/python bench/relay_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/node/node_modules

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
 from tests.support.relay_process import wait_until
@@ -38,13 +40,9 @@ async def test_legacy_trainer_to_legacy_frontend_round_trip(relay):
             await legacy_send(relay.url, message)
         received = [await recv_json(frontend) for _ in sent]
         for got, want in zip(received, sent, strict=True):
-            assert set(got) == {"type", "timestamp", "data"}
-            assert got["type"] == want["type"]
-            assert got["timestamp"] == want["timestamp"]
-            # Same payload, plus the run and seq the relay gave it.
-            assert {k: v for k, v in got["data"].items() if k not in ("run_id", "seq")} == want["data"]
-            assert got["data"]["run_id"] == "default"
-        assert [m["data"]["seq"] for m in received] == [1, 2, 3]
+            # As sent; the run and seq the relay gave it beside, never inside, data.
+            assert got == {**want, "run_id": "default", "seq": got["seq"]}
+        assert [m["seq"] for m in received] == [1, 2, 3]
         # New-style subscribers see the same events, stored under run "default".
         await modern.wait_for(3)
         assert [e["type"] for e in modern.events] == [m["type"] for m in sent]
@@ -77,3 +75,32 @@ async def test_run_id_inside_data_selects_the_run(relay):
         wait_until, lambda: (r := relay.get_json("/api/runs/99"))[0] == 200 and r[1]["last_seq"] == 1 and r[1]
     )
     assert run["round"] == 1 and run["run_id"] == "99"
+
+
+async def test_what_the_root_path_still_refuses_is_logged_once_a_minute_per_host(relay):
+    """Root producers never read replies: the relay's log is the only place a refusal shows."""
+    async with connect(relay.url + "/") as conn:
+        for frame in ("{nope", "[1]", '{"type": 5}'):
+            await conn.send(frame)
+        errors = [await recv_json(conn) for _ in range(3)]
+    assert [e["data"]["code"] for e in errors] == ["bad_json", "not_object", "missing_type"]
+    lines = await asyncio.to_thread(
+        wait_until, lambda: [line for line in relay.log().splitlines() if "refused a frame on /" in line]
+    )
+    assert len(lines) == 1, lines  # the other two are counted for the next line, a minute on
+    assert "WARNING" in lines[0] and "from 127.0.0.1:" in lines[0] and "bad_json" in lines[0], lines
+
+
+async def test_a_refused_browser_origin_is_logged_once_with_the_flag_that_allows_it(relay):
+    for origin in ("https://evil.example", "https://evil.example", "https://other.example:8443"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(relay.url + "/", origin=origin):
+                pass
+        assert refused.value.response.status_code == 403
+
+    def lines() -> list[str]:
+        return [line for line in relay.log().splitlines() if "refused a WebSocket from a page" in line]
+
+    found = await asyncio.to_thread(wait_until, lambda: len(lines()) == 2 and lines())
+    assert "'https://evil.example'" in found[0] and "--allow-origin https://evil.example " in found[0]
+    assert "--allow-origin https://other.example:8443 " in found[1]

@@ -23,6 +23,8 @@ from tests.support.clients import ResendingProducer, until
 from tests.support.clients import event as make_event
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.seed_system import centralized_run as seed_centralized_run
+from tests.support.seed_system import send_frames
 from tests.support.training import BackgroundProducer, centralized_run, federated_run
 
 
@@ -355,3 +357,21 @@ def _assert_cell(text: str, value, column: str) -> None:
         assert text == value, column
     else:
         assert json.loads(text) == value, column
+
+
+def test_export_of_a_run_from_the_root_path(relay, tmp_path):
+    """The seed system's centralized run, sent on ``/``, exports like any other run."""
+    frames = seed_centralized_run(7)
+    asyncio.run(send_frames(relay.url + "/", frames))
+    expected = wait_until(lambda: len(stored(relay, "7")) == len(frames) and stored(relay, "7"))
+    out = tmp_path / "seed.csv"
+    result = cli("export", "7", "--format", "csv", "--out", str(out), "--url", relay.url)
+    assert result.returncode == 0, result.stderr
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["type"] for row in rows] == [frame["type"] for frame in frames]
+    assert [row["via"] for row in rows] == ["root"] * len(frames)
+    epochs = [row for row in rows if row["type"] == "epoch_end"]
+    assert epochs[0]["data.metrics.val_auroc"] == "" and epochs[1]["data.metrics.val_auroc"] == "0.77"
+    assert epochs[0]["data.metrics.timestamp"] == frames[1]["data"]["metrics"]["timestamp"]
+    assert len(rows) == len(expected)

@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = RelayConfig.from_env(
-            host=args.host,
+            host=[part for value in args.host for part in value.split(",")] if args.host else None,
             port=args.port,
             db=":memory:" if args.memory else args.db,
             replay_size=args.replay_size,
@@ -101,9 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger("fedrelay").error("%s", exc)
             return 1
         except OSError as exc:
-            logging.getLogger("fedrelay").error(
-                "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
-            )
+            port = config.port
+            where = ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in config.host)
+            logging.getLogger("fedrelay").error("cannot listen on %s: %s", where, exc.strerror or exc)
             await relay.store.close()
             return 1
         loop = asyncio.get_running_loop()
@@ -235,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the relay. Every option can also be set as FEDRELAY_<OPTION> "
         "(e.g. FEDRELAY_PORT, FEDRELAY_PUBLISH_TOKEN); flags win over the environment.",
     )
-    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        action="append",
+        help="address to listen on; repeat (or comma-separate in FEDRELAY_HOST) for several "
+        "(default: 127.0.0.1 and ::1, where localhost may point)",
+    )
     serve.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
     serve.add_argument("--db", help="SQLite file (default: the user data dir, relay.db)")
     serve.add_argument("--memory", action="store_true", help="keep events in memory only")

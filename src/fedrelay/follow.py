@@ -135,27 +135,23 @@ class Follower:
         if self.all:
             await conn.send(json.dumps({"op": "subscribe", "run_id": "*"}))
         for run_id, seq in self.cursors.items():
+            # A run with no event yet is waited for by the relay: no polling here.
             await conn.send(json.dumps({"op": "subscribe", "run_id": run_id, "since": seq}))
-        retries: set[asyncio.Task[None]] = set()
-        try:
-            async for frame in conn:
-                msg = json.loads(frame)
-                if isinstance(msg, dict) and "op" in msg:
-                    self._control(conn, msg, retries)
-                    if self.on_control(msg):
-                        return self.stop()
-                    continue
-                for event in events_of(msg):
-                    run_id, seq = event.get("run_id"), event.get("seq")
-                    if isinstance(seq, int):
-                        if seq <= self.cursors.get(run_id, 0):
-                            continue  # already delivered
-                        self.cursors[run_id] = seq
-                    if self.on_event(event):
-                        return self.stop()
-        finally:
-            for task in retries:
-                task.cancel()
+        async for frame in conn:
+            msg = json.loads(frame)
+            if isinstance(msg, dict) and "op" in msg:
+                self._control(msg)
+                if self.on_control(msg):
+                    return self.stop()
+                continue
+            for event in events_of(msg):
+                run_id, seq = event.get("run_id"), event.get("seq")
+                if isinstance(seq, int):
+                    if seq <= self.cursors.get(run_id, 0):
+                        continue  # already delivered
+                    self.cursors[run_id] = seq
+                if self.on_event(event):
+                    return self.stop()
 
     async def _hang_up(self, conn: ClientConnection) -> None:
         """Close cleanly once the session is over, reading and dropping what is still in flight.
@@ -176,23 +172,11 @@ class Follower:
         finally:
             reader.cancel()
 
-    def _control(self, conn, msg: dict[str, Any], retries: set[asyncio.Task[None]]) -> None:
+    def _control(self, msg: dict[str, Any]) -> None:
         run_id = msg.get("run_id")
         if msg.get("op") == "gap":
             self.cursors[run_id] = msg["resume_from"] - 1
             self.on_note(f"run {run_id}: history before seq {msg['resume_from']} is gone (retention)")
-        elif msg.get("op") == "error" and msg.get("code") == "unknown_run" and run_id in self.cursors:
-
-            async def again() -> None:  # the run has not started yet: ask again
-                await asyncio.sleep(1.0)
-                with contextlib.suppress(ConnectionClosed):
-                    await conn.send(
-                        json.dumps({"op": "subscribe", "run_id": run_id, "since": self.cursors[run_id]})
-                    )
-
-            task = asyncio.create_task(again())
-            retries.add(task)
-            task.add_done_callback(retries.discard)
 
     def stop(self) -> None:
         self._stop = True

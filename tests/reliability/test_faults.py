@@ -186,7 +186,7 @@ class Follower:
                 return True
             msg = json.loads(frame)
             if isinstance(msg, dict) and msg.get("op") == "error":
-                return False  # the run is not there yet: retry shortly
+                return False  # refused (a since this relay never handed out): retry shortly
             if isinstance(msg, dict) and msg.get("op") == "gap":
                 self.gaps.append(msg)
             self.events.extend(events_in(frame))

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -45,6 +46,7 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from fedrelay.schemas.compat import root_run_name
 from fedrelay.schemas.events import EVENT_TYPES, RUN_ID_RE
 from tests.reliability.report import record, scale
 from tests.support.metrics import scrape
@@ -82,16 +84,12 @@ PUBLISH_CODES = frozenset(
 )  # fmt: skip
 SUBSCRIBE_CODES = frozenset(
     {
-        "bad_json", "binary_frame", "bad_frame", "bad_op", "bad_run_id", "bad_since", "unknown_run",
+        "bad_json", "binary_frame", "bad_frame", "bad_op", "bad_run_id", "bad_since",
         "too_many_runs", "too_large", "non_finite", "bad_unicode",
     }
 )  # fmt: skip
-ROOT_CODES = frozenset(
-    {
-        "bad_json", "binary_frame", "not_object", "missing_type", "bad_data", "bad_run_id",
-        "invalid_event", "too_large", "non_finite", "bad_unicode",
-    }
-)  # fmt: skip
+ROOT_CODES = frozenset({"bad_json", "binary_frame", "not_object", "missing_type", "too_large"})
+"""All the root path still refuses: what no browser could read back, or too much of it."""
 
 
 def fuzz(examples: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -985,8 +983,12 @@ class Env:
     tally: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
     serial: Iterator[int] = field(default_factory=itertools.count)
-    default_seen: int = 0
-    """Events of run ``default`` (root frames without a run) already checked."""
+    root_seen: Counter[str] = field(default_factory=Counter)
+    """Events already checked of runs other than an example's own (``default``, integer and
+    mapped run ids, the previous example's run)."""
+    last_root_run: str | None = None
+    """The run the last root frame named (each example's sentinel): unnamed frames follow it
+    while it is running."""
 
     def fresh(self, prefix: str) -> str:
         """A new run id of fixed width, so that what hypothesis draws does not depend on the count."""
@@ -1500,13 +1502,19 @@ class Expect:
     run_id: str | None = None
     since: int | None = None
     codes: frozenset[str] = frozenset()
+    last_seq: int | None = None
 
     def matches(self, msg: dict[str, Any]) -> bool:
         if self.op == "error":
             return msg.get("op") == "error" and msg.get("code") in self.codes
         if self.op == "subscribed":
-            last = None if self.run_id == "*" else KNOWN_LEN
-            return msg == {"op": "subscribed", "run_id": self.run_id, "since": self.since, "last_seq": last}
+            wanted = {
+                "op": "subscribed",
+                "run_id": self.run_id,
+                "since": self.since,
+                "last_seq": self.last_seq,
+            }
+            return msg == wanted
         if self.op == "unsubscribed":
             return msg == {"op": "unsubscribed", "run_id": self.run_id}
         return msg == {"op": self.op}
@@ -1518,16 +1526,16 @@ def error(*codes: str) -> Expect:
 
 def join(run_id: str, since: int) -> Expect:
     """What subscribing to ``run_id`` from ``since`` must answer (the only runs with events here
-    are KNOWN, the fuzz runs and steady, and the generators never name the last two)."""
+    are KNOWN, the fuzz runs and steady, and the generators never name the last two). A run
+    with no event yet is waited for from 0; a since past its last seq is refused."""
     if run_id == "*":
         return Expect("subscribed", "*", None)
     if RUN_ID_RE.fullmatch(run_id) is None:
         return error("bad_run_id")
-    if run_id != KNOWN:
-        return error("unknown_run")
-    if since > KNOWN_LEN:
+    last = KNOWN_LEN if run_id == KNOWN else 0
+    if since > last:
         return error("bad_since")
-    return Expect("subscribed", KNOWN, since)
+    return Expect("subscribed", run_id, since, last_seq=last)
 
 
 def check_subscriber_replies(replies: list[Any], expects: list[Expect]) -> None:
@@ -1767,6 +1775,12 @@ def test_subscribe_query_strings_get_one_answer_per_run(env: Env) -> None:
 # -- / (compatibility) -------------------------------------------------------------
 
 
+UNNAMED = "<unnamed>"
+"""RootCase.target of a frame that names no run: it follows the host's last named run."""
+ABSENT = object()
+"""RootCase.data of a frame without ``data``."""
+
+
 @dataclass
 class RootCase:
     """A root-path frame and its outcome: pong, an error, or stored into ``target``."""
@@ -1778,7 +1792,7 @@ class RootCase:
     codes: frozenset[str] = frozenset()
     target: str | None = None
     kind: str | None = None
-    data: Any = None
+    data: Any = ABSENT
     timestamp: str | None = None
     close: int | None = None
 
@@ -1793,6 +1807,43 @@ class RootCase:
 def int_run(env: Env) -> int:
     """A fresh integer run id: the root path turns it into the run named by its digits."""
     return 10**12 + next(env.serial)  # fixed width: generated data must not depend on the count
+
+
+_LONE = re.compile("[\ud800-\udfff]")
+
+
+def as_repaired(value: Any) -> Any:
+    """What the root path stores for a value: non-finite numbers (and integers past a double)
+    as null, lone surrogates in strings and keys as U+FFFD. In place, without recursion: the
+    values nest up to ~1100 deep."""
+
+    def scalar(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.float_info.max:
+            return None
+        return _LONE.sub("\ufffd", item) if isinstance(item, str) else item
+
+    top = [value]
+    stack: list[Any] = [top]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, dict):
+            items = [(scalar(k), v) for k, v in container.items()]
+            container.clear()
+            container.update(items)
+        for key in list(container) if isinstance(container, dict) else range(len(container)):
+            item = container[key]
+            if isinstance(item, dict | list):
+                stack.append(item)
+            else:
+                container[key] = scalar(item)
+    return top[0]
+
+
+def sent_value(value: Any) -> Any:
+    """A value as the relay decodes what ``dump`` wrote, then repairs it."""
+    return as_repaired(json.loads(dump(value)))
 
 
 @st.composite
@@ -1832,52 +1883,44 @@ def root_frames(draw: st.DrawFn, run: str, int_run_id: int) -> RootCase:
         kind = draw(st.sampled_from([3, None, [], {}, True]))
         must.add("missing_type")
     elif kind_variant == "empty":
-        kind = ""
-        must.add("missing_type")
+        kind = ""  # a string: accepted, as any other
     elif kind_variant == "long":
         kind = "t" * draw(st.integers(65, 300))
-        must.add("missing_type")
     elif kind_variant == "hostile":
-        kind = Raw('"\\udc00"', must="bad_unicode")
+        kind = Raw('"\\udc00"')  # a lone surrogate: stored as U+FFFD
     else:
         kind = "ping"
     frame: dict[str, Any] = {"type": kind}
-    target: str | None = None
+    target: str | None = UNNAMED
     data_variant = draw(st.sampled_from(["dict"] * 6 + ["absent", "not_dict", "null"]))
     if data_variant == "dict":
         run_variant = draw(st.sampled_from(["run"] * 5 + ["absent", "int", "invalid", "not_text", "null"]))
         if run_variant == "run":
             data["run_id"], target = run, run
-        elif run_variant == "absent":
-            target = "default"
         elif run_variant == "int":
             number = int_run_id if draw(st.booleans()) else -int_run_id
             data["run_id"], target = number, str(number)
-        else:
-            data["run_id"] = {
-                "invalid": draw(BAD_RUN_IDS),
-                "not_text": draw(st.sampled_from([1.5, [], {}, True])),
-                "null": None,
-            }[run_variant]
-            must.add("bad_run_id")
+        elif run_variant in ("invalid", "not_text"):
+            value = (
+                draw(BAD_RUN_IDS) if run_variant == "invalid" else draw(st.sampled_from([1.5, [], {}, True]))
+            )
+            data["run_id"] = value
+            target = root_run_name(value) or UNNAMED  # "" names no run
+        elif run_variant == "null":
+            data["run_id"] = None
         if kind_variant == "known" and draw(st.integers(0, 3)) == 0:
             name = draw(st.sampled_from(sorted(BASE_DATA[kind])))
-            if draw(st.booleans()):
-                data[name] = draw(st.sampled_from(WRONG[FIELD_KIND[name]]))
-                must.add("invalid_event")
-            else:
-                data[name] = draw(JSON)
-                may.add("invalid_event")
+            # a value fedrelay's schema refuses on /publish: kept as sent here
+            data[name] = draw(st.sampled_from(WRONG[FIELD_KIND[name]]) | JSON)
         for key in draw(st.lists(EXTRA_KEYS.filter(lambda k: k not in data), max_size=3, unique=True)):
             data[key] = extra_value(draw)
         frame["data"] = data
-    elif data_variant == "absent":
-        target = "default"
-        if kind_variant == "known" and REQUIRED.get(kind):
-            must.add("invalid_event")
-    else:
-        frame["data"] = draw(st.sampled_from([[], "d", 3, True])) if data_variant == "not_dict" else None
-        must.add("bad_data")
+    elif data_variant in ("not_dict", "null"):
+        frame["data"] = (
+            draw(st.sampled_from([[], "d", 3, True, [1, {"run_id": run}]]))
+            if data_variant == "not_dict"
+            else None
+        )
     timestamp = None
     ts_variant = draw(st.sampled_from(["absent"] * 2 + ["text", "other"]))
     if ts_variant == "text":  # kept as sent, even when it is no date: the root path passes it on
@@ -1888,10 +1931,10 @@ def root_frames(draw: st.DrawFn, run: str, int_run_id: int) -> RootCase:
         frame[draw(st.text(max_size=8).map(lambda k: "x_" + k))] = draw(JSON)  # ignored
     text = dump(frame, ascii_only)
     raws = list(raws_in(frame))
-    hostile = {r.must for r in raws if r.must}
+    whole = {r.must for r in raws if r.must and r.whole}  # the frame cannot be parsed at all
     deep = {r.may for r in raws if r.may}  # the whole frame may be refused before anything else
-    if hostile:
-        return root_finish(RootCase(text, "refused", frozenset(hostile | deep)))
+    if whole:
+        return root_finish(RootCase(text, "refused", frozenset(whole | deep)))
     if kind == "ping":
         return root_finish(RootCase(text, "pong_or_refused" if deep else "pong", frozenset(deep)))
     if must:
@@ -1899,8 +1942,10 @@ def root_frames(draw: st.DrawFn, run: str, int_run_id: int) -> RootCase:
     if len(dump(frame, ascii_only=False).encode()) > MAX_FRAME - 1024 - 600:
         may.add("too_large")
     outcome = "either" if may or deep else "stored"
-    stored_data = json.loads(dump(data)) if "data" in frame else {}
-    return root_finish(RootCase(text, outcome, frozenset(may | deep), target, kind, stored_data, timestamp))
+    stored_data = sent_value(frame["data"]) if "data" in frame else ABSENT
+    return root_finish(
+        RootCase(text, outcome, frozenset(may | deep), target, sent_value(kind), stored_data, timestamp)
+    )
 
 
 def root_finish(case: RootCase) -> RootCase:
@@ -1912,11 +1957,21 @@ def root_finish(case: RootCase) -> RootCase:
     return case
 
 
+def unnamed_target(env: Env) -> str:
+    """Where a frame that names no run goes: the run the last root frame named, while it runs."""
+    if env.last_root_run is None:
+        return "default"
+    status, body = env.relay.get(f"/api/runs/{env.last_root_run}")
+    running = status == 200 and json.loads(body)["status"] in ("running", "stalled")
+    return env.last_root_run if running else "default"
+
+
 def root_example(env: Env, run: str, case: RootCase, open_channel: ChannelFactory, shape: Shape) -> None:
     """Send one fuzzed root frame: it is answered (pong or a legacy error) or stored as sent."""
     n = env.next()
     newlines = 1000 + n % 30_000
     marker = f"line {newlines + 1} column 1"  # the bad_json detail of "\n" * newlines + "x"
+    target = unnamed_target(env) if case.target == UNNAMED else case.target
     with open_channel("/") as ch:
         try:
             ch.send(shape(case.message))
@@ -1933,7 +1988,7 @@ def root_example(env: Env, run: str, case: RootCase, open_channel: ChannelFactor
                     if marker in msg["data"].get("detail", ""):
                         break
                     errors.append(check_legacy_error(msg))
-                else:  # a live event from another connection, in the legacy shape
+                else:  # a live event from another connection: a /publish one, in the legacy shape
                     assert set(msg) == {"type", "timestamp", "data"} and "seq" in msg["data"], msg
         except Closed as closed:
             closed_as_expected(env, closed, case.close, case)
@@ -1943,12 +1998,12 @@ def root_example(env: Env, run: str, case: RootCase, open_channel: ChannelFactor
     assert case.close is None, f"expected close {case.close}: {case!r}"
     env.tally["error_frames"] += len(errors)
     stored_here = env.stored_before_sentinel(run, lambda e: e["type"] == "fz_sentinel")
+    env.root_seen[run] = len(stored_here) + 1
+    env.last_root_run = run
     elsewhere: list[dict] = []
-    if case.target == "default":
-        elsewhere = env.events_of("default", env.default_seen) or []
-        env.default_seen += len(elsewhere)
-    elif case.target not in (None, run):
-        elsewhere = env.events_of(case.target) or []
+    if target not in (None, run):
+        elsewhere = env.events_of(target, env.root_seen[target]) or []
+        env.root_seen[target] += len(elsewhere)
     stored = stored_here + elsewhere
     if case.outcome == "pong" or (case.outcome == "pong_or_refused" and pongs):
         assert pongs == 1 and not errors and not stored, (pongs, errors, stored, case)
@@ -1960,9 +2015,10 @@ def root_example(env: Env, run: str, case: RootCase, open_channel: ChannelFactor
             assert errors[0]["code"] in case.codes, (errors, case)
         return
     assert not errors, f"a valid root frame was refused: {errors} {case!r}"
-    assert len(stored) == 1, f"stored {stored!r:.2000} for {case!r}"
+    assert len(stored) == 1, f"stored {stored!r:.2000} for {case!r} (expected in {target})"
     got = stored[0]
-    assert (got["type"], got["run_id"], got["data"]) == (case.kind, case.target, case.data), (got, case)
+    assert (got["type"], got["run_id"], got["via"]) == (case.kind, target, "root"), (got, case)
+    assert got.get("data", ABSENT) == case.data, (got, case)
     if case.timestamp is not None:
         assert got["timestamp"] == case.timestamp, (got, case)
     env.tally["events_stored_checked"] += 1

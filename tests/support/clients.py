@@ -118,7 +118,7 @@ class ResumingSubscriber:
                         async for frame in conn:
                             msg = json.loads(frame)
                             if isinstance(msg, dict) and msg.get("op") == "error":
-                                break  # run not there yet: retry shortly
+                                break  # refused (a since this relay never handed out): retry
                             if isinstance(msg, dict) and msg.get("op") == "gap":
                                 self.gaps.append(msg)
                             self.events.extend(events_in(frame))

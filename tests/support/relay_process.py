@@ -35,9 +35,18 @@ class RelayProcess:
     """``python -m fedrelay serve`` on a free port with a SQLite file."""
 
     def __init__(
-        self, db: Path | str, *, port: int | None = None, args: list[str] = (), env=None, preexec_fn=None
+        self,
+        db: Path | str,
+        *,
+        port: int | None = None,
+        args: list[str] = (),
+        env=None,
+        preexec_fn=None,
+        hosts: list[str] | None = ("127.0.0.1",),
     ):
         self.db = str(db)
+        self.hosts = list(hosts) if hosts is not None else None
+        """``--host`` values; None: the relay's default (127.0.0.1 and ::1)."""
         self.preexec_fn = preexec_fn
         """Runs in the child before exec: e.g. resource limits for disk-full tests."""
         self.port = port or free_port()
@@ -55,9 +64,10 @@ class RelayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
+        hosts = [arg for host in self.hosts or () for arg in ("--host", host)]
         cmd = [
             sys.executable, "-m", "fedrelay", "serve",
-            "--host", "127.0.0.1", "--port", str(self.port), "--db", self.db,
+            *hosts, "--port", str(self.port), "--db", self.db,
             "--log-level", "warning", *self.args,
         ]  # fmt: skip
         if self.log_path:

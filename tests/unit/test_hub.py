@@ -97,15 +97,63 @@ def test_gap_when_history_was_pruned():
     assert [i.seq for i in joined.backlog] == [6, 7, 8, 9, 10]
 
 
-def test_subscribe_refuses_unknown_run_and_since_past_the_end():
+def test_a_run_with_no_event_yet_is_waited_for_and_not_listed():
     hub = Hub()
-    publish(hub, "p", [ev("a", 1)])
-    with pytest.raises(Refused) as unknown:
-        hub.subscribe(Subscription(handle="s"), "zzz", 0)
-    assert unknown.value.code == "unknown_run"
-    with pytest.raises(Refused) as ahead:
-        hub.subscribe(Subscription(handle="s"), "a", 5)
-    assert ahead.value.code == "bad_since"
+    sub = Subscription(handle="s")
+    joined = hub.subscribe(sub, "later", 0)
+    assert (joined.last_seq, joined.backlog, joined.from_store) == (0, [], False)
+    assert "later" not in hub.runs and "later" in hub.waiting  # no phantom run
+    _, deliveries = publish(hub, "p", [ev("later", 1), ev("later", 2)])
+    assert delivered_to(deliveries, sub) == [1, 2]
+    assert hub.waiting == {}
+    gone = Subscription(handle="g")
+    hub.subscribe(gone, "never", 0)
+    hub.drop(gone)
+    assert hub.waiting == {}
+
+
+def test_since_past_the_committed_seq_waits_only_for_seqs_this_relay_handed_out():
+    hub = Hub()
+    publish(hub, "p", [ev("a", 1), ev("a", 2)])
+    pending = hub.accept("p", [ev("a", 3), ev("a", 4)])  # seqs 3 and 4 handed out, not committed
+    sub = Subscription(handle="s")
+    joined = hub.subscribe(sub, "a", 4)
+    assert joined.last_seq == 2 and joined.backlog == []
+    assert delivered_to(hub.committed(pending.new), sub) == []  # 3 and 4 are behind its since
+    _, deliveries = publish(hub, "p", [ev("a", 5)])
+    assert delivered_to(deliveries, sub) == [5]
+    for since, run in ((6, "a"), (1, "nothing-yet")):  # seqs no event here ever had
+        with pytest.raises(Refused) as ahead:
+            hub.subscribe(Subscription(handle="x"), run, since)
+        assert ahead.value.code == "bad_since" and "another relay" in ahead.value.detail
+
+
+def test_run_tracking_takes_only_values_of_the_expected_kind():
+    hub = Hub()
+    seed_like = [
+        {"type": "training_start", "run_id": "r", "data": {"max_epochs": 10, "experiment_name": "x" * 5000}},
+        {"type": "epoch_end", "run_id": "r", "data": {"epoch": "1/2", "metrics": {"timestamp": "t"}}},
+        {"type": "round_end", "run_id": "r", "data": {"round": [1], "total_rounds": "3"}},
+        {"type": "early_stopping", "run_id": "r", "data": {"epoch": 4, "reason": {"why": 1}}},
+        {"type": "training_end", "run_id": "r", "data": {"status": ["done"], "training_duration": "0:00:03"}},
+        {"type": "custom", "run_id": "s", "data": [1, 2]},
+    ]
+    publish(hub, "p", seed_like)
+    run = hub.runs["r"].summary(0.0, 0)
+    assert run["status"] == "completed" and run["training_duration"] == "0:00:03"
+    assert run["max_epochs"] == 10 and "experiment_name" not in run
+    assert "epoch" not in run and "round" not in run and "num_rounds" not in run
+    nothing = {"metric_name": None, "best_metric_value": None, "reason": None}
+    assert run["early_stopping"] == {"epoch": 4, **nothing}
+    dropped = {"type": "error", "run_id": "s", "data": {"message": "a round_end event was dropped"}}
+    publish(hub, "p", [dropped])  # from /publish: an emitter reports, the run goes on
+    assert hub.runs["s"].status == "running" and "dropped" in hub.runs["s"].info["last_error"]
+    seed = {"type": "error", "run_id": "r", "via": "root", "data": {"error": "boom", "error_type": "x"}}
+    publish(hub, "p", [seed])  # from /: a hand-rolled trainer's fatal error
+    assert hub.runs["r"].status == "failed" and hub.runs["r"].info["last_error"] == "boom"
+    client = {"message": "c1 died", "client_id": "c1"}
+    publish(hub, "p", [{"type": "error", "run_id": "s", "via": "root", "data": client}])
+    assert hub.runs["s"].status == "running"  # one client's failure is not the run's
 
 
 def test_wildcard_gets_every_run_once_even_with_an_explicit_subscription():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fedrelay.schemas.wire import Refused, legacy_to_event, parse_json, split_frame, validate_event
+from fedrelay.schemas.compat import repair_values, root_event, root_run_name, root_view
+from fedrelay.schemas.wire import Refused, parse_frame, parse_json, split_frame, validate_event
 
 
 def refused(fn, *args) -> Refused:
@@ -71,12 +72,43 @@ def test_invalid_events_say_what_is_wrong(raw, code, words):
     assert words in exc.detail
 
 
-def test_legacy_frames_pass_unknown_types_but_check_known_ones():
-    event = legacy_to_event({"type": "my_thing", "timestamp": "t", "data": {"x": 1}})
-    assert event == {"type": "my_thing", "run_id": "default", "data": {"x": 1}, "timestamp": "t"}
-    assert legacy_to_event({"type": "status", "data": {"run_id": 7}})["run_id"] == "7"
-    assert refused(legacy_to_event, {"type": "round_start", "data": {"round": "x"}}).code == "invalid_event"
-    assert refused(legacy_to_event, {"type": "x", "data": []}).code == "bad_data"
+def test_root_frames_keep_any_type_and_data_as_sent():
+    event, named = root_event({"type": "my_thing", "timestamp": "t", "data": {"x": 1}, "other": 2})
+    assert event == {"type": "my_thing", "via": "root", "timestamp": "t", "data": {"x": 1}}
+    assert named is None
+    assert root_event({"type": "round_start", "data": {"round": "x", "run_id": 7}})[1] == "7"
+    assert root_event({"type": "x", "data": [1]})[0]["data"] == [1]
+    assert root_event({"type": "x", "timestamp": 5})[0] == {"type": "x", "via": "root", "sent_timestamp": 5}
+    assert refused(root_event, [1]).code == "not_object"
+    assert refused(root_event, {"type": 3}).code == "missing_type"
+
+
+def test_root_run_ids_are_stringified_and_invalid_ones_mapped_deterministically():
+    assert root_run_name(42) == "42" and root_run_name("run-1") == "run-1" and root_run_name(1.5) == "1.5"
+    assert root_run_name(None) is None and root_run_name("") is None
+    odd = root_run_name("my run/1")
+    assert odd == root_run_name("my run/1") and odd.startswith("my_run_1-") and len(odd) == 9 + 16
+    assert root_run_name("my run_1") != odd  # the hash keeps different ids apart
+    long = root_run_name("a" * 500)
+    assert len(long) == 128 and long != root_run_name("a" * 501)
+
+
+def test_root_frames_get_non_finite_numbers_as_null_and_lone_surrogates_replaced():
+    frame = '{"type": "x", "data": {"a": NaN, "b": [Infinity, -Infinity, 1e400], "k\\udc00": "v\\ud800"}}'
+    raw, suspect = parse_frame(frame)
+    assert suspect
+    repaired = {"a": None, "b": [None, None, None], "k\ufffd": "v\ufffd"}
+    assert repair_values(raw) == {"type": "x", "data": repaired}
+    assert repair_values(parse_frame("NaN")[0]) is None
+
+
+def test_root_view_gives_root_events_back_as_sent_and_published_ones_as_before():
+    stored = {"type": "x", "via": "root", "run_id": "r", "seq": 3, "timestamp": "now", "sent_timestamp": None,
+              "data": {"a": 1}, "producer": "anon-1"}  # fmt: skip
+    assert root_view(stored) == {"type": "x", "timestamp": None, "data": {"a": 1}, "run_id": "r", "seq": 3}
+    published = {"type": "status", "run_id": "r", "seq": 4, "timestamp": "t", "data": {"message": "m"}}
+    as_before = {"message": "m", "run_id": "r", "seq": 4}
+    assert root_view(published) == {"type": "status", "timestamp": "t", "data": as_before}
 
 
 def test_every_event_type_has_a_schema_that_accepts_a_minimal_payload():

@@ -15,9 +15,14 @@ def default_db_path() -> str:
     return str(Path(user_data_dir("fedrelay", appauthor=False)) / "relay.db")
 
 
+LOOPBACK_HOSTS = ["127.0.0.1", "::1"]
+
+
 @dataclass
 class RelayConfig:
-    host: str = "127.0.0.1"
+    host: list[str] = field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    """Addresses to listen on, all on ``port``. Both loopbacks by default: ``localhost``
+    resolves to ::1 first on many systems (Node, browsers). A string is split on commas."""
     port: int = 8765
     db: str = field(default_factory=default_db_path)
     """SQLite file, or ``:memory:`` for a relay that forgets on exit."""
@@ -63,6 +68,10 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         """Refuse settings that would break the relay later, with the setting's name."""
+        if isinstance(self.host, str):
+            self.host = [part.strip() for part in self.host.split(",") if part.strip()]
+        if not self.host:
+            raise ValueError("--host / FEDRELAY_HOST names no address to listen on")
         at_least = {
             "port": 0,
             "replay_size": 0,

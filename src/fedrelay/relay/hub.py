@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..schemas.wire import Refused, encode, legacy_shape, utf8_size
+from ..schemas.compat import VIA_ROOT, root_view
+from ..schemas.wire import Refused, encode, utf8_size
+
+_SUMMARY_TEXT = 200
+"""Longest string a run summary keeps from an event (a name, a reason, a duration)."""
 
 _RUN_INFO_FIELDS = {
     "training_start": (
@@ -40,6 +44,17 @@ _RUN_INFO_FIELDS = {
 }
 
 
+def _summary_value(value: Any) -> bool:
+    """A value small and plain enough for the run summary: a number, a short string, a bool, null."""
+    if isinstance(value, str):
+        return len(value) <= _SUMMARY_TEXT
+    return value is None or isinstance(value, int | float)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(slots=True, eq=False)
 class Sequenced:
     """An event with its seq: the unit the store writes and subscribers get."""
@@ -58,7 +73,7 @@ class Sequenced:
     def legacy_body(self) -> str:
         """The ``{type, timestamp, data}`` frame for root-path connections."""
         if self._legacy is None:
-            self._legacy = encode(legacy_shape(json.loads(self.body)))
+            self._legacy = encode(root_view(json.loads(self.body)))
         return self._legacy
 
 
@@ -83,32 +98,50 @@ class Run:
     ring_chars: int = 0
     live: set[Subscription] = field(default_factory=set)
 
-    def track(self, kind: str, data: dict[str, Any], now: float) -> None:
-        """Fold an event into the run's status and progress summary."""
+    def track(self, kind: str, data: Any, now: float, *, from_root: bool = False) -> None:
+        """Fold an event into the run's status and progress summary.
+
+        Root-path events reach here unvalidated (``data`` may be anything, a
+        ``status`` a list, a duration a string): only values of the expected
+        kind are folded in, and kept small, so the summary stays what the API
+        documents whatever a trainer sends. On the root path an ``error`` that
+        names no client ends the run as failed, as hand-rolled frontends take
+        it; fedrelay's emitters say so with ``training_end`` instead, and use
+        ``error`` for things that do not end a run (an oversized event dropped).
+        """
         self.updated_at = now
+        if not isinstance(data, dict):
+            return
         for name in _RUN_INFO_FIELDS.get(kind, ()):
-            if name in data:
+            if name in data and _summary_value(data[name]):
                 self.info[name] = data[name]
         if kind == "training_start":
             self.status = "running"
             self.started_at = now
             self.ended_at = None
         elif kind in ("round_start", "round_end"):
-            self.info["round"] = data.get("round")
-            if data.get("total_rounds") is not None:
+            if _count(data.get("round")):
+                self.info["round"] = data["round"]
+            if _count(data.get("total_rounds")):
                 self.info["num_rounds"] = data["total_rounds"]
             self.info.setdefault("training_mode", "federated")
         elif kind in ("epoch_start", "epoch_end"):
-            self.info["epoch"] = data.get("epoch")
+            if _count(data.get("epoch")):
+                self.info["epoch"] = data["epoch"]
         elif kind == "early_stopping":
             self.info["early_stopping"] = {
-                k: data.get(k) for k in ("epoch", "metric_name", "best_metric_value", "reason")
+                k: data.get(k) if _summary_value(data.get(k)) else None
+                for k in ("epoch", "metric_name", "best_metric_value", "reason")
             }
         elif kind == "error":
-            self.info["last_error"] = str(data.get("message", ""))[:500]
+            message = data.get("message", data.get("error", ""))
+            self.info["last_error"] = (message if isinstance(message, str) else encode(message))[:500]
+            if from_root and data.get("client_id") is None:  # not one client's failure: the run's
+                self.status = "failed"
+                self.ended_at = now
         elif kind == "training_end":
             status = data.get("status", "completed")
-            self.status = status if status in ("completed", "failed", "stopped") else "completed"
+            self.status = status if status in ("failed", "stopped") else "completed"
             self.ended_at = now
 
     def summary(self, now: float, stall_after: float) -> dict[str, Any]:
@@ -197,6 +230,9 @@ class Hub:
         """Producer name -> highest id committed: what ``hello.last_id`` reports,
         since a producer may forget what it sent once this covers it."""
         self.wildcards: set[Subscription] = set()
+        self.waiting: dict[str, set[Subscription]] = {}
+        """Run id -> subscriptions to a run with no event yet: they join its ``live`` set
+        when its first event is accepted. Not a run: ``/api/runs`` does not list them."""
         self._changed: dict[str, Run] = {}
 
     # -- state restored from the store -------------------------------------
@@ -260,8 +296,11 @@ class Hub:
                     continue
             if run is None:
                 run = self.runs[run_id] = Run(run_id, created_at=now)
+                waiting = self.waiting.pop(run_id, None)
+                if waiting:
+                    run.live |= waiting
             run.last_seq = seq
-            run.track(event["type"], event.get("data") or {}, now)
+            run.track(event["type"], event.get("data"), now, from_root=event.get("via") == VIA_ROOT)
             self._changed[run_id] = run
             accepted.new.append(
                 Sequenced(
@@ -299,8 +338,14 @@ class Hub:
             while ring and (len(ring) > self.replay_size or run.ring_chars > self.replay_bytes):
                 run.ring_chars -= len(ring.popleft().body)
             for sub in run.live:
-                sub.cursors[run_id] = run.committed_seq
-                deliveries.append((sub, items))
+                cursor = sub.cursors[run_id]
+                sub.cursors[run_id] = max(cursor, run.committed_seq)
+                if cursor < items[0].seq:
+                    deliveries.append((sub, items))
+                else:  # it joined with a since past the committed seq: only what comes after
+                    after = [item for item in items if item.seq > cursor]
+                    if after:
+                        deliveries.append((sub, after))
             for sub in self.wildcards:
                 if run_id in sub.cursors:
                     continue  # an explicit subscription to this run serves it
@@ -321,21 +366,34 @@ class Hub:
     # -- subscribers -------------------------------------------------------
 
     def subscribe(self, sub: Subscription, run_id: str, since: int) -> Joined:
-        """Start following a run from ``since``; backlog first, then live."""
+        """Start following a run from ``since``; backlog first, then live.
+
+        A run with no event yet, or a ``since`` past the committed seq, is
+        waited for: live, with nothing to send yet. That is only safe for
+        seqs this relay has handed out itself (``since <= last_seq``): those
+        are bound to events and reach the subscriber in order. A ``since``
+        past every seq the run ever got comes from another history (another
+        relay, a store that lost its last commits); waiting there would hide
+        the events that will take those seqs here, so it is refused.
+        """
         run = self.runs.get(run_id)
-        if run is None:
-            raise Refused("unknown_run", f"no run {run_id!r} on this relay (GET /api/runs lists them)")
-        if since > run.committed_seq:
+        assigned = run.last_seq if run is not None else 0
+        if since > assigned:
+            last = run.committed_seq if run is not None else 0
             raise Refused(
                 "bad_since",
-                f"since={since} is past run {run_id!r}'s last seq {run.committed_seq}",
+                f"since={since} is past run {run_id!r}'s last seq {last} on this relay: those seqs "
+                "come from another relay or a store that lost events; subscribe again from 0",
             )
         self.unsubscribe(sub, run_id)
+        sub.cursors[run_id] = since
+        if run is None:
+            self.waiting.setdefault(run_id, set()).add(sub)
+            return Joined(run_id, since, 0, [], False)
         joined = Joined(run_id, since, run.committed_seq, [], False)
         if since + 1 < run.first_seq:
             joined.gap_resume_from = run.first_seq
-            since = run.first_seq - 1
-        sub.cursors[run_id] = since
+            since = sub.cursors[run_id] = run.first_seq - 1
         if since >= run.committed_seq or (run.ring and run.ring[0].seq <= since + 1):
             joined.backlog = self._go_live(sub, run)
         else:
@@ -377,6 +435,12 @@ class Hub:
         run = self.runs.get(run_id)
         if run is not None:
             run.live.discard(sub)
+        else:
+            waiting = self.waiting.get(run_id)
+            if waiting is not None:
+                waiting.discard(sub)
+                if not waiting:
+                    del self.waiting[run_id]
         sub.cursors.pop(run_id, None)
         sub.catching_up.discard(run_id)
 

@@ -14,6 +14,16 @@ class RelayMetrics:
         self.connections = Gauge(
             "fedrelay_connections", "Open WebSocket connections", ["endpoint"], registry=r
         )
+        self.connections_opened = Counter(
+            "fedrelay_connections_opened", "WebSocket connections opened", ["endpoint"], registry=r
+        )
+        self.subscriptions = Counter(
+            "fedrelay_subscriptions",
+            "Subscriptions to a named run, by how they began: live (the backlog from memory), "
+            "catch_up (paged from the store), waiting (no event yet, or since past the committed seq)",
+            ["start"],
+            registry=r,
+        )
         self.events_in = Counter("fedrelay_events_in", "Events accepted from producers", registry=r)
         self.events_out = Counter("fedrelay_events_out", "Events written to subscribers", registry=r)
         self.duplicates = Counter(

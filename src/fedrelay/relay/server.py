@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..schemas.compat import repair_values, root_event
 from ..schemas.events import RUN_ID_RE
 from ..schemas.wire import (
     Refused,
     encode,
-    legacy_to_event,
     parse_frame,
     parse_json,
     refuse_unsafe_values,
@@ -49,7 +50,9 @@ from .fanout import Frame, queued_bytes
 from .http import HttpApi, first_param, text_response, whole_number
 from .hub import Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
+from .root_runs import FOLLOW_FOR, RootRuns
 from .store import EventStore
+from .throttle import LogThrottle, OncePer
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -69,6 +72,7 @@ FRAME_BUDGET = 256 * 1024
 """Bytes per array frame to subscribers: well under clients' usual 1 MiB cap."""
 _ENVELOPE_SLACK = 1024
 """Bytes kept free under ``max_frame_bytes`` for the fields the relay adds."""
+IPV6_LOOPBACK = "::1"
 _ENDPOINTS = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
 HARD_SIZE_FACTOR = 4
@@ -77,7 +81,11 @@ HANDSHAKE_TIMEOUT = 10.0
 ANSWERED_PAST_LIMIT = 64
 """Connections past an address's limit that still get a 503; beyond that they are closed unread."""
 REFUSALS_LOG_EVERY = 60.0
-"""Seconds between log lines about one address's refused connections."""
+"""Seconds between log lines about one address's refused connections (or root frames)."""
+ROOT_REFUSALS_HOSTS = 1024
+"""Hosts whose refused root frames are counted between log lines; the least recent go first."""
+ORIGINS_LOGGED = 256
+"""Refused browser origins named in the log, once each; past that one line says more were."""
 
 
 class Relay:
@@ -98,6 +106,8 @@ class Relay:
         self.http = HttpApi(self)
         self.started_at = time.time()
         self._server: Server | None = None
+        self.hosts: list[str] = list(config.host)
+        """Addresses listened on: ``config.host`` less ::1 when IPv6 is off."""
         self._subscribers: dict[Subscription, ServerConnection] = {}
         self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -110,6 +120,9 @@ class Relay:
         self._gone: set[str] = set()
         """Producers whose last connection closed since the last housekeeping pass."""
         self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
+        self.root_runs = RootRuns()
+        self._root_refusals = LogThrottle(REFUSALS_LOG_EVERY, ROOT_REFUSALS_HOSTS)
+        self._origins_refused = OncePer(ORIGINS_LOGGED)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -128,10 +141,11 @@ class Relay:
         )
         cfg = self.config
         connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
+        self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
             self._handle,
-            cfg.host,
-            cfg.port,
+            self.hosts,
+            _one_port_for_all(self.hosts, cfg.port),
             logger=_websockets_logger(),
             create_connection=connection_type,
             open_timeout=HANDSHAKE_TIMEOUT,
@@ -147,16 +161,16 @@ class Relay:
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         log.info(
             "relay listening on %s (store %s, %d runs restored)",
-            self.url,
+            " and ".join(_ws_url(host, self.port) for host in self.hosts),
             cfg.db,
             len(restored.runs),
         )
         open_roles = [role for role in ("publish", "subscribe") if getattr(cfg, f"{role}_token") is None]
-        if open_roles and not _loopback(cfg.host):
+        if open_roles and not all(_loopback(host) for host in self.hosts):
             log.warning(
                 "listening on %s without a %s token: anyone who can reach this port may %s "
                 "(set FEDRELAY_PUBLISH_TOKEN and FEDRELAY_SUBSCRIBE_TOKEN; see docs/security.md)",
-                cfg.host,
+                ", ".join(self.hosts),
                 " or ".join(open_roles),
                 " and ".join(open_roles),
             )
@@ -168,10 +182,8 @@ class Relay:
 
     @property
     def url(self) -> str:
-        host = self.config.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"ws://{host}:{self.port}"
+        """The first address listened on (127.0.0.1 by default; [::1] answers too)."""
+        return _ws_url(self.hosts[0], self.port)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -349,6 +361,7 @@ class Relay:
             return text_response(404, f"no WebSocket endpoint at {path[:100]}\n")
         origin = headers.get("Origin")
         if not origin_ok(origin, headers.get("Host"), self.config.allow_origins):
+            self._note_origin(str(origin)[:100])
             return self._refuse("origin", 403, f"origin {str(origin)[:100]!r} is not allowed\n")
         if not self._rights(endpoint, headers, query):
             return self._refuse("token", 401, "missing or wrong token: send Authorization: Bearer TOKEN\n")
@@ -367,6 +380,20 @@ class Relay:
         expected = {"publish": self.config.publish_token, "subscribe": self.config.subscribe_token}
         return {role for role in wanted if any_token_ok(expected[role], tokens)}
 
+    def _note_origin(self, origin: str) -> None:
+        """Say once per origin why a browser's WebSocket was refused, and what would allow it."""
+        if not self._origins_refused.first(origin):
+            return
+        log.warning(
+            "refused a WebSocket from a page at origin %r: start the relay with --allow-origin %s "
+            "(or FEDRELAY_ALLOW_ORIGINS) to allow it%s",
+            origin,
+            origin if origin.startswith(("http://", "https://")) else "URL",
+            f"; further refused origins are not logged (more than {ORIGINS_LOGGED})"
+            if self._origins_refused.overflowed
+            else "",
+        )
+
     def _refuse(self, reason: str, status: int, text: str) -> Response:
         self.metrics.handshakes_refused.labels(reason).inc()
         return text_response(status, text)
@@ -378,6 +405,7 @@ class Relay:
         endpoint = {"/publish": "publish", "/subscribe": "subscribe"}.get(url.path, "root")
         gauge = self.metrics.connections.labels(endpoint)
         gauge.inc()
+        self.metrics.connections_opened.labels(endpoint).inc()
         try:
             if endpoint == "publish":
                 await self._publisher(conn, query)
@@ -635,6 +663,9 @@ class Relay:
             conn,
             {"op": "subscribed", "run_id": run_id, "since": since, "last_seq": joined.last_seq},
         )
+        waiting = joined.last_seq < since or run_id not in self.hub.runs
+        start = "waiting" if waiting else "catch_up" if joined.from_store else "live"
+        self.metrics.subscriptions.labels(start).inc()
         if joined.gap_resume_from is not None:
             self._send_gap(conn, run_id, since, joined.gap_resume_from)
         self._write_events(conn, sub, joined.backlog)
@@ -707,23 +738,52 @@ class Relay:
             self._forget(sub)
 
     def _root_frame(self, conn: ServerConnection, producer: str | None, frame: str | bytes) -> None:
+        """Store a root frame under its run; refuse only what no browser could read back."""
         try:
             self._check_size(frame)
-            raw = parse_json(frame)
+            raw, suspect = parse_frame(frame)
+            if suspect:
+                raw = repair_values(raw)
             if isinstance(raw, dict) and raw.get("type") == "ping":
                 self._send(conn, {"type": "pong"})
                 return
             if producer is None:
                 raise Refused("forbidden", "this connection has no publish token: it may only receive")
-            event = legacy_to_event(raw)
+            event, named = root_event(raw)
         except Refused as exc:
-            self._reject(conn, exc, legacy=True)
+            self._reject_root(conn, exc)
             return
+        host = _host(conn)
+        if named is not None:
+            self.root_runs.named(host, named)
+            event["run_id"] = named
+        else:
+            event["run_id"] = self.root_runs.unnamed(host, self._takes_unnamed_frames)
         accepted = self.hub.accept(producer, [event], max_body=self._max_body)
         for _, exc in accepted.too_large:
-            self._reject(conn, exc, legacy=True)
+            self._reject_root(conn, exc)
         self.store.append(accepted.new)
         self.metrics.events_in.inc(len(accepted.new))
+
+    def _takes_unnamed_frames(self, run_id: str) -> bool:
+        run = self.hub.runs.get(run_id)
+        return run is not None and run.status == "running" and time.time() - run.updated_at < FOLLOW_FOR
+
+    def _reject_root(self, conn: ServerConnection, exc: Refused) -> None:
+        """Answer in the legacy shape and log: root producers never read the answer."""
+        self._reject(conn, exc, legacy=True)
+        host = _host(conn)
+        held = self._root_refusals.allow(host, time.monotonic())
+        if held is None:
+            return
+        log.warning(
+            "refused a frame on / from %s: %s: %s (root-path producers do not read replies: "
+            "the frame is lost)%s",
+            _peer(conn),
+            exc.code,
+            exc.detail[:200],
+            f"; {held} more refused from {host} since the last such line" if held else "",
+        )
 
     # -- delivery ------------------------------------------------------------
 
@@ -854,6 +914,44 @@ def _valid_name(name: str) -> bool:
     return RUN_ID_RE.fullmatch(name) is not None
 
 
+def _ws_url(host: str, port: int) -> str:
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
+def _without_missing_ipv6(hosts: list[str]) -> list[str]:
+    """Drop ::1 from several hosts when this machine cannot bind it (IPv6 disabled).
+
+    ``localhost`` resolves to ::1 first on many systems, hence the default; a
+    relay on a machine without IPv6 still starts, on the other addresses.
+    """
+    if IPV6_LOOPBACK not in hosts or len(hosts) == 1:
+        return list(hosts)
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind((IPV6_LOOPBACK, 0))
+    except OSError as exc:
+        rest = [host for host in hosts if host != IPV6_LOOPBACK]
+        log.warning(
+            "cannot listen on [::1] (%s): IPv6 looks disabled; listening on %s only", exc, ", ".join(rest)
+        )
+        return rest
+    return list(hosts)
+
+
+def _one_port_for_all(hosts: list[str], port: int) -> int:
+    """Port 0 with several hosts would give each its own free port: pick one for all.
+
+    (The port is free when probed and taken a moment later; only tests and
+    benchmarks ask for port 0.)
+    """
+    if port != 0 or len(hosts) == 1:
+        return port
+    family = socket.AF_INET6 if ":" in hosts[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((hosts[0], 0))
+        return probe.getsockname()[1]
+
+
 def _loopback(host: str) -> bool:
     """Whether only this machine can reach an address the relay listens on."""
     if host == "localhost":
@@ -875,6 +973,13 @@ def _websockets_logger() -> logging.Logger:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
     return logger
+
+
+def _host(conn: ServerConnection) -> str:
+    try:
+        return str(conn.remote_address[0])
+    except Exception:
+        return "?"
 
 
 def _peer(conn: ServerConnection) -> str:

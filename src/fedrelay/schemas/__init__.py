@@ -1,5 +1,6 @@
 """The wire contract: events, control frames, validation. No I/O."""
 
+from .compat import root_event, root_run_name, root_view
 from .control import (
     Ack,
     ErrorFrame,
@@ -18,8 +19,6 @@ from .events import EVENT_TYPES, RUN_ID_PATTERN, RUN_ID_RE, Event, EventBase, So
 from .wire import (
     Refused,
     encode,
-    legacy_shape,
-    legacy_to_event,
     parse_json,
     split_frame,
     validate_event,
@@ -46,9 +45,10 @@ __all__ = [
     "Unsubscribe",
     "Unsubscribed",
     "encode",
-    "legacy_shape",
-    "legacy_to_event",
     "parse_json",
+    "root_event",
+    "root_run_name",
+    "root_view",
     "split_frame",
     "validate_event",
 ]

@@ -18,9 +18,6 @@ from .events import EVENT_TYPES, RUN_ID_RE, Event
 
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
-LEGACY_DEFAULT_RUN = "default"
-"""Run id for root-path events that carry no ``data.run_id``."""
-
 
 class Refused(ValueError):
     """Input the relay will not accept, and why."""
@@ -236,46 +233,3 @@ def validate_event(raw: Any) -> dict[str, Any]:
     except ValidationError as exc:
         raise Refused("invalid_event", _describe(exc)) from None
     return raw
-
-
-def legacy_to_event(raw: Any) -> dict[str, Any]:
-    """Turn a root-path ``{type, timestamp, data}`` frame into an event.
-
-    Hand-rolled trainers send types fedrelay does not know; on the root path
-    those pass through unvalidated, while known types are held to their
-    schema so that a typo still gets an answer.
-    """
-    if not isinstance(raw, dict):
-        raise Refused("not_object", "a frame must be a JSON object")
-    kind = raw.get("type")
-    if not isinstance(kind, str) or not kind or len(kind) > 64:
-        raise Refused("missing_type", "a frame needs a 'type' string of 1-64 characters")
-    data = raw.get("data", {})
-    if not isinstance(data, dict):
-        raise Refused("bad_data", "'data' must be a JSON object")
-    run_id = data.get("run_id", LEGACY_DEFAULT_RUN)
-    if isinstance(run_id, int) and not isinstance(run_id, bool):
-        run_id = str(run_id)
-    if not isinstance(run_id, str) or RUN_ID_RE.fullmatch(run_id) is None:
-        raise Refused(
-            "bad_run_id",
-            "data.run_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
-        )
-    event: dict[str, Any] = {"type": kind, "run_id": run_id, "data": data}
-    timestamp = raw.get("timestamp")
-    if isinstance(timestamp, str):
-        event["timestamp"] = timestamp
-    if kind in EVENT_TYPES:
-        try:
-            _EVENT_ADAPTER.validate_python({**event, "timestamp": None})
-        except ValidationError as exc:
-            raise Refused("invalid_event", _describe(exc)) from None
-    return event
-
-
-def legacy_shape(event: dict[str, Any]) -> dict[str, Any]:
-    """The root-path view of a stored event: run_id and seq inside data."""
-    data = dict(event.get("data") or {})
-    data.setdefault("run_id", event["run_id"])
-    data["seq"] = event["seq"]
-    return {"type": event["type"], "timestamp": event.get("timestamp"), "data": data}

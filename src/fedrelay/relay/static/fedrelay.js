@@ -6,6 +6,7 @@
 // Each event reaches onEvent once, in seq order per run. The client remembers
 // the last seq of every run and, after a relay restart, a network drop or a
 // "slow consumer" close (1013), reconnects with backoff and resumes from there.
+// A run that has not started yet is waited for by the relay: no polling.
 // Types: fedrelay.d.ts (generated from the relay's pydantic schema).
 
 /** @typedef {import("./fedrelay.d.ts").Event} Event */
@@ -91,7 +92,6 @@ export function subscribe(options) {
   let retryTimer = null;
   let pingTimer = null;
   let lastFrameAt = 0;
-  const retries = new Map(); // runId -> timer, for runs the relay does not know yet
 
   const status = (state, detail = {}) => onStatus && onStatus(state, detail);
 
@@ -128,10 +128,6 @@ export function subscribe(options) {
     if (frame.op === "gap") {
       cursors.set(frame.run_id, frame.resume_from - 1);
       if (onGap) onGap(frame);
-    } else if (frame.op === "error" && frame.code === "unknown_run" && frame.run_id && runs.has(frame.run_id)) {
-      // The run has not started yet (or the relay is still loading): ask again shortly.
-      clearTimeout(retries.get(frame.run_id));
-      retries.set(frame.run_id, setTimeout(() => join(frame.run_id), 1000));
     }
     if (onControl) onControl(frame);
   }
@@ -159,8 +155,6 @@ export function subscribe(options) {
     const socket = ws;
     ws = null;
     clearInterval(pingTimer);
-    for (const timer of retries.values()) clearTimeout(timer);
-    retries.clear();
     socket?.close();
     status("closed", { code, reason });
     if (closed) return;

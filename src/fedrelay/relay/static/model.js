@@ -2,10 +2,15 @@
 //
 // Every point is keyed by (chart, series, x), so the model is the place that
 // would notice a lost or doubled event: it counts seq duplicates and holes.
+//
+// Events from the root path reach it unvalidated (a round may be a string,
+// metrics may hold a timestamp text): each handler takes only the values of
+// the kind it expects and ignores the rest.
 
 const PREFERRED = ["loss", "accuracy", "acc", "precision", "recall", "f1", "auroc", "auc"];
 const PHASE_PREFIX = /^(train|training|fit|val|valid|validation|eval|evaluate|test)[_/.-]/i;
-const COUNT_KEYS = /^(num[-_ ]?examples|num[-_ ]?samples|examples|samples|epoch|step|round)$/i;
+const COUNT_KEYS = /^(num[-_ ]?examples|num[-_ ]?samples|examples|samples|epoch|(global[-_ ]?)?step|round)$/i;
+const END_STATUSES = ["completed", "failed", "stopped"];
 const LOG_SIZE = 300;
 
 /** "val_loss" -> "loss": metrics of one quantity share a chart. */
@@ -26,6 +31,18 @@ function isNumber(value) {
   return typeof value === "number" && Number.isFinite(value);
 }
 
+function isCount(value) {
+  return Number.isInteger(value) && value >= 0;
+}
+
+function isObject(value) {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function text(value) {
+  return typeof value === "string" ? value : null;
+}
+
 /** Charts: name -> series label -> Map(x -> y). */
 class ChartSet {
   constructor() {
@@ -43,7 +60,8 @@ class ChartSet {
   }
 
   addAll(metrics, x, label) {
-    for (const [key, value] of Object.entries(metrics || {})) this.add(key, label(key), x, value);
+    if (!isObject(metrics)) return;
+    for (const [key, value] of Object.entries(metrics)) this.add(key, label(key), x, value);
   }
 
   names() {
@@ -135,6 +153,7 @@ export class RunModel {
     this.nodes = new Map(); // Flower node id -> client id
     this.clientMetrics = new Map(); // "phase: key" -> ClientMetric
     this.errors = 0;
+    this.lastError = null;
     this.log = [];
   }
 
@@ -151,9 +170,9 @@ export class RunModel {
     this.stats.events += 1;
     const at = timeOf(event);
     if (at !== null) this.lastEventAt = Math.max(this.lastEventAt || 0, at);
-    const data = event.data || {};
-    const handler = HANDLERS[event.type];
-    if (handler) handler(this, data, at, event);
+    const data = isObject(event.data) ? event.data : {};
+    const handler = Object.hasOwn(HANDLERS, event.type) ? HANDLERS[event.type] : otherEvent;
+    handler(this, data, at, event);
     this.log.push(event);
     if (this.log.length > LOG_SIZE * 2) this.log.splice(0, this.log.length - LOG_SIZE);
     return true;
@@ -216,55 +235,70 @@ function setMode(model, mode) {
   if (!model.mode) model.mode = mode;
 }
 
+/** A type the dashboard does not know: its numeric metrics still chart by round or epoch. */
+function otherEvent(model, data, at, event) {
+  if (!isObject(data.metrics) || typeof event.type !== "string") return;
+  const label = (key) => `${event.type} ${key}`;
+  if (isCount(data.round)) model.roundCharts.addAll(data.metrics, data.round, label);
+  else if (isCount(data.epoch)) model.epochCharts.addAll(data.metrics, data.epoch, label);
+}
+
 const HANDLERS = {
   training_start(model, data, at) {
-    model.mode = data.training_mode || model.mode;
-    model.experiment = data.experiment_name || model.experiment;
-    model.totalRounds = data.num_rounds ?? model.totalRounds;
-    model.maxEpochs = data.max_epochs ?? model.maxEpochs;
+    model.mode = text(data.training_mode) || model.mode;
+    model.experiment = text(data.experiment_name) || model.experiment;
+    model.totalRounds = isCount(data.num_rounds) ? data.num_rounds : model.totalRounds;
+    model.maxEpochs = isCount(data.max_epochs) ? data.max_epochs : model.maxEpochs;
     model.startedAt = at;
     model.status = "running";
     model.summary = null;
   },
   round_start(model, data, at) {
     setMode(model, "federated");
+    if (!isCount(data.round)) return;
     model.round = Math.max(model.round, data.round);
-    model.totalRounds = data.total_rounds ?? model.totalRounds;
+    if (isCount(data.total_rounds)) model.totalRounds = data.total_rounds;
     const clients = data.participating_clients;
     const expected = Array.isArray(clients) ? clients.length : isNumber(clients) ? clients : null;
     model.roundStarted.set(data.round, { at, expected });
   },
   client_progress(model, data, at) {
     setMode(model, "federated");
+    if (data.client_id === undefined || data.client_id === null || !isCount(data.round)) return;
     const client = model.client(data.client_id, data);
     const state = client.at(data.round);
-    if (state.status !== "training" && data.phase && data.phase !== state.phase) state.status = "training";
-    if (state.startedAt === null || (data.status === "started" && data.phase !== state.phase)) {
+    const phase = text(data.phase);
+    if (state.status !== "training" && phase && phase !== state.phase) state.status = "training";
+    if (state.startedAt === null || (data.status === "started" && phase !== state.phase)) {
       state.startedAt = at;
     }
-    state.phase = data.phase || state.phase;
-    if (data.local_epoch !== undefined) state.epoch = data.local_epoch;
-    if (data.metrics) client.metrics[data.phase || "train"] = data.metrics;
+    state.phase = phase || state.phase;
+    if (isNumber(data.local_epoch)) state.epoch = data.local_epoch;
+    if (isObject(data.metrics)) client.metrics[phase || "train"] = data.metrics;
   },
   client_complete(model, data, at) {
     setMode(model, "federated");
+    if (data.client_id === undefined || data.client_id === null) return;
     const client = model.client(data.client_id, data);
+    if (isCount(data.num_examples)) client.numExamples = data.num_examples;
+    if (!isCount(data.round)) return; // a summary of the client's whole run, not of one round
     const state = client.at(data.round);
     if (state.status !== "failed") state.status = "done";
     if (state.startedAt === null) state.startedAt = at;
     state.endedAt = at;
-    state.phase = data.phase || state.phase;
-    if (data.num_examples !== undefined) client.numExamples = data.num_examples;
-    const phase = data.phase || "train";
-    if (data.metrics) client.metrics[phase] = data.metrics;
-    for (const [key, value] of Object.entries(data.metrics || {})) {
+    const phase = text(data.phase) || "train";
+    state.phase = text(data.phase) || state.phase;
+    if (!isObject(data.metrics)) return;
+    client.metrics[phase] = data.metrics;
+    for (const [key, value] of Object.entries(data.metrics)) {
       if (isNumber(value) && !COUNT_KEYS.test(key)) model.clientMetric(`${phase}: ${key}`).add(client.id, data.round, value);
     }
   },
   round_end(model, data, at) {
     setMode(model, "federated");
+    if (!isCount(data.round)) return;
     model.round = Math.max(model.round, data.round);
-    model.totalRounds = data.total_rounds ?? model.totalRounds;
+    if (isCount(data.total_rounds) && data.total_rounds > 0) model.totalRounds = data.total_rounds;
     model.roundsEnded.set(data.round, at);
     const label = (source) => (key) => (baseName(key) === key ? source : `${source} ${key}`);
     model.roundCharts.addAll(data.fit_metrics, data.round, label("fit"));
@@ -273,7 +307,7 @@ const HANDLERS = {
   },
   status(model, data) {
     // The Flower emitter reports the initial server-side evaluation as round 0.
-    if (data.server_metrics && isNumber(data.round)) {
+    if (isObject(data.server_metrics) && isCount(data.round)) {
       model.roundCharts.addAll(data.server_metrics, data.round, (key) =>
         baseName(key) === key ? "server" : `server ${key}`,
       );
@@ -281,28 +315,40 @@ const HANDLERS = {
   },
   epoch_start(model, data) {
     setMode(model, "centralized");
-    model.epoch = Math.max(model.epoch, data.epoch);
+    if (isCount(data.epoch)) model.epoch = Math.max(model.epoch, data.epoch);
   },
   epoch_end(model, data) {
     setMode(model, "centralized");
+    if (!isCount(data.epoch)) return;
     model.epoch = Math.max(model.epoch, data.epoch);
-    const phase = data.phase && data.phase !== "train" ? data.phase : null;
+    const phase = text(data.phase) && data.phase !== "train" ? data.phase : null;
     model.epochCharts.addAll(data.metrics, data.epoch, (key) => (phase && !PHASE_PREFIX.test(key) ? `${phase}_${key}` : key));
   },
   early_stopping(model, data) {
     model.earlyStopping = { ...data };
   },
-  error(model, data, at) {
+  error(model, data, at, event) {
     model.errors += 1;
-    if (data.client_id === undefined || data.client_id === null || !isNumber(data.round)) return;
+    const message = text(data.message) ?? text(data.error);
+    model.lastError = message;
+    if (data.client_id === undefined || data.client_id === null) {
+      // On the root path, a hand-rolled trainer's fatal error (as its frontends take it); fedrelay's
+      // emitters end a failed run with training_end and report other things (a dropped event) here.
+      if (event.via === "root") {
+        model.status = "failed";
+        model.endedAt = at;
+      }
+      return;
+    }
+    if (!isCount(data.round)) return;
     const client = model.clientFor(data.client_id);
     const state = client.at(data.round);
     state.status = "failed";
-    state.error = data.message;
+    state.error = message;
     state.endedAt = at;
   },
   training_end(model, data, at) {
-    model.status = data.status || "completed";
+    model.status = END_STATUSES.includes(data.status) ? data.status : "completed";
     model.endedAt = at;
     model.summary = { ...data };
   },

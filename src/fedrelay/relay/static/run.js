@@ -11,7 +11,7 @@ import { RunModel } from "./model.js";
 const RENDER_EVERY_MS = 250;
 
 function describe(event) {
-  const d = event.data || {};
+  const d = typeof event.data === "object" && event.data !== null ? event.data : {};
   const metrics = (m) =>
     Object.entries(m || {})
       .filter(([, v]) => typeof v === "number")
@@ -37,9 +37,9 @@ function describe(event) {
     case "training_end":
       return `${d.status || "completed"} ${d.best_metric_name ? `best ${d.best_metric_name}=${fmtNumber(d.best_metric_value)}` : ""}`;
     case "error":
-      return `${d.client_id !== undefined && d.client_id !== null ? "client " + d.client_id + ": " : ""}${d.message}`;
+      return `${d.client_id !== undefined && d.client_id !== null ? "client " + d.client_id + ": " : ""}${d.message ?? d.error ?? ""}`;
     default:
-      return d.message || "";
+      return typeof d.message === "string" ? d.message : "";
   }
 }
 
@@ -49,10 +49,14 @@ function summaryItems(model) {
   if (s.best_round) items.push(["best round", s.best_round]);
   if (s.best_epoch) items.push(["best epoch", s.best_epoch]);
   if (s.best_metric_name) items.push([`best ${s.best_metric_name}`, fmtNumber(s.best_metric_value)]);
-  if (s.training_duration !== undefined) items.push(["training time", fmtDuration(s.training_duration)]);
+  if (s.training_duration !== undefined) {
+    const duration = s.training_duration;
+    items.push(["training time", typeof duration === "string" ? duration : fmtDuration(duration)]);
+  }
   if (s.epochs_completed !== undefined) items.push(["epochs completed", s.epochs_completed]);
   if (s.rounds_completed !== undefined) items.push(["rounds completed", s.rounds_completed]);
   if (model.errors) items.push(["errors", model.errors]);
+  if (model.lastError) items.push(["last error", model.lastError]);
   return items;
 }
 
@@ -125,8 +129,8 @@ export function mountRun(root, { runId, token, state, backHref }) {
     const es = model.earlyStopping;
     banner.hidden = !es;
     if (es) banner.textContent = `Early stopping at epoch ${es.epoch ?? "?"}: ${es.reason || `${es.metric_name} did not improve for ${es.patience} epochs`}`;
-    summary.hidden = !model.summary;
-    if (model.summary) summary.replaceChildren(...summaryItems(model).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
+    summary.hidden = !model.summary && !model.lastError;
+    if (!summary.hidden) summary.replaceChildren(...summaryItems(model).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
     view?.render(model, now);
     log.replaceChildren(
       ...model.recentEvents(100).map((e) =>
@@ -159,6 +163,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
       stats: { ...model.stats },
       connects,
       earlyStopping: model.earlyStopping,
+      lastError: model.lastError,
       rendered: (state.rendered || 0) + 1,
     });
     state.points = (name) => pointsOf(model, name);
