@@ -155,9 +155,9 @@ def test_a_relay_without_ipv6_still_starts_on_127_0_0_1(tmp_path):
             ["unshare", "-n", "sh", str(script)], capture_output=True, text=True, env=env, timeout=60
         )
     except FileNotFoundError:
-        pytest.skip("unshare(1) is not installed")
+        pytest.fail("unshare(1) (util-linux) is not installed: this test needs it to start a relay without IPv6")
     if "Operation not permitted" in done.stderr:
-        pytest.skip("no permission for a network namespace")
+        pytest.fail("no permission for a network namespace (run the suite as root, as make test does in CI)")
     log = (tmp_path / "out").read_text()
     assert done.stdout.strip() == "200", (done.stdout, done.stderr, log)
     assert "cannot listen on [::1]" in log and "listening on 127.0.0.1 only" in log, log
