@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,9 +36,18 @@ class RelayProcess:
     """``python -m fedrelay serve`` on a free port with a SQLite file."""
 
     def __init__(
-        self, db: Path | str, *, port: int | None = None, args: list[str] = (), env=None, preexec_fn=None
+        self,
+        db: Path | str,
+        *,
+        port: int | None = None,
+        args: list[str] = (),
+        env=None,
+        preexec_fn=None,
+        ca_file: Path | str | None = None,
     ):
         self.db = str(db)
+        self.ssl_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        """Set for a relay given ``--certfile``: the test CA that signed it; URLs are then wss/https."""
         self.preexec_fn = preexec_fn
         """Runs in the child before exec: e.g. resource limits for disk-full tests."""
         self.port = port or free_port()
@@ -48,11 +58,11 @@ class RelayProcess:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         cmd = [
@@ -87,7 +97,7 @@ class RelayProcess:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.http + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=self.ssl_context) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

@@ -50,6 +50,7 @@ from .http import HttpApi, first_param, text_response, whole_number
 from .hub import Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
 from .store import EventStore
+from .tls import server_context
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -114,6 +115,10 @@ class Relay:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store and listen; :class:`TlsError` before anything else when the
+        certificate or key cannot be used."""
+        cfg = self.config
+        tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:
             self.hub.restore_run(run)
@@ -126,7 +131,6 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        cfg = self.config
         connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
         self._server = await serve(
             self._handle,
@@ -143,6 +147,9 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
+            ssl=tls,
+            # The TLS handshake comes before the request's 10 s; asyncio's default waits 60 s.
+            **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         log.info(
@@ -160,6 +167,12 @@ class Relay:
                 " or ".join(open_roles),
                 " and ".join(open_roles),
             )
+        if tls is None and len(open_roles) < 2 and not _loopback(cfg.host):
+            log.warning(
+                "listening on %s without TLS: tokens and events cross the network in clear text "
+                "(give --certfile and --keyfile, or put a TLS proxy in front; see docs/security.md)",
+                cfg.host,
+            )
 
     @property
     def port(self) -> int:
@@ -168,10 +181,16 @@ class Relay:
 
     @property
     def url(self) -> str:
+        """The WebSocket base URL: ``wss://`` when the relay serves TLS."""
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.config.tls else 'ws'}://{host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The same port as ``http://`` or ``https://``: the dashboard and the API."""
+        return "http" + self.url[2:]
 
     def request_stop(self) -> None:
         self._stopping.set()
