@@ -26,10 +26,12 @@ from websockets.http11 import Request, Response
 
 from ..schemas.events import RUN_ID_RE
 from ..schemas.wire import (
+    PRODUCER_OPS,
     Refused,
     encode,
     legacy_to_event,
     parse_frame,
+    parse_holding,
     parse_json,
     refuse_unsafe_values,
     split_frame,
@@ -124,6 +126,7 @@ class Relay:
             self.hub.restore_run(run)
         for name, last_id in restored.producers.items():
             self.hub.restore_producer(name, last_id)
+        self.store.save_runs(self.hub.settle_restored())
         self.metrics.producers_forgotten.inc(restored.forgotten)
         self.metrics.bind(
             store_lag=lambda: self.store.lag,
@@ -437,6 +440,7 @@ class Relay:
                 "last_id": last_id,
                 "max_frame_bytes": self.config.max_frame_bytes,
                 "max_events_per_frame": self.config.max_events_per_frame,
+                "accepts": list(PRODUCER_OPS),
             },
         )
         acks = _AckState(conn, name)
@@ -462,6 +466,9 @@ class Relay:
         try:
             self._check_size(frame)
             parsed, suspect = parse_frame(frame)
+            if isinstance(parsed, dict) and "op" in parsed:  # events have no "op": a control frame
+                self._producer_control(producer, parsed)
+                return
             raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
@@ -493,11 +500,24 @@ class Relay:
             acks.registered = top_id
             self.store.after_commit(partial(self._ack_ready, acks, top_id))
 
+    def _producer_control(self, producer: str, msg: dict[str, Any]) -> None:
+        """``holding`` (the one op ``hello.accepts`` lists): runs lack events until acked.
+        Anything else raises :class:`Refused`, answered with an error frame."""
+        if msg.get("op") != "holding":
+            op = str(msg.get("op"))[:40]
+            raise Refused("bad_op", f"unknown op {op!r} on /publish; accepted: {', '.join(PRODUCER_OPS)}")
+        changed = self.hub.holding(producer, parse_holding(msg))
+        if changed:
+            self.store.save_runs(changed)
+
     def _ack_ready(self, acks: _AckState, upto: int) -> None:
         """Events up to ``upto`` are stored; one ack per producer per commit goes out."""
         if upto <= acks.ready:
             return
         acks.ready = upto
+        settled = self.hub.settle(acks.producer, upto)
+        if settled:
+            self.store.save_runs(settled)
         if not self._acks_due:
             asyncio.get_running_loop().call_soon(self._send_acks)
         self._acks_due.add(acks)
