@@ -21,7 +21,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
 
 from tests.support.clients import event
-from tests.support.relay_process import RelayProcess, free_port
+from tests.support.metrics import scrape
+from tests.support.relay_process import RelayProcess, free_port, wait_until
 
 PUBLISH, SUBSCRIBE = "pub-tok3n", "sub-tok3n"
 
@@ -159,3 +160,41 @@ def test_unusable_certificate_or_key_stops_the_relay_at_start_naming_the_file(ca
         assert result.returncode == 2, (name, result.stderr)
         assert expected in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr, name
+
+
+async def test_a_subscriber_that_stops_reading_over_tls_is_cut_like_any_other(tls_files, tmp_path):
+    """The send queue bound holds under TLS too: the encrypted transport reports what waits."""
+    from tests.test_slow_consumer import BATCH, padded, send_handshake, stream_size, tiny_receive_socket
+
+    relay = RelayProcess(
+        tmp_path / "slow.db",
+        args=["--certfile", str(tls_files["cert"]), "--keyfile", str(tls_files["key"]),
+              "--max-queue-bytes", "65536"],
+        ca_file=tls_files["ca"],
+    ).start()  # fmt: skip
+    total = stream_size()
+    events = [padded("tls-slow", i) for i in range(1, total + 1)]
+    sock = None
+    try:
+        async with connect(f"{relay.url}/publish?producer=p", ssl=relay.ssl_context) as producer:
+            await producer.recv()  # hello
+            await producer.send(json.dumps(events[:1]))
+            await producer.recv()  # the run exists: a subscriber may follow it
+            raw = tiny_receive_socket(relay.port)
+            sock = relay.ssl_context.wrap_socket(raw, server_hostname="127.0.0.1")
+            send_handshake(sock, relay.port, "/subscribe?run_id=tls-slow&since=0")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 101"), head  # and it never reads again
+            for start in range(1, total, BATCH):
+                await producer.send(json.dumps(events[start : start + BATCH]))
+            async with asyncio.timeout(60):
+                while json.loads(await producer.recv()).get("upto") != total:
+                    pass
+        wait_until(lambda: scrape(relay).get("fedrelay_slow_consumers_total", 0) >= 1, 15, what="the cut")
+        assert "cut slow consumer" in relay.log()
+    finally:
+        if sock is not None:
+            sock.close()
+        relay.stop()
