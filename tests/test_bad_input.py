@@ -54,6 +54,7 @@ def hello_for(producer: str) -> dict:
         "last_id": None,
         "max_frame_bytes": MAX_FRAME,
         "max_events_per_frame": MAX_EVENTS,
+        "accepts": ["holding"],
     }
 
 

@@ -155,7 +155,9 @@ def test_a_relay_without_ipv6_still_starts_on_127_0_0_1(tmp_path):
             ["unshare", "-n", "sh", str(script)], capture_output=True, text=True, env=env, timeout=60
         )
     except FileNotFoundError:
-        pytest.fail("unshare(1) (util-linux) is not installed: this test needs it to start a relay without IPv6")
+        pytest.fail(
+            "unshare(1) (util-linux) is not installed: this test needs it to start a relay without IPv6"
+        )
     if "Operation not permitted" in done.stderr:
         pytest.fail("no permission for a network namespace (run the suite as root, as make test does in CI)")
     log = (tmp_path / "out").read_text()

@@ -62,6 +62,7 @@ def _raise_fd_limit() -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .relay import Relay, RelayConfig
     from .relay.store import StoreError
+    from .relay.tls import TlsError
 
     try:
         config = RelayConfig.from_env(
@@ -82,6 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
             publish_token=args.publish_token,
             subscribe_token=args.subscribe_token,
             allow_origins=args.allow_origin or None,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
             stall_after=args.stall_after,
             compression=True if args.compression else None,
             log_level=args.log_level,
@@ -97,6 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
         relay = Relay(config)
         try:
             await relay.start()
+        except TlsError as exc:
+            logging.getLogger("fedrelay").error("TLS: %s", exc)
+            return 2
         except StoreError as exc:
             logging.getLogger("fedrelay").error("%s", exc)
             return 1
@@ -110,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.request_stop)
         print(
-            f"fedrelay {__version__} relay on {relay.url}  (dashboard: http{relay.url[2:]}/)",
+            f"fedrelay {__version__} relay on {relay.url}  (dashboard: {relay.http_url}/)",
             flush=True,
         )
         left = await relay.serve_until_stopped()
@@ -270,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--publish-token", help="token producers must present")
     serve.add_argument("--subscribe-token", help="token subscribers and /api must present")
     serve.add_argument("--allow-origin", action="append", help="extra browser origin allowed ('*' = any)")
+    serve.add_argument(
+        "--certfile",
+        help="PEM certificate chain: serve wss:// and https:// on the port (FEDRELAY_CERTFILE)",
+    )
+    serve.add_argument("--keyfile", help="PEM private key of --certfile, unencrypted (FEDRELAY_KEYFILE)")
     serve.add_argument("--stall-after", type=float, help="seconds of silence before 'stalled' (300)")
     serve.add_argument("--compression", action="store_true", help="enable permessage-deflate")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

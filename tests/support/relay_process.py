@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -43,10 +44,13 @@ class RelayProcess:
         env=None,
         preexec_fn=None,
         hosts: list[str] | None = ("127.0.0.1",),
+        ca_file: Path | str | None = None,
     ):
         self.db = str(db)
         self.hosts = list(hosts) if hosts is not None else None
         """``--host`` values; None: the relay's default (127.0.0.1 and ::1)."""
+        self.ssl_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        """Set for a relay given ``--certfile``: the test CA that signed it; URLs are then wss/https."""
         self.preexec_fn = preexec_fn
         """Runs in the child before exec: e.g. resource limits for disk-full tests."""
         self.port = port or free_port()
@@ -57,11 +61,11 @@ class RelayProcess:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         hosts = [arg for host in self.hosts or () for arg in ("--host", host)]
@@ -97,7 +101,7 @@ class RelayProcess:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.http + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=self.ssl_context) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

@@ -57,6 +57,10 @@ class RelayConfig:
     subscribe_token: str | None = None
     allow_origins: list[str] = field(default_factory=list)
     """Extra browser origins allowed; '*' allows any."""
+    certfile: str | None = None
+    """PEM certificate chain: the relay then serves wss:// and https:// only, on the same port."""
+    keyfile: str | None = None
+    """PEM private key of ``certfile`` (may be left out when ``certfile`` holds the key too)."""
     stall_after: float = 300.0
     """Seconds without events after which a running run shows as stalled."""
     ping_interval: float = 20.0
@@ -100,10 +104,16 @@ class RelayConfig:
             if getattr(self, name) == "":  # e.g. --publish-token "$UNSET": "?token=" would match it
                 flag = name.replace("_", "-")
                 raise ValueError(f"--{flag} is empty; leave it out to run without a token")
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("--keyfile / FEDRELAY_KEYFILE needs --certfile / FEDRELAY_CERTFILE too")
 
     @property
     def in_memory(self) -> bool:
         return self.db == MEMORY
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> RelayConfig:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..schemas.compat import VIA_ROOT, root_view
 from ..schemas.wire import Refused, encode, utf8_size
+from .ledger import RunLedger
 
 _SUMMARY_TEXT = 200
 """Longest string a run summary keeps from an event (a name, a reason, a duration)."""
@@ -42,6 +43,11 @@ _RUN_INFO_FIELDS = {
         "training_duration",
     ),
 }
+
+MAX_EVENT_AGE = 366 * 86400.0
+"""An event timestamp older than this (seconds before its arrival) is taken for a wrong clock."""
+MAX_CLOCK_AHEAD = 300.0
+"""...and one this far ahead of the relay's clock, too: the arrival time is used instead."""
 
 
 def _summary_value(value: Any) -> bool:
@@ -97,9 +103,17 @@ class Run:
     ring: deque[Sequenced] = field(default_factory=deque)
     ring_chars: int = 0
     live: set[Subscription] = field(default_factory=set)
+    ledger: RunLedger = field(default_factory=RunLedger)
+    """Events the relay knows exist but does not have (missing client reports, held events)."""
 
-    def track(self, kind: str, data: Any, now: float, *, from_root: bool = False) -> None:
+    def track(
+        self, kind: str, data: Any, now: float, timestamp: Any = None, *, from_root: bool = False
+    ) -> None:
         """Fold an event into the run's status and progress summary.
+
+        ``updated_at`` is the arrival time (silence is the relay's to judge), while the start and
+        end come from the events' own timestamps: a run delivered late by ``fedrelay sync`` keeps
+        the times it ran at.
 
         Root-path events reach here unvalidated (``data`` may be anything, a
         ``status`` a list, a duration a string): only values of the expected
@@ -112,12 +126,13 @@ class Run:
         self.updated_at = now
         if not isinstance(data, dict):
             return
+        self.ledger.fold(kind, data)
         for name in _RUN_INFO_FIELDS.get(kind, ()):
             if name in data and _summary_value(data[name]):
                 self.info[name] = data[name]
         if kind == "training_start":
             self.status = "running"
-            self.started_at = now
+            self.started_at = event_time(timestamp, now)
             self.ended_at = None
         elif kind in ("round_start", "round_end"):
             if _count(data.get("round")):
@@ -138,17 +153,36 @@ class Run:
             self.info["last_error"] = (message if isinstance(message, str) else encode(message))[:500]
             if from_root and data.get("client_id") is None:  # not one client's failure: the run's
                 self.status = "failed"
-                self.ended_at = now
+                self.ended_at = event_time(timestamp, now)
         elif kind == "training_end":
             status = data.get("status", "completed")
             self.status = status if status in ("failed", "stopped") else "completed"
-            self.ended_at = now
+            ended = event_time(timestamp, now)
+            self.ended_at = ended if self.started_at is None else max(ended, self.started_at)
+
+    @property
+    def driven(self) -> bool:
+        """Whether a server or trainer streams this run (it can say when the run ends)."""
+        return (
+            self.started_at is not None
+            or self.status != "running"
+            or any(key in self.info for key in ("round", "epoch", "training_mode"))
+        )
 
     def summary(self, now: float, stall_after: float) -> dict[str, Any]:
-        """The run as the HTTP API shows it; a silent running run is stalled."""
+        """The run as the HTTP API shows it.
+
+        A silent running run is ``stalled``, or ``inactive`` when only clients stream it (no
+        server emitter: nothing will ever say it ended). A run that lacks events the relay knows
+        exist (:class:`RunLedger`) is ``incomplete`` instead of ``completed``, ``stalled`` or
+        ``inactive``; ``incomplete`` says what is missing, also while it runs or after it failed.
+        """
         status = self.status
         if status == "running" and stall_after > 0 and now - self.updated_at > stall_after:
-            status = "stalled"
+            status = "stalled" if self.driven else "inactive"
+        incomplete = self.ledger.incomplete()
+        if incomplete is not None and status in ("completed", "stalled", "inactive"):
+            status = "incomplete"
         return {
             "run_id": self.run_id,
             "status": status,
@@ -159,6 +193,7 @@ class Run:
             "last_seq": self.committed_seq,
             "first_seq": self.first_seq,
             **self.info,
+            "incomplete": incomplete,
         }
 
 
@@ -234,12 +269,25 @@ class Hub:
         """Run id -> subscriptions to a run with no event yet: they join its ``live`` set
         when its first event is accepted. Not a run: ``/api/runs`` does not list them."""
         self._changed: dict[str, Run] = {}
+        self._holders: dict[str, set[str]] = {}
+        """Producer name -> runs whose ledger keeps a ``holding`` report of it."""
 
     # -- state restored from the store -------------------------------------
 
     def restore_run(self, run: Run) -> None:
         run.committed_seq = run.last_seq
         self.runs[run.run_id] = run
+        for producer in run.ledger.holding:
+            self._holders.setdefault(producer, set()).add(run.run_id)
+
+    def settle_restored(self) -> list[str]:
+        """After a restart, drop the ``holding`` reports that stored positions now cover (the
+        relay may have stopped between the commit that covered them and the one recording it).
+        Returns the runs whose ledger changed."""
+        changed: list[str] = []
+        for producer in list(self._holders):
+            changed += self.settle(producer, self.stored_positions.get(producer, 0))
+        return changed
 
     def restore_producer(self, name: str, last_id: int) -> None:
         self.producers[name] = last_id
@@ -300,7 +348,13 @@ class Hub:
                 if waiting:
                     run.live |= waiting
             run.last_seq = seq
-            run.track(event["type"], event.get("data"), now, from_root=event.get("via") == VIA_ROOT)
+            run.track(
+                event["type"],
+                event.get("data"),
+                now,
+                event["timestamp"],
+                from_root=event.get("via") == VIA_ROOT,
+            )
             self._changed[run_id] = run
             accepted.new.append(
                 Sequenced(
@@ -316,6 +370,42 @@ class Hub:
         if accepted.upto is not None:
             self.producers[producer] = last_id
         return accepted
+
+    # -- what producers hold ------------------------------------------------
+
+    def holding(self, producer: str, runs: dict[str, tuple[int, int]]) -> list[str]:
+        """``producer`` reports unacked events per run: ``(count, highest id)``.
+
+        The report stands until the producer's position reaches that id, across its
+        disconnects. A run the relay has never seen is created: its events exist somewhere.
+        Returns the runs whose ledger changed (for the store).
+        """
+        now = self.clock()
+        position = self.stored_positions.get(producer, 0)
+        changed: list[str] = []
+        for run_id, (count, upto) in runs.items():
+            run = self.runs.get(run_id)
+            if run is None:
+                if position >= upto:
+                    continue
+                run = self.runs[run_id] = Run(run_id, created_at=now, updated_at=now)
+            if run.ledger.announce(producer, count, upto, position):
+                changed.append(run_id)
+            if producer in run.ledger.holding:
+                self._holders.setdefault(producer, set()).add(run_id)
+        return changed
+
+    def settle(self, producer: str, position: int) -> list[str]:
+        """Every id of ``producer`` up to ``position`` is stored or refused (acked): clear the
+        reports this covers. Returns the runs whose ledger changed."""
+        runs = self._holders.get(producer)
+        if not runs:
+            return []
+        changed = [run_id for run_id in runs if self.runs[run_id].ledger.settle(producer, position)]
+        runs.difference_update(changed)
+        if not runs:
+            del self._holders[producer]
+        return changed
 
     # -- commits -----------------------------------------------------------
 
@@ -470,6 +560,24 @@ class Hub:
         """Runs whose summary changed since the last call (for the store)."""
         changed, self._changed = list(self._changed.values()), {}
         return changed
+
+
+def event_time(timestamp: str | None, now: float) -> float:
+    """An event's own time (seconds since the epoch), or ``now`` when it has none or its
+    producer's clock is implausible (over a year behind, or minutes ahead of the relay's)."""
+    if timestamp is None:
+        return now
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return now
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        seconds = moment.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return now
+    return seconds if now - MAX_EVENT_AGE <= seconds <= now + MAX_CLOCK_AHEAD else now
 
 
 _second_prefix: list[Any] = [None, ""]

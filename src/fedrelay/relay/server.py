@@ -28,9 +28,11 @@ from websockets.http11 import Request, Response
 from ..schemas.compat import repair_values, root_event
 from ..schemas.events import RUN_ID_RE
 from ..schemas.wire import (
+    PRODUCER_OPS,
     Refused,
     encode,
     parse_frame,
+    parse_holding,
     parse_json,
     refuse_unsafe_values,
     split_frame,
@@ -53,6 +55,7 @@ from .metrics import RelayMetrics
 from .root_runs import FOLLOW_FOR, RootRuns
 from .store import EventStore
 from .throttle import LogThrottle, OncePer
+from .tls import server_context
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -127,11 +130,16 @@ class Relay:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store and listen; :class:`TlsError` before anything else when the
+        certificate or key cannot be used."""
+        cfg = self.config
+        tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:
             self.hub.restore_run(run)
         for name, last_id in restored.producers.items():
             self.hub.restore_producer(name, last_id)
+        self.store.save_runs(self.hub.settle_restored())
         self.metrics.producers_forgotten.inc(restored.forgotten)
         self.metrics.bind(
             store_lag=lambda: self.store.lag,
@@ -139,7 +147,6 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        cfg = self.config
         connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
         self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
@@ -157,11 +164,14 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
+            ssl=tls,
+            # The TLS handshake comes before the request's 10 s; asyncio's default waits 60 s.
+            **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         log.info(
             "relay listening on %s (store %s, %d runs restored)",
-            " and ".join(_ws_url(host, self.port) for host in self.hosts),
+            " and ".join(_ws_url(host, self.port, secure=cfg.tls) for host in self.hosts),
             cfg.db,
             len(restored.runs),
         )
@@ -174,6 +184,12 @@ class Relay:
                 " or ".join(open_roles),
                 " and ".join(open_roles),
             )
+        if tls is None and len(open_roles) < 2 and not all(_loopback(host) for host in self.hosts):
+            log.warning(
+                "listening on %s without TLS: tokens and events cross the network in clear text "
+                "(give --certfile and --keyfile, or put a TLS proxy in front; see docs/security.md)",
+                ", ".join(self.hosts),
+            )
 
     @property
     def port(self) -> int:
@@ -182,8 +198,14 @@ class Relay:
 
     @property
     def url(self) -> str:
-        """The first address listened on (127.0.0.1 by default; [::1] answers too)."""
-        return _ws_url(self.hosts[0], self.port)
+        """The WebSocket base URL of the first address listened on (127.0.0.1 by default;
+        [::1] answers too): ``wss://`` when the relay serves TLS."""
+        return _ws_url(self.hosts[0], self.port, secure=self.config.tls)
+
+    @property
+    def http_url(self) -> str:
+        """The same port as ``http://`` or ``https://``: the dashboard and the API."""
+        return "http" + self.url[2:]
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -446,6 +468,7 @@ class Relay:
                 "last_id": last_id,
                 "max_frame_bytes": self.config.max_frame_bytes,
                 "max_events_per_frame": self.config.max_events_per_frame,
+                "accepts": list(PRODUCER_OPS),
             },
         )
         acks = _AckState(conn, name)
@@ -471,6 +494,9 @@ class Relay:
         try:
             self._check_size(frame)
             parsed, suspect = parse_frame(frame)
+            if isinstance(parsed, dict) and "op" in parsed:  # events have no "op": a control frame
+                self._producer_control(producer, parsed)
+                return
             raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
@@ -502,11 +528,24 @@ class Relay:
             acks.registered = top_id
             self.store.after_commit(partial(self._ack_ready, acks, top_id))
 
+    def _producer_control(self, producer: str, msg: dict[str, Any]) -> None:
+        """``holding`` (the one op ``hello.accepts`` lists): runs lack events until acked.
+        Anything else raises :class:`Refused`, answered with an error frame."""
+        if msg.get("op") != "holding":
+            op = str(msg.get("op"))[:40]
+            raise Refused("bad_op", f"unknown op {op!r} on /publish; accepted: {', '.join(PRODUCER_OPS)}")
+        changed = self.hub.holding(producer, parse_holding(msg))
+        if changed:
+            self.store.save_runs(changed)
+
     def _ack_ready(self, acks: _AckState, upto: int) -> None:
         """Events up to ``upto`` are stored; one ack per producer per commit goes out."""
         if upto <= acks.ready:
             return
         acks.ready = upto
+        settled = self.hub.settle(acks.producer, upto)
+        if settled:
+            self.store.save_runs(settled)
         if not self._acks_due:
             asyncio.get_running_loop().call_soon(self._send_acks)
         self._acks_due.add(acks)
@@ -914,8 +953,9 @@ def _valid_name(name: str) -> bool:
     return RUN_ID_RE.fullmatch(name) is not None
 
 
-def _ws_url(host: str, port: int) -> str:
-    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+def _ws_url(host: str, port: int, *, secure: bool = False) -> str:
+    scheme = "wss" if secure else "ws"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _without_missing_ipv6(hosts: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ import aiosqlite
 
 from ..schemas.wire import encode
 from .hub import Run, Sequenced
+from .ledger import RunLedger
 
 log = logging.getLogger("fedrelay.store")
 
@@ -54,7 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at    REAL,
     last_seq    INTEGER NOT NULL,
     first_seq   INTEGER NOT NULL DEFAULT 1,
-    info        TEXT NOT NULL DEFAULT '{}'
+    info        TEXT NOT NULL DEFAULT '{}',
+    ledger      TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id      TEXT NOT NULL,
@@ -79,13 +81,15 @@ _INSERT_EVENT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_RUN = """
-INSERT INTO runs (run_id, status, created_at, updated_at, started_at, ended_at, last_seq, info)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO runs (run_id, status, created_at, updated_at, started_at, ended_at, last_seq, info, ledger)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, updated_at = excluded.updated_at,
     started_at = excluded.started_at, ended_at = excluded.ended_at,
-    last_seq = excluded.last_seq, info = excluded.info
+    last_seq = excluded.last_seq, info = excluded.info, ledger = excluded.ledger
 """
+_ADDED_COLUMNS = {"runs": [("ledger", "TEXT NOT NULL DEFAULT '{}'")]}
+"""Columns newer than some databases: added at start."""
 _READ_PAGE = """
 SELECT seq, body FROM (
     SELECT seq, body, sum(length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
@@ -182,6 +186,8 @@ class EventStore:
         self._commits_open.set()
         self._pending: deque[Sequenced] = deque()
         self._pending_chars = 0
+        self._runs_to_save: set[str] = set()
+        """Runs whose row changed without a new event (their ledger): written by the next commit."""
         self._lock_file: int | None = None
         self._appended = 0
         self._committed = 0
@@ -225,6 +231,7 @@ class EventStore:
             self._db.executescript(_SCHEMA)
             if self.path != MEMORY:
                 self._probe_write()
+            self._add_columns()
             restored = self._restore()
             if self.path != MEMORY:
                 # Checkpoints move to their own connection's thread: an automatic
@@ -263,12 +270,21 @@ class EventStore:
         finally:
             self._db.execute("ROLLBACK")
 
+    def _add_columns(self) -> None:
+        """Bring a database made by an older relay up to this schema (new columns only)."""
+        assert self._db is not None
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
     def _restore(self) -> Restored:
         assert self._db is not None
         runs = []
         query = (
             "SELECT run_id, status, created_at, updated_at, started_at, ended_at,"
-            " last_seq, first_seq, info FROM runs"
+            " last_seq, first_seq, info, ledger FROM runs"
         )
         for row in self._db.execute(query):
             run = Run(
@@ -279,6 +295,7 @@ class EventStore:
                 started_at=row[4],
                 ended_at=row[5],
                 info=json.loads(row[8]),
+                ledger=RunLedger.from_json(row[9]),
             )
             run.last_seq = row[6]
             run.first_seq = row[7]
@@ -372,6 +389,14 @@ class EventStore:
         self._appended += len(items)
         self._wakeup.set()
 
+    def save_runs(self, run_ids: Iterable[str]) -> None:
+        """Write these runs' rows (status, summary, ledger) with the next commit, even if no
+        event of theirs is queued."""
+        before = len(self._runs_to_save)
+        self._runs_to_save.update(run_ids)
+        if len(self._runs_to_save) > before:
+            self._wakeup.set()
+
     def queued_producers(self) -> set[str]:
         """Producers with events accepted and not committed yet."""
         return {item.producer for item in self._pending}
@@ -401,7 +426,7 @@ class EventStore:
         backoff = 0.05
         busy_since: float | None = None
         while True:
-            if not self._pending:
+            if not self._pending and not self._runs_to_save:
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -592,33 +617,38 @@ class EventStore:
             last_seqs[item.run_id] = item.seq
             if item.producer_id is not None:
                 positions[item.producer] = item.producer_id
+        run_seqs = dict(last_seqs)
+        for run_id in self._runs_to_save.difference(last_seqs):
+            run = self._runs.get(run_id)
+            if run is not None:
+                run_seqs[run_id] = run.committed_seq
         db.execute("BEGIN")
         db.executemany(_INSERT_EVENT, rows)
-        run_rows = []
-        for run_id, last_seq in last_seqs.items():
-            run = self._runs[run_id]
-            run_rows.append(
-                (
-                    run_id,
-                    run.status,
-                    run.created_at,
-                    run.updated_at,
-                    run.started_at,
-                    run.ended_at,
-                    last_seq,
-                    json.dumps(run.info, allow_nan=False, default=str),
-                )
-            )
-        db.executemany(_UPSERT_RUN, run_rows)
+        db.executemany(_UPSERT_RUN, [self._run_row(run_id, seq) for run_id, seq in run_seqs.items()])
         if positions:
             db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
         pruned = self._prune(last_seqs) if self.retain_events else []
         db.execute("COMMIT")
+        self._runs_to_save.clear()  # only now: a failed commit keeps them for the retry
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
         for run_id, first_seq in pruned:
             if self._on_pruned is not None:
                 self._on_pruned(run_id, first_seq)
+
+    def _run_row(self, run_id: str, last_seq: int) -> tuple[Any, ...]:
+        run = self._runs[run_id]
+        return (
+            run_id,
+            run.status,
+            run.created_at,
+            run.updated_at,
+            run.started_at,
+            run.ended_at,
+            last_seq,
+            json.dumps(run.info, allow_nan=False, default=str),
+            run.ledger.to_json(),
+        )
 
     def _prune(self, last_seqs: dict[str, int]) -> list[tuple[str, int]]:
         """Keep at most ``retain_events`` per run; prune in chunks, not per event."""

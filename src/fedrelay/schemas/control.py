@@ -6,9 +6,9 @@ document the contract and to generate JSON Schema for frontends.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Frame(BaseModel):
@@ -24,6 +24,9 @@ class Hello(_Frame):
     last_id: int | None
     max_frame_bytes: int
     max_events_per_frame: int
+    accepts: list[str] = []
+    """Optional control ops this relay takes on ``/publish`` (``holding``); an older relay sends
+    none, and a producer sends only what is listed."""
 
 
 class Ack(_Frame):
@@ -85,5 +88,22 @@ class Ping(_Frame):
     op: Literal["ping"]
 
 
+class HeldRun(_Frame):
+    count: Annotated[int, Field(ge=1)]
+    """Events of the run the producer holds, not acked yet."""
+    upto: Annotated[int, Field(ge=1)]
+    """The highest producer id among them."""
+
+
+class Holding(_Frame):
+    """Producer -> relay, once per session right after ``hello`` when ``hello.accepts`` lists it:
+    what the producer holds unacked (memory, spool, adopted spools), per run. The relay shows those
+    runs as incomplete until the producer's acked position reaches ``upto``."""
+
+    op: Literal["holding"]
+    runs: dict[str, HeldRun]
+
+
 RelayControl = Hello | Ack | Subscribed | Unsubscribed | Gap | ErrorFrame | Pong
 SubscriberControl = Subscribe | Unsubscribe | Ping
+ProducerControl = Holding

@@ -60,15 +60,26 @@ export interface Subscription {
   readonly connects: number;
 }
 
+/** What a run lacks that the relay knows exists (see docs/protocol.md, "Run status"). */
+export interface RunIncomplete {
+  rounds: number[];
+  rounds_missing: number;
+  reports_missing: number;
+  held_events: number;
+  holding_producers: number;
+  detail: string;
+}
+
 export interface RunSummary {
   run_id: string;
-  status: "running" | "completed" | "failed" | "stopped" | "stalled";
+  status: "running" | "completed" | "failed" | "stopped" | "stalled" | "inactive" | "incomplete";
   created_at: number;
   updated_at: number;
   started_at: number | null;
   ended_at: number | null;
   last_seq: number;
   first_seq: number;
+  incomplete: RunIncomplete | null;
   [key: string]: unknown;
 }
 

@@ -18,6 +18,11 @@ from .events import EVENT_TYPES, RUN_ID_RE, Event
 
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
+MAX_HOLDING_RUNS = 1000
+"""Runs one ``holding`` report may name."""
+PRODUCER_OPS = ("holding",)
+"""Control ops a producer may send on ``/publish`` (``hello.accepts``)."""
+
 
 class Refused(ValueError):
     """Input the relay will not accept, and why."""
@@ -203,6 +208,33 @@ def _describe(exc: ValidationError) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+def parse_holding(msg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """A producer's ``{"op": "holding", "runs": {RUN: {"count": N, "upto": ID}}}`` as
+    ``{RUN: (N, ID)}``; anything else is refused whole, with the first thing wrong."""
+    if set(msg) != {"op", "runs"}:
+        raise Refused("bad_holding", 'a holding report is {"op": "holding", "runs": {...}} and nothing else')
+    runs = msg["runs"]
+    if not isinstance(runs, dict) or len(runs) > MAX_HOLDING_RUNS:
+        raise Refused("bad_holding", f"runs must be an object of at most {MAX_HOLDING_RUNS} run ids")
+    held: dict[str, tuple[int, int]] = {}
+    for run_id, entry in runs.items():
+        if RUN_ID_RE.fullmatch(run_id) is None:
+            raise Refused("bad_holding", f"run id {_key(run_id)!r} is not valid")
+        count = entry.get("count") if isinstance(entry, dict) else None
+        upto = entry.get("upto") if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and set(entry) == {"count", "upto"} and _id(count) and _id(upto)):
+            raise Refused(
+                "bad_holding",
+                f'runs[{_key(run_id)!r}] must be {{"count": N, "upto": ID}} with whole numbers >= 1',
+            )
+        held[run_id] = (count, upto)
+    return held
+
+
+def _id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**63 - 1
 
 
 def validate_event(raw: Any) -> dict[str, Any]:

@@ -24,4 +24,8 @@ export class CentralizedView {
   counts() {
     return this.grid.counts();
   }
+
+  drawn(id) {
+    return this.grid.drawn(id);
+  }
 }

@@ -187,4 +187,10 @@ export class ChartGrid {
     for (const chart of this.charts.values()) out[chart.id] = chart.points;
     return out;
   }
+
+  /** The x values a chart draws, left to right (for tests): rounds or epochs in order, whatever the arrival order. */
+  drawn(id) {
+    for (const chart of this.charts.values()) if (chart.id === id) return chart.plot ? [...chart.plot.data[0]] : [];
+    return null;
+  }
 }

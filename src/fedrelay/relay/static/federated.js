@@ -104,4 +104,8 @@ export class FederatedView {
   counts() {
     return { ...this.rounds.counts(), ...this.clientChart.counts() };
   }
+
+  drawn(id) {
+    return this.rounds.drawn(id) ?? this.clientChart.drawn(id);
+  }
 }

@@ -1,14 +1,18 @@
 // run.js: one run, rebuilt from its whole history (since=0) and then kept
 // live; after any disconnect fedrelay.js resumes from the last seq, so the
-// model sees every event exactly once.
+// model sees every event exactly once. The status shown is the relay's
+// (GET /api/runs/{id}): only the relay knows a run is stalled, inactive, or
+// incomplete (events it knows exist but does not have, e.g. still spooled on
+// a client's host), and says what is missing.
 
 import { CentralizedView } from "./centralized.js";
-import { badge, fmtDuration, fmtNumber, fmtTime, h, progress } from "./dom.js";
+import { badge, fmtDuration, fmtNumber, fmtTime, h, progress, throttle } from "./dom.js";
 import { FederatedView } from "./federated.js";
-import { subscribe } from "./fedrelay.js";
+import { fetchRun, subscribe } from "./fedrelay.js";
 import { RunModel } from "./model.js";
 
 const RENDER_EVERY_MS = 250;
+const SUMMARY_EVERY_MS = 5000;
 
 function describe(event) {
   const d = typeof event.data === "object" && event.data !== null ? event.data : {};
@@ -43,9 +47,9 @@ function describe(event) {
   }
 }
 
-function summaryItems(model) {
+function summaryItems(model, status) {
   const s = model.summary || {};
-  const items = [["status", model.status]];
+  const items = [["status", status]];
   if (s.best_round) items.push(["best round", s.best_round]);
   if (s.best_epoch) items.push(["best epoch", s.best_epoch]);
   if (s.best_metric_name) items.push([`best ${s.best_metric_name}`, fmtNumber(s.best_metric_value)]);
@@ -68,6 +72,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
   const counter = h("div", { class: "counter", dataset: { testid: "progress-counter" } });
   const bar = h("div");
   const banner = h("div", { class: "banner", dataset: { testid: "early-stopping" }, hidden: true });
+  const incomplete = h("div", { class: "banner incomplete", dataset: { testid: "incomplete" }, hidden: true });
   const summary = h("dl", { class: "summary", dataset: { testid: "summary" }, hidden: true });
   const body = h("div");
   const log = h("tbody");
@@ -77,6 +82,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
     title,
     meta,
     h("div", { class: "progress-row" }, counter, bar),
+    incomplete,
     banner,
     summary,
     body,
@@ -97,6 +103,22 @@ export function mountRun(root, { runId, token, state, backHref }) {
   let connects = 0;
   let timer = null;
   let receivedAt = Date.now();
+  let relayRun = null; // the relay's summary of this run, once fetched
+
+  async function refreshSummary() {
+    try {
+      relayRun = await fetchRun({ token, runId });
+    } catch {
+      return; // not created yet (404), or the relay is away: keep what we had
+    }
+    schedule();
+  }
+  const summarySoon = throttle(refreshSummary, 1000);
+
+  /** The relay's status when known (stalled, inactive, incomplete are its to judge), else the events'. */
+  function shownStatus() {
+    return relayRun ? relayRun.status : model.status;
+  }
 
   function ensureView() {
     if (view || !model.mode) return;
@@ -111,8 +133,11 @@ export function mountRun(root, { runId, token, state, backHref }) {
     const now = model.lastEventAt === null ? Date.now() : model.lastEventAt + (model.status === "running" ? Date.now() - receivedAt : 0);
     title.textContent = model.experiment ? `${model.experiment}` : runId;
     const end = model.endedAt || (model.status === "running" ? now : model.lastEventAt);
+    const missing = relayRun?.incomplete?.detail || null;
+    incomplete.hidden = !missing;
+    if (missing) incomplete.textContent = missing;
     meta.replaceChildren(
-      badge(model.status),
+      badge(shownStatus()),
       h("span", {}, model.mode || "mode unknown"),
       h("span", { class: "mono" }, runId),
       h("span", {}, `started ${fmtTime(model.startedAt)}`),
@@ -130,7 +155,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
     banner.hidden = !es;
     if (es) banner.textContent = `Early stopping at epoch ${es.epoch ?? "?"}: ${es.reason || `${es.metric_name} did not improve for ${es.patience} epochs`}`;
     summary.hidden = !model.summary && !model.lastError;
-    if (!summary.hidden) summary.replaceChildren(...summaryItems(model).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
+    if (!summary.hidden) summary.replaceChildren(...summaryItems(model, shownStatus()).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
     view?.render(model, now);
     log.replaceChildren(
       ...model.recentEvents(100).map((e) =>
@@ -152,7 +177,8 @@ export function mountRun(root, { runId, token, state, backHref }) {
       view: "run",
       runId,
       mode: model.mode,
-      status: model.status,
+      status: shownStatus(),
+      incomplete: relayRun?.incomplete?.detail || null,
       lastSeq: model.lastSeq,
       round: model.round,
       totalRounds: model.totalRounds,
@@ -167,6 +193,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
       rendered: (state.rendered || 0) + 1,
     });
     state.points = (name) => pointsOf(model, name);
+    state.drawn = (id) => view?.drawn(id) ?? null;
   }
 
   function schedule() {
@@ -179,14 +206,20 @@ export function mountRun(root, { runId, token, state, backHref }) {
     token,
     onEvent: (event) => {
       receivedAt = Date.now();
-      if (model.apply(event)) schedule();
+      if (model.apply(event)) {
+        schedule();
+        summarySoon();
+      }
     },
     onGap: () => {
       model.gap();
       schedule();
     },
     onStatus: (status, detail) => {
-      if (status === "open") connects = detail.connects;
+      if (status === "open") {
+        connects = detail.connects;
+        summarySoon();
+      }
       connection.textContent = status === "open" ? "live" : status === "closed" ? "reconnecting…" : "connecting…";
       connection.className = `conn ${status}`;
       state.connection = status;
@@ -194,10 +227,13 @@ export function mountRun(root, { runId, token, state, backHref }) {
     },
   });
   const ticker = setInterval(() => model.status === "running" && schedule(), 2000); // durations, stragglers
+  const summaryTicker = setInterval(refreshSummary, SUMMARY_EVERY_MS); // stalled, incomplete: no event says so
   render();
+  refreshSummary();
   return () => {
     sub.close();
     clearInterval(ticker);
+    clearInterval(summaryTicker);
     clearTimeout(timer);
   };
 }

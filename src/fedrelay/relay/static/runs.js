@@ -27,7 +27,12 @@ function row(run, href) {
       h("a", { href: href(run.run_id), dataset: { testid: "run-link" } }, run.experiment_name || run.run_id),
       run.experiment_name ? h("div", { class: "muted mono" }, run.run_id) : null,
     ),
-    h("td", {}, badge(run.status)),
+    h(
+      "td",
+      {},
+      badge(run.status),
+      run.incomplete ? h("div", { class: "muted small", dataset: { testid: "run-incomplete" } }, run.incomplete.detail) : null,
+    ),
     h("td", {}, run.training_mode || "–"),
     h("td", { class: "progress-cell" }, h("span", { dataset: { testid: "run-progress" } }, p.text), progress(p.value, p.total)),
     h("td", {}, fmtTime(started * 1000)),
