@@ -251,9 +251,10 @@ def _translate_one(event: dict[str, Any], state: RunState, writes: Writes, clien
 
 
 def _params(data: dict[str, Any], state: RunState, writes: Writes) -> None:
-    flat = flatten({k: v for k, v in data.items() if k != "config"}, "", {})
+    own = {k: v for k, v in data.items() if k != "config"}
+    flat = flatten(own, "", {}) if own else {}
     config = data.get("config")
-    if isinstance(config, dict):
+    if isinstance(config, dict) and config:
         flat = {**flatten(config, "", {}), **flat}  # the event's own fields win over config keys
     for name, value in flat.items():
         key = mlflow_key(name)

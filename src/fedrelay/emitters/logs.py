@@ -126,6 +126,7 @@ class RateLimit:
     """
 
     def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), int(burst)
         now = time.monotonic()
         self.buckets = (TokenBucket(rate, burst, now), TokenBucket(rate, burst, now))
         self.dropped_since = 0
@@ -149,10 +150,10 @@ _limits: dict[int, RateLimit] = {}
 
 
 def process_rate_limit(rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST) -> RateLimit:
-    """This process's :class:`RateLimit` (the first caller's rate and burst hold)."""
+    """This process's :class:`RateLimit`; a new one (full buckets) only when the settings change."""
     limit = _limits.get(os.getpid())
-    if limit is None:
-        limit = _limits.setdefault(os.getpid(), RateLimit(rate, burst))
+    if limit is None or (limit.rate, limit.burst) != (float(rate), int(burst)):
+        limit = _limits[os.getpid()] = RateLimit(rate, burst)
     return limit
 
 
