@@ -23,7 +23,11 @@ from .follow import DEFAULT_URL, Follower, RelayRefused
 
 _METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile(
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window title, hyperlinks
+    r"|[\x00-\x08\x0b-\x1f\x7f]"  # other control characters, ESC included
+)
 """Terminal escapes and control characters: a log message must not recolour or move the terminal."""
 _LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "red", "critical": "bold red"}
 
