@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -297,3 +298,25 @@ def test_a_crash_at_any_write_records_nothing_twice_and_loses_nothing(tracking, 
         assert parent.info.status == "FINISHED" and parent.data.tags["fedrelay.seq"] == str(len(events))
         crash_point += 1
     assert crash_point >= 4, "children, parent points, status and cursor are separate writes"
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def bridge_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedrelay", "bridge", "mlflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_command_needs_a_tracking_uri_and_a_token_the_relay_accepts(relay_factory, tmp_path):
+    out = bridge_cli("some-run", env={"MLFLOW_TRACKING_URI": ""})
+    assert out.returncode == 2 and "--tracking-uri" in out.stderr
+    relay = relay_factory("--subscribe-token", "s3cret")
+    uri = f"sqlite:///{tmp_path / 'local.db'}"  # a database URI works too, without a server
+    out = bridge_cli("some-run", "--url", relay.url, "--tracking-uri", uri, "--token", "wrong")
+    assert out.returncode == 1 and "401" in out.stderr
