@@ -174,3 +174,14 @@ def test_the_one_line_changes_nothing_the_program_printed(relay, tmp_path):
     assert "printed while forwarding\n" in out.stderr and "printed after removal\n" in out.stderr
     wait_until(lambda: log_events(relay, "logs-print"), 10, what="the forwarded record")
     assert [e["data"]["message"] for e in log_events(relay, "logs-print")] == ["printed while forwarding"]
+
+
+def test_the_integrations_refuse_a_level_that_does_not_exist():
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedrelay.emitters.flower import client_mod, instrument
+
+    assert client_mod(forward_logs="warning").forward_logs == "warning"
+    for make in (lambda: client_mod(forward_logs="loud"), lambda: instrument(FedAvg(), forward_logs="loud")):
+        with pytest.raises(ValueError, match="unknown logging level 'loud'"):
+            make()

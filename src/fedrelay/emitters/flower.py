@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from . import Emitter, get_emitter
-from .logs import LogSource, forwarding, installed_forwarder
+from .logs import LogSource, check_level, forwarding, installed_forwarder
 
 URL_KEY = "fedrelay-url"
 """Run-config / node-config key holding the relay URL."""
@@ -198,7 +198,7 @@ class InstrumentedStrategy(Strategy):
         self._monitor = monitor
         self._maximize = _higher_is_better(monitor) if mode is None else mode == "max"
         self._flush_timeout = flush_timeout
-        self._forward_logs = forward_logs
+        self._forward_logs = check_level(forward_logs)
         self._log_source = LogSource(role="server")
         self._num_rounds: int | None = None
         self._has_evaluate_fn = False
@@ -594,7 +594,7 @@ class ClientTelemetryMod:
         self.url = url
         self.flush_timeout = flush_timeout
         self.phases = tuple(phases)
-        self.forward_logs = forward_logs
+        self.forward_logs = check_level(forward_logs)
         """While a message is handled, ``logging`` records go out as ``log`` events with its client
         id and round (True for INFO, or a level); None/False: off."""
 

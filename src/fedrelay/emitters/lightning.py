@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from . import Emitter, get_emitter
-from .logs import LogSource, forwarding
+from .logs import LogSource, check_level, forwarding
 
 _MAX_DETAIL = 4000
 _HIGHER_IS_BETTER = ("acc", "auroc", "auc", "f1", "precision", "recall", "score", "iou", "dice")
@@ -88,7 +88,7 @@ class FedRelayCallback(Callback):
         self.client_id = client_id
         self.hparams = hparams
         self.flush_timeout = flush_timeout
-        self.forward_logs = forward_logs
+        self.forward_logs = check_level(forward_logs)
         self._logs = contextlib.ExitStack()
         self._log_source = LogSource()
         self._t0 = 0.0

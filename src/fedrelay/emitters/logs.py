@@ -97,6 +97,13 @@ def parse_level(level: int | str | bool) -> int:
     return number
 
 
+def check_level(setting: bool | int | str | None) -> bool | int | str | None:
+    """An integration's ``forward_logs`` option, refused at construction if it names no level."""
+    if setting is not None and setting is not False:
+        parse_level(setting)
+    return setting
+
+
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; one token per record. No clock of its own."""
 
