@@ -375,3 +375,53 @@ def test_export_of_a_run_from_the_root_path(relay, tmp_path):
     assert epochs[0]["data.metrics.val_auroc"] == "" and epochs[1]["data.metrics.val_auroc"] == "0.77"
     assert epochs[0]["data.metrics.timestamp"] == frames[1]["data"]["metrics"]["timestamp"]
     assert len(rows) == len(expected)
+
+
+def log_event(run_id: str, i: int, level: str, message: str, client: int | None = None, **data) -> dict:
+    source = {"role": "client", "client_id": client} if client is not None else {"role": "server"}
+    body = {"level": level, "logger": "app", "message": message, **data}
+    if client is not None:
+        body.update(client_id=client, round=1)
+    return {"type": "log", "run_id": run_id, "id": i, "source": source, "data": body}
+
+
+LOGGED_RUN = [
+    make_event("logged", 1, "round_start", round=1),
+    log_event("logged", 2, "info", "[ROUND 1/2] starting [bold]now[/bold]"),
+    log_event("logged", 3, "warning", "only 10 examples", client=2),
+    log_event("logged", 4, "error", "train failed", client=3, exception="Traceback ...\nValueError: bad\n"),
+    log_event("logged", 5, "warning", "evil \x1b]0;pwned\x07 title \x1b[31mred", client=2, dropped=7),
+    make_event("logged", 6, "round_end", round=1),
+]
+
+
+def test_tail_shows_log_events_only_with_logs_and_filters_them(relay):
+    asyncio.run(ResendingProducer(relay.url, "logs").publish_all(LOGGED_RUN))
+
+    def lines(*args: str) -> list[str]:
+        result = cli("tail", "logged", "--url", relay.url, "--once", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    assert [line.split()[:2] for line in lines()] == [["#1", "round_start"], ["#6", "round_end"]]
+    shown = lines("--logs")
+    assert shown[1] == "#2 log INFO server app: [ROUND 1/2] starting [bold]now[/bold]"
+    assert shown[2] == "#3 log WARNING client 2 round 1 app: only 10 examples"
+    assert shown[3] == "#4 log ERROR client 3 round 1 app: train failed | ValueError: bad"
+    dropped = "(7 records dropped before this one)"
+    assert shown[4] == f"#5 log WARNING client 2 round 1 app: evil  title red {dropped}"  # no escapes
+    assert [line.split()[0] for line in lines("--level", "error")] == ["#1", "#4", "#6"]
+    assert [line.split()[0] for line in lines("--client", "2")] == ["#1", "#3", "#5", "#6"]
+
+
+def test_live_view_lists_log_lines_as_text_not_markup_or_terminal_codes():
+    console = Console(file=io.StringIO(), force_terminal=False, width=160)
+    view = LiveView(with_run=False, console=console)
+    for seq, event in enumerate(LOGGED_RUN, start=1):
+        view.apply({**event, "seq": seq})
+    console.print(view.render())
+    out = console.file.getvalue()
+    assert "[ROUND 1/2] starting [bold]now[/bold]" in out  # text, not rich markup
+    assert "only 10 examples" in out and "ValueError: bad" in out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "recent events" in out and "logs" in out

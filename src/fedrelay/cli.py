@@ -1,4 +1,4 @@
-"""``fedrelay serve | runs | tail | export | schema | sync | demo``: the command line."""
+"""``fedrelay serve | runs | tail | export | schema | sync | bridge | demo``: the command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, export, tail
+from .bridge.cli import add_parser as add_bridge_parser
 from .demo.cli import add_demo_parser
 
 
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=_schema)
     tail.add_parser(commands)
     export.add_parser(commands)
+    add_bridge_parser(commands)
     add_demo_parser(commands)
     return parser
 

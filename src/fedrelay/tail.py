@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -21,6 +22,14 @@ from typing import Any
 from .follow import DEFAULT_URL, Follower, RelayRefused
 
 _METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_CONTROL = re.compile(
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window title, hyperlinks
+    r"|[\x00-\x08\x0b-\x1f\x7f]"  # other control characters, ESC included
+)
+"""Terminal escapes and control characters: a log message must not recolour or move the terminal."""
+_LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "red", "critical": "bold red"}
 
 
 def _fmt(value: Any) -> str:
@@ -61,9 +70,66 @@ def describe(event: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def log_source(event: dict[str, Any]) -> str:
+    """``client 3 round 2``, ``server round 2``, ``trainer epoch 4``: where a log record came from."""
+    d = event.get("data") or {}
+    source = event.get("source") or {}
+    client = d.get("client_id", source.get("client_id"))
+    parts = [f"client {client}" if client is not None else str(source.get("role") or "?")]
+    if d.get("round") is not None:
+        parts.append(f"round {d['round']}")
+    if d.get("epoch") is not None:
+        parts.append(f"epoch {d['epoch']}")
+    return " ".join(parts)
+
+
+def log_text(event: dict[str, Any]) -> str:
+    """A log event on one line: its message's first line, and the last line of its exception."""
+    d = event.get("data") or {}
+    lines = str(d.get("message", "")).strip().splitlines() or [""]
+    text = lines[0] + (" …" if len(lines) > 1 else "")
+    exception = str(d.get("exception") or "").strip().splitlines()
+    if exception:
+        text += f" | {exception[-1]}"
+    if d.get("dropped"):
+        text += f" ({d['dropped']} records dropped before this one)"
+    return _CONTROL.sub("", text)
+
+
+def log_level(event: dict[str, Any]) -> str:
+    return str((event.get("data") or {}).get("level", "info")).lower()
+
+
+def log_line(event: dict[str, Any]) -> str:
+    d = event.get("data") or {}
+    logger = f" {d['logger']}:" if d.get("logger") else ""
+    return f"{log_level(event).upper()} {log_source(event)}{logger} {log_text(event)}"
+
+
 def plain_line(event: dict[str, Any], with_run: bool) -> str:
     run = f"{event.get('run_id')} " if with_run else ""
-    return f"{run}#{event.get('seq')} {event.get('type')} {describe(event)}".rstrip()
+    body = log_line(event) if event.get("type") == "log" else describe(event)
+    return f"{run}#{event.get('seq')} {event.get('type')} {body}".rstrip()
+
+
+class LogFilter:
+    """Which ``log`` events to show: none unless asked; then by minimum level and client id."""
+
+    def __init__(self, show: bool, level: str | None = None, client: str | None = None) -> None:
+        self.show = show or level is not None or client is not None
+        self.min_level = _LEVELS.get((level or "debug").lower(), 0)
+        self.client = client
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        if event.get("type") != "log":
+            return True
+        if not self.show or _LEVELS.get(log_level(event), 0) < self.min_level:
+            return False
+        if self.client is None:
+            return True
+        d = event.get("data") or {}
+        client = d.get("client_id", (event.get("source") or {}).get("client_id"))
+        return client is not None and str(client) == self.client
 
 
 class RunState:
@@ -124,6 +190,7 @@ class LiveView:
         self.with_run = with_run
         self.runs: dict[str, RunState] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=12)
+        self.logs: deque[dict[str, Any]] = deque(maxlen=10)
         self.console = console or Console()
         self.live = Live(console=self.console, auto_refresh=False, transient=False)
         self.redraws = 0
@@ -143,7 +210,7 @@ class LiveView:
     def apply(self, event: dict[str, Any]) -> None:
         run_id = event.get("run_id", "?")
         self.runs.setdefault(run_id, RunState(run_id)).apply(event)
-        self.recent.append(event)
+        (self.logs if event.get("type") == "log" else self.recent).append(event)
 
     def refresh(self) -> None:
         if self._later is not None:
@@ -193,7 +260,25 @@ class LiveView:
         for event in self.recent:
             run = f"{event.get('run_id')} " if self.with_run else ""
             events.add_row(str(event.get("seq")), f"{run}{event.get('type')}", describe(event))
-        return Group(*panels, events)
+        if not self.logs:
+            return Group(*panels, events)
+        logs = Table(box=None, header_style="dim", title="logs", title_justify="left")
+        logs.add_column("seq", justify="right")
+        logs.add_column("level")
+        logs.add_column("source", no_wrap=True)
+        logs.add_column("", no_wrap=True, overflow="ellipsis")
+        from rich.text import Text  # log text is data, not markup: "[ROUND 1/2]" stays as is
+
+        for event in self.logs:
+            level = log_level(event)
+            style = _LEVEL_STYLE.get(level, "")
+            logs.add_row(
+                str(event.get("seq")),
+                f"[{style}]{level.upper()}[/]" if style else level.upper(),
+                Text(log_source(event)),
+                Text(log_text(event)),
+            )
+        return Group(*panels, events, logs)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -214,6 +299,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     stop.add_argument("--once", action="store_true", help="print what is stored so far, then exit")
     stop.add_argument("--until-end", action="store_true", help="exit when the run ends (training_end)")
     tail.add_argument("--plain", action="store_true", help="one line per event, even on a terminal")
+    tail.add_argument(
+        "--logs", action="store_true", help="show `log` events (forwarded Python logging records)"
+    )
+    tail.add_argument(
+        "--level",
+        choices=sorted(_LEVELS, key=_LEVELS.__getitem__),
+        help="only log records of this level and above (implies --logs)",
+    )
+    tail.add_argument("--client", help="only log records of this client id (implies --logs)")
     tail.set_defaults(func=run)
     return tail
 
@@ -229,9 +323,12 @@ def run(args: argparse.Namespace) -> int:
     plain = args.plain or not sys.stdout.isatty()
     view = None if plain else LiveView(with_run=args.all)
     target: dict[str, int | None] = {"last_seq": None}
+    logs = LogFilter(args.logs, args.level, args.client)
 
     def on_event(event: dict[str, Any]) -> bool:
-        if view is None:
+        if not logs.wants(event):
+            pass
+        elif view is None:
             print(plain_line(event, args.all), flush=True)
         else:
             view.apply(event)

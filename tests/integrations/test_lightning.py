@@ -119,3 +119,39 @@ def test_inside_a_flower_client_epochs_are_client_progress(relay, emitter):
     assert all(e["data"]["round"] == 4 and e["data"]["client_id"] == 2 for e in events)
     assert all(e["source"] == {"role": "client", "client_id": 2} for e in events)
     assert run_status(relay, "fed-run") == "running"
+
+
+def test_forwarded_logs_carry_the_epoch_and_stop_with_the_fit(relay, emitter):
+    import logging
+
+    import pytorch_lightning as pl
+
+    from fedrelay.demo.centralized import PneumoniaModule, _loader
+    from fedrelay.demo.data import synthetic
+    from fedrelay.emitters.lightning import FedRelayCallback
+
+    log = logging.getLogger("light.app")
+    log.setLevel(logging.INFO)
+
+    class Chatty(PneumoniaModule):
+        def on_train_epoch_end(self) -> None:
+            log.warning("epoch %d: loss looks flat", self.current_epoch + 1)
+
+    data = synthetic(64, 16, seed=4)
+    callback = FedRelayCallback(emitter, run_id="light-logs", forward_logs="WARNING")
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(Chatty(), _loader(data, 32, True, 0), _loader(data, 64, False, 0))
+    log.warning("after the fit: not forwarded")
+    assert emitter.flush(10)
+
+    events = _events_when_ended(relay, "light-logs")
+    logs = [e for e in events if e["type"] == "log"]
+    assert [(e["data"]["message"], e["data"]["epoch"]) for e in logs] == [
+        ("epoch 1: loss looks flat", 1),
+        ("epoch 2: loss looks flat", 2),
+    ]
+    assert all(e["source"]["role"] == "trainer" and e["data"]["logger"] == "light.app" for e in logs)
+    assert events[-1]["type"] == "training_end"

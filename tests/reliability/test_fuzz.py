@@ -291,6 +291,7 @@ BASE_DATA: dict[str, dict[str, Any]] = {
     "training_end": {"status": "completed", "best_round": 2},
     "status": {"message": "hi", "level": "info"},
     "error": {"message": "boom", "round": 1},
+    "log": {"level": "warning", "message": "careful", "logger": "app", "client_id": 3, "round": 1},
 }
 assert set(BASE_DATA) == EVENT_TYPES, "a new event type needs a base payload here"
 KINDS = sorted(EVENT_TYPES)
@@ -302,6 +303,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "epoch_start": ("epoch",),
     "epoch_end": ("epoch",),
     "error": ("message",),
+    "log": ("level", "message"),
 }
 FIELD_KIND = {
     "experiment_name": "text", "training_mode": "mode", "num_rounds": "count", "round": "count",

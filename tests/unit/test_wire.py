@@ -122,6 +122,7 @@ def test_every_event_type_has_a_schema_that_accepts_a_minimal_payload():
         "epoch_start": {"epoch": 0},
         "epoch_end": {"epoch": 0},
         "error": {"message": "boom"},
+        "log": {"level": "warning", "message": "careful"},
     }
     for kind in EVENT_TYPES:
         raw = {"type": kind, "run_id": "r", "data": minimal.get(kind, {})}

@@ -9,7 +9,16 @@ Depends on websockets and pydantic only; never imports the relay or torch.
 
 from .client import Emitter
 from .config import default_spool_dir
+from .logs import LogForwarder, forward_logs
 from .shared import get_emitter
 from .sync import SyncReport, sync_spool
 
-__all__ = ["Emitter", "SyncReport", "default_spool_dir", "get_emitter", "sync_spool"]
+__all__ = [
+    "Emitter",
+    "LogForwarder",
+    "SyncReport",
+    "default_spool_dir",
+    "forward_logs",
+    "get_emitter",
+    "sync_spool",
+]

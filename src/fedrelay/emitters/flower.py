@@ -23,6 +23,7 @@ strings (they are 64-bit and would lose precision in JavaScript), and client eve
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -35,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from . import Emitter, get_emitter
+from .logs import LogSource, check_level, forwarding, installed_forwarder
 
 URL_KEY = "fedrelay-url"
 """Run-config / node-config key holding the relay URL."""
@@ -182,6 +184,7 @@ class InstrumentedStrategy(Strategy):
         monitor: str = "loss",
         mode: str | None = None,
         flush_timeout: float = 5.0,
+        forward_logs: bool | int | str | None = None,
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ValueError("mode must be 'min', 'max' or None")
@@ -195,6 +198,8 @@ class InstrumentedStrategy(Strategy):
         self._monitor = monitor
         self._maximize = _higher_is_better(monitor) if mode is None else mode == "max"
         self._flush_timeout = flush_timeout
+        self._forward_logs = check_level(forward_logs)
+        self._log_source = LogSource(role="server")
         self._num_rounds: int | None = None
         self._has_evaluate_fn = False
         self._round: _RoundState | None = None
@@ -234,6 +239,7 @@ class InstrumentedStrategy(Strategy):
         self._close_round_before(server_round)
         messages = list(self._calls["configure_train"](server_round, arrays, config, grid))
         state = self._round = _RoundState(server_round)
+        self._log_source.round = server_round
         state.train_sent = [str(m.metadata.dst_node_id) for m in messages]
         self._emit(
             "round_start",
@@ -293,6 +299,9 @@ class InstrumentedStrategy(Strategy):
         self._round, self._rounds_done, self._best, self._best_source = None, 0, None, None
         self._t0 = time.perf_counter()
         self._emit_training_start(grid, num_rounds, timeout, train_config, evaluate_config)
+        logs = contextlib.ExitStack()  # records logged during the run, as `log` events (opt-in)
+        self._log_source = LogSource(run_id=self._run_id, role="server")
+        logs.enter_context(forwarding(self._forward_logs, self.emitter, self._log_source))
 
         hooked = self._hook()
         # Without instance attributes the hooks cannot be routed: run the base loop on the wrapper.
@@ -312,6 +321,7 @@ class InstrumentedStrategy(Strategy):
             raise
         finally:
             self._unhook(hooked)
+            logs.close()
         if self._round is not None and not self._round.ended:
             self._end_round(self._round)
         self._emit("training_end", {"status": "completed", **self._summary()})
@@ -403,6 +413,7 @@ class InstrumentedStrategy(Strategy):
         if self._round is None or self._round.number != server_round:
             self._close_round_before(server_round)
             self._round = _RoundState(server_round)
+            self._log_source.round = server_round
         return self._round
 
     def _close_round_before(self, server_round: int) -> None:
@@ -514,6 +525,7 @@ def instrument(
     monitor: str = "loss",
     mode: str | None = None,
     flush_timeout: float = 5.0,
+    forward_logs: bool | int | str | None = None,
 ) -> InstrumentedStrategy:
     """Wrap ``strategy`` so that ``start`` streams the run to a relay.
 
@@ -521,6 +533,8 @@ def instrument(
     the grid's run id at ``start``. ``monitor``/``mode`` pick the best round: the metric is looked up
     in the server-side ``evaluate_fn`` metrics, else the clients' aggregated evaluate metrics, else
     their train metrics; ``mode`` defaults to "max" for accuracy-like names and "min" otherwise.
+    ``forward_logs`` (True for INFO, or a level) sends the ServerApp process's ``logging`` records
+    during ``start`` as ``log`` events with the current round (:mod:`fedrelay.emitters.logs`).
     """
     if context is not None:
         run_id = run_id or str(context.run_id)
@@ -540,6 +554,7 @@ def instrument(
         monitor=monitor,
         mode=mode,
         flush_timeout=flush_timeout,
+        forward_logs=forward_logs,
     )
 
 
@@ -568,10 +583,20 @@ class ClientTelemetryMod:
     locally) per message, none while the relay is unreachable; ``flush_timeout=0`` skips it.
     """
 
-    def __init__(self, url: str | None = None, *, flush_timeout: float = 2.0, phases=("train", "evaluate")):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        flush_timeout: float = 2.0,
+        phases=("train", "evaluate"),
+        forward_logs: bool | int | str | None = None,
+    ):
         self.url = url
         self.flush_timeout = flush_timeout
         self.phases = tuple(phases)
+        self.forward_logs = check_level(forward_logs)
+        """While a message is handled, ``logging`` records go out as ``log`` events with its client
+        id and round (True for INFO, or a level); None/False: off."""
 
     def __call__(self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]):
         phase = msg.metadata.message_type.split(".", 1)[0]
@@ -593,8 +618,14 @@ class ClientTelemetryMod:
 
         emit("client_progress", {**base, "status": "started"})
         started = time.perf_counter()
+        source = LogSource(run_id=run_id, role="client", client_id=client_id, round=server_round)
         try:
-            reply = call_next(msg, context)
+            with forwarding(self.forward_logs, emitter, source):
+                try:
+                    reply = call_next(msg, context)
+                except Exception as exc:
+                    _forward_exception(exc, f"{phase} failed: {type(exc).__name__}: {exc}")
+                    raise
         except BaseException as exc:
             emit(
                 "error",
@@ -631,13 +662,30 @@ class ClientTelemetryMod:
             emitter.persist(self.flush_timeout)
 
 
+def _forward_exception(exc: BaseException, message: str) -> None:
+    """The handler's exception as a ``log`` event too (with its traceback), when logs are forwarded.
+
+    In a simulation Flower logs it from the driver process, without the client's id; in a
+    deployment, after the mod has returned.
+    """
+    forwarder = installed_forwarder()
+    if forwarder is not None:
+        forwarder.forward_exception(exc, message)
+
+
 fedrelay_mod = ClientTelemetryMod()
 """The mod with default settings: ``ClientApp(mods=[fedrelay_mod])``."""
 
 
-def client_mod(url: str | None = None, *, flush_timeout: float = 2.0) -> ClientTelemetryMod:
-    """A mod with an explicit relay URL (e.g. for ``run_simulation``, which has no run config)."""
-    return ClientTelemetryMod(url, flush_timeout=flush_timeout)
+def client_mod(
+    url: str | None = None, *, flush_timeout: float = 2.0, forward_logs: bool | int | str | None = None
+) -> ClientTelemetryMod:
+    """A mod with an explicit relay URL (e.g. for ``run_simulation``, which has no run config).
+
+    ``forward_logs`` (True for INFO, or a level): records logged while a message is handled go out
+    as ``log`` events carrying the client id and round, and so does the handler's exception.
+    """
+    return ClientTelemetryMod(url, flush_timeout=flush_timeout, forward_logs=forward_logs)
 
 
 def report_epoch(

@@ -17,6 +17,7 @@ Inside a Flower client, pass ``round`` and ``client_id``: epochs then go out as 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -26,6 +27,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from . import Emitter, get_emitter
+from .logs import LogSource, check_level, forwarding
 
 _MAX_DETAIL = 4000
 _HIGHER_IS_BETTER = ("acc", "auroc", "auc", "f1", "precision", "recall", "score", "iou", "dice")
@@ -55,6 +57,8 @@ class FedRelayCallback(Callback):
 
     ``monitor`` names the metric for ``best_epoch`` in ``training_end``; by default the monitor of
     the trainer's EarlyStopping, else of its ModelCheckpoint, else ``val_loss`` when logged.
+    ``forward_logs`` (True for INFO, or a level) sends ``logging`` records during the fit as ``log``
+    events with the current epoch (:mod:`fedrelay.emitters.logs`).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class FedRelayCallback(Callback):
         client_id: str | int | None = None,
         hparams: dict[str, Any] | None = None,
         flush_timeout: float = 5.0,
+        forward_logs: bool | int | str | None = None,
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ValueError("mode must be 'min', 'max' or None")
@@ -83,6 +88,9 @@ class FedRelayCallback(Callback):
         self.client_id = client_id
         self.hparams = hparams
         self.flush_timeout = flush_timeout
+        self.forward_logs = check_level(forward_logs)
+        self._logs = contextlib.ExitStack()
+        self._log_source = LogSource()
         self._t0 = 0.0
         self._epoch_t0 = 0.0
         self._best: tuple[int, float] | None = None
@@ -129,6 +137,15 @@ class FedRelayCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
         self._best, self._ended = None, False
+        self._logs.close()
+        self._log_source = LogSource(
+            run_id=self.run_id,
+            role="client" if self.federated else "trainer",
+            client_id=self.client_id,
+            round=self.round,
+            epoch=trainer.current_epoch + 1,
+        )
+        self._logs.enter_context(forwarding(self.forward_logs, self.emitter, self._log_source))
         if self.federated:
             return
         data: dict[str, Any] = {"training_mode": "centralized"}
@@ -151,6 +168,7 @@ class FedRelayCallback(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_t0 = time.perf_counter()
+        self._log_source.epoch = trainer.current_epoch + 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation has already run for this epoch (Lightning 2.x), so both sets are here.
@@ -228,6 +246,7 @@ class FedRelayCallback(Callback):
             if data["training_duration"] is None:
                 del data["training_duration"]
             self._emit("training_end", data)
+        self._logs.close()
         self.emitter.flush(self.flush_timeout)
 
 

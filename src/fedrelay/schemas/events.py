@@ -132,6 +132,30 @@ class Error(Payload):
     round: Round | None = None
 
 
+class Log(Payload):
+    """One Python ``logging`` record forwarded from a training process.
+
+    ``message`` and ``exception`` may have been cut to a size cap: ``truncated`` then maps each
+    cut field to its original length in characters. ``dropped`` counts the records the
+    producer's rate limit dropped since its previous ``log`` event.
+    """
+
+    level: StrictStr
+    message: StrictStr
+    levelno: Count | None = None
+    logger: StrictStr | None = None
+    exception: StrictStr | None = None
+    client_id: StrictStr | StrictInt | None = None
+    round: Round | None = None
+    epoch: Count | None = None
+    file: StrictStr | None = None
+    line: Count | None = None
+    function: StrictStr | None = None
+    process: Count | None = None
+    dropped: Count | None = None
+    truncated: dict[StrictStr, Count] | None = None
+
+
 class Source(BaseModel):
     """Who produced an event: the Flower server, a client, or a trainer."""
 
@@ -211,6 +235,11 @@ class ErrorEvent(EventBase):
     data: Error
 
 
+class LogEvent(EventBase):
+    type: Literal["log"]
+    data: Log
+
+
 Event = Annotated[
     TrainingStartEvent
     | RoundStartEvent
@@ -222,7 +251,8 @@ Event = Annotated[
     | EarlyStoppingEvent
     | TrainingEndEvent
     | StatusEvent
-    | ErrorEvent,
+    | ErrorEvent
+    | LogEvent,
     Field(discriminator="type"),
 ]
 
@@ -239,6 +269,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "training_end",
         "status",
         "error",
+        "log",
     )
 )
 

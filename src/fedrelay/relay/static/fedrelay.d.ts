@@ -154,6 +154,37 @@ export interface Hello {
   accepts?: string[];
 }
 
+/** One Python `logging` record forwarded from a training process. `message` and `exception` may have been cut to a size cap: `truncated` then maps each cut field to its original length in characters. `dropped` counts the records the producer's rate limit dropped since its previous `log` event. */
+export interface LogData {
+  level: string;
+  message: string;
+  levelno?: number | null;
+  logger?: string | null;
+  exception?: string | null;
+  client_id?: string | number | null;
+  round?: number | null;
+  epoch?: number | null;
+  file?: string | null;
+  line?: number | null;
+  function?: string | null;
+  process?: number | null;
+  dropped?: number | null;
+  truncated?: { [key: string]: number } | null;
+  /** Extra fields are kept as sent (trainers log arbitrary metrics). */
+  [key: string]: unknown;
+}
+
+export interface LogEvent {
+  run_id: string;
+  timestamp?: string | null;
+  source?: Source | null;
+  id?: number | null;
+  seq?: number | null;
+  producer?: string | null;
+  type: "log";
+  data: LogData;
+}
+
 export interface Ping {
   op: "ping";
 }
@@ -307,7 +338,8 @@ export type Event =
   | EarlyStoppingEvent
   | TrainingEndEvent
   | StatusEvent
-  | ErrorEvent;
+  | ErrorEvent
+  | LogEvent;
 
 export type RelayControl =
   | Hello
