@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ..tls import CA_FILE_ENV as CA_FILE_ENV  # the emitter settings, in one place
+from ..tls import resolve_ca_file as resolve_ca_file
+
 DEFAULT_URL = "ws://127.0.0.1:8765"
 URL_ENV = "FEDRELAY_URL"
-CA_FILE_ENV = "FEDRELAY_CA_FILE"
 SPOOL_ENV = "FEDRELAY_SPOOL_DIR"
 _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9.-]+")
 
@@ -50,15 +52,6 @@ def resolve_url(url: str | None) -> str:
 def resolve_token(token: str | None) -> str | None:
     """The publish token: argument, ``FEDRELAY_PUBLISH_TOKEN`` or ``FEDRELAY_TOKEN``."""
     return token or os.environ.get("FEDRELAY_PUBLISH_TOKEN") or os.environ.get("FEDRELAY_TOKEN") or None
-
-
-def resolve_ca_file(ca_file: str | os.PathLike[str] | None) -> str | None:
-    """A CA bundle to verify the relay's certificate with: argument, then ``FEDRELAY_CA_FILE``.
-
-    None means the system's trust store (certificates are always verified).
-    """
-    value = os.fspath(ca_file) if ca_file else os.environ.get(CA_FILE_ENV)
-    return str(Path(value).expanduser()) if value else None
 
 
 def publish_url(base: str, producer: str) -> str:

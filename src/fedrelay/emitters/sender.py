@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from .. import __version__
-from ..tls import certificate_problem, explain_certificate
+from ..tls import certificate_problem, explain_ca_file, explain_certificate
 from .config import publish_url
 from .core import (
     SPOOL_RETRY,
@@ -270,7 +270,7 @@ class Sender:
         try:
             context = owner._tls_context()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            self.last_error = f"cannot load the CA file {owner._ca_file}: {exc}"
+            self.last_error = explain_ca_file(owner._ca_file, exc)
             owner._once("ca_file", "%s", self.last_error, level=logging.ERROR)
             return None
         try:
