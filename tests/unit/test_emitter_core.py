@@ -29,7 +29,13 @@ from fedrelay.emitters.core import (
 )
 from fedrelay.emitters.spool import Segment
 
-HELLO = {"op": "hello", "producer": "p", "last_id": None, "max_frame_bytes": 1_000_000, "max_events_per_frame": 1000}
+HELLO = {
+    "op": "hello",
+    "producer": "p",
+    "last_id": None,
+    "max_frame_bytes": 1_000_000,
+    "max_events_per_frame": 1000,
+}
 
 
 def make_core(**kwargs) -> EmitterCore:
@@ -232,7 +238,11 @@ def test_frames_follow_the_relays_limits_and_an_oversize_event_becomes_an_error_
     frames = sends(core)
     assert [ids_of(s) for s in frames] == [[1, 2, 3, 4, 5], [6, 7]]
     stand_in = json.loads(frames[1].frame)[1]
-    assert stand_in["type"] == "error" and stand_in["id"] == 7 and "limit of 2048 bytes" in stand_in["data"]["message"]
+    assert (
+        stand_in["type"] == "error"
+        and stand_in["id"] == 7
+        and "limit of 2048 bytes" in stand_in["data"]["message"]
+    )
     assert core.counts["oversize"] == 1
     core.session_ended(1.0, failed=True)
     connect(core, max_frame_bytes=4096, max_events_per_frame=5)
@@ -400,7 +410,10 @@ def test_holding_reports_per_run_what_is_not_acked_once_per_session_and_only_whe
     core.received({"op": "ack", "upto": 4})
     core.session_ended(2.0, failed=True)
     connect(core, accepts=["holding"])
-    assert json.loads(core.holding().frame)["runs"] == {"a": {"count": 1, "upto": 6}, "b": {"count": 1, "upto": 5}}
+    assert json.loads(core.holding().frame)["runs"] == {
+        "a": {"count": 1, "upto": 6},
+        "b": {"count": 1, "upto": 5},
+    }
     core.received({"op": "ack", "upto": 6})
     core.session_ended(3.0, failed=True)
     connect(core, accepts=["holding"])
