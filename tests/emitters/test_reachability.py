@@ -95,3 +95,13 @@ def test_the_first_emitter_that_connects_clears_the_mark_and_delivers_what_waite
         assert sorted(e["data"]["i"] for e in stored_events(relay, "reach")) == list(range(6))
     finally:
         relay.stop()
+
+
+def test_settle_spools_without_waiting_for_the_disk_and_the_sender_syncs_soon_after(tmp_path, make_emitter):
+    em = make_emitter(f"ws://127.0.0.1:{free_port()}", run_id="sync-later", max_backoff=0.2)
+    em.emit("status", {"message": "m", "i": 0})
+    wait_until(lambda: em.last_error, 10, what="a failed connect")
+    assert em.settle(5) is False
+    assert spooled_count(tmp_path / "spool") == 1  # renamed into place: survives the process
+    spool = em._sender.spool
+    wait_until(lambda: not spool.unsynced, 10, what="the sender's fsync")  # and a power loss, soon

@@ -373,7 +373,7 @@ class Emitter:
         if sender.wait_settled(target, deadline, bounded=True):
             return True
         sender.first_contact_overdue()
-        sender.persist(max(deadline - time.monotonic(), 0.5))
+        sender.persist(max(deadline - time.monotonic(), 0.5), durable=False)
         return False
 
     def persist(self, timeout: float = 2.0) -> bool:

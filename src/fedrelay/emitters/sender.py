@@ -128,7 +128,7 @@ class Sender:
         self.wake.set()  # send now rather than after the linger
         with self.cond:
             while self.settled < target:
-                if self.done.is_set():
+                if self.done.is_set() or self.taken_over:
                     return False
                 now = time.monotonic()
                 if now >= deadline:
@@ -148,19 +148,25 @@ class Sender:
         if self.mark is not None and self.core.reach == "unknown":
             self.mark.set(up=False)
 
-    def persist(self, timeout: float) -> bool:
-        """Spool everything not acked, now; True once all of it is on disk."""
+    def persist(self, timeout: float, *, durable: bool = True) -> bool:
+        """Spool everything not acked, now; True once all of it is on disk.
+
+        ``durable=False`` (for ``settle``, where training waits): renamed into place without
+        fsyncs, which survives the process; the thread syncs it next time round.
+        """
         if not self.lock.acquire(timeout=max(0.0, timeout)):
             return False
         try:
-            if self.taken_over:
-                return self.core.all_on_disk()
-            self._drain()
-            self._put_leftovers()
-            self._publish()
-            return self.core.all_on_disk()
+            if not self.taken_over:
+                self._drain()
+                self._put_leftovers(durable=durable)
+                self._publish()
+            on_disk = self.core.all_on_disk()
         finally:
             self.lock.release()
+        if not durable:
+            self.wake.set()  # the thread syncs it on its next round
+        return on_disk
 
     def take_over(self, timeout: float) -> bool:
         """For close(): stop the thread, spool what is left, unlock the spool; False (and the
@@ -185,7 +191,11 @@ class Sender:
             with self.lock:
                 if self.taken_over:
                     return
-                if self.spool is None:
+                if self.spool is None and not self.meta.get("generated"):
+                    # An explicit name must learn now whether a spool directory already has it
+                    # (another process's, not ours to extend): later, events would already have
+                    # been sent under it. A generated name cannot collide: its directory is made
+                    # when something is first spooled, off the path of a first connection.
                     self._open_spool(time.monotonic())
             while not self.stop.is_set():
                 with self.lock:
@@ -225,16 +235,27 @@ class Sender:
             self.owner.log.error(
                 "fedrelay emitter %s: could not spool leftovers: %r", self.core.producer, exc
             )
+        self._sync_spool()
         if release and self.spool is not None:
             self.spool.release()
         self._publish()
 
-    def _put_leftovers(self) -> None:
+    def _put_leftovers(self, *, durable: bool = True) -> None:
         write = self.core.leftovers(time.monotonic())
         if write is not None:
-            self._write(write)
+            self._write(write, durable=durable)
         elif self.spool is not None and self.spool.meta.get("max_sent") != self.core.sent_mark:
             self._write_meta(max_sent=self.core.sent_mark)
+
+    def _sync_spool(self) -> None:
+        """fsync what a ``settle`` wrote in a hurry (lock held; the training thread goes on)."""
+        if self.spool is None or not self.spool.unsynced:
+            return
+        try:
+            self.spool.sync()
+        except OSError as exc:
+            self.core.counts["errors"] += 1
+            self.owner._once("spool_sync", "cannot sync spool %s (%s)", self.spool.path, exc)
 
     def _publish(self, *, force: bool = False) -> None:
         """Tell waiters (flush, settle) where things stand."""
@@ -253,6 +274,7 @@ class Sender:
                 if self.taken_over:
                     return
                 self._drain()
+                self._sync_spool()
                 self._publish()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -403,6 +425,7 @@ class Sender:
                         return outcome.seconds if isinstance(outcome, Wait) else 0.0
                 self._drain()
                 self._collect(outgoing)
+                self._sync_spool()
                 self._publish()
                 stopping = self.stop.is_set()
             for text in outgoing:
@@ -476,17 +499,18 @@ class Sender:
             if write is not None:
                 self._write(write)
 
-    def _write(self, action: WriteSegments) -> None:
+    def _write(self, action: WriteSegments, *, durable: bool = True) -> None:
+        """Write what the core moved out of memory (it only asks when the spool may be tried)."""
         now = time.monotonic()
-        if self.spool is None and now >= self.core.spool_retry_at:
-            self._open_spool(now)
+        if self.spool is None:
+            self._open_spool(now, counted=False, sync=durable)  # a failure is counted once, by the core
         written: list[Segment] = []
         failed = self.spool is None
         if self.spool is not None:
             try:
                 for chunk in action.chunks:
-                    written.append(self.spool.append(chunk))
-                self.spool.write_meta(max_sent=self.core.sent_mark)
+                    written.append(self.spool.append(chunk, sync=durable))
+                self.spool.write_meta(max_sent=self.core.sent_mark, sync=durable)
             except OSError as exc:
                 failed = True
                 self.owner._once(
@@ -508,15 +532,16 @@ class Sender:
             self.core.counts["errors"] += 1
             self.owner._once("spool_meta", "cannot write %s/meta.json (%s)", self.spool.path, exc)
 
-    def _open_spool(self, now: float) -> None:
+    def _open_spool(self, now: float, *, counted: bool = True, sync: bool = True) -> None:
         meta = {**self.meta, "max_sent": self.core.sent_mark, "created": time.time()}
         root = self.owner._spool_root
         try:
-            spool = Spool.create(root, self.core.producer, meta)
+            spool = Spool.create(root, self.core.producer, meta, sync=sync)
             if spool is None:  # an explicit name already has a spool dir: not ours to extend
-                spool = Spool.create(root, self.core.name_taken_by_spool(), meta)
+                spool = Spool.create(root, self.core.name_taken_by_spool(), meta, sync=sync)
         except OSError as exc:
-            self.core.counts["errors"] += 1
+            if counted:
+                self.core.counts["errors"] += 1
             self.core.spool_retry_at = now + SPOOL_RETRY
             self.owner._once("spool_dir", "spool dir %s unusable (%s)", root, exc, level=logging.ERROR)
             return

@@ -9,10 +9,13 @@ Layout, one directory per producer name (the name *is* the directory name)::
 A segment holds one relay frame's worth of events, one ``<id>\\t<json>`` line
 each, and is written to a dot-file, fsynced, then renamed, so a reader never
 sees half a segment (``meta.json`` likewise, and the directory is fsynced after
-each batch of segments). A segment that is nonetheless missing, truncated or
-garbled (a power loss, a disk error, a hand edit) is renamed to ``*.seg.bad``
-and skipped, so that it cannot stop delivery of the rest. Segments are always
-the *oldest* unacked events of their producer; newer ones are in memory.
+each batch of segments). A write that training waits for (``Emitter.settle``)
+skips the fsyncs: renamed into place, the file survives the process; the sender
+syncs it (``Spool.sync``) soon after, and ``close()`` before it returns. A
+segment that is nonetheless missing, truncated or garbled (a power loss, a disk
+error, a hand edit) is renamed to ``*.seg.bad`` and skipped, so that it cannot
+stop delivery of the rest. Segments are always the *oldest* unacked events of
+their producer; newer ones are in memory.
 Several processes (Ray actors, ``fedrelay sync``) may share a spool dir: a
 producer directory is only touched by whoever holds its lock, and the lock
 dies with its process.
@@ -126,11 +129,14 @@ class Spool:
         self._guard = threading.Lock()
         self.meta = meta
         self.found = found
+        self.unsynced: list[str] = []
+        """Files renamed into place without an fsync (``append(..., sync=False)``); ``..`` for the
+        directory's own rename into place."""
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, producer: str, meta: dict[str, Any]) -> Spool | None:
+    def create(cls, root: Path, producer: str, meta: dict[str, Any], *, sync: bool = True) -> Spool | None:
         """A new, locked directory for ``producer``; None if the name is taken.
 
         Built under a dot-name and renamed into place with the lock already
@@ -142,13 +148,17 @@ class Spool:
         fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         _try_lock(fd)
         spool = cls(tmp, fd, {**meta, "producer": producer}, [])
-        spool.write_meta()
+        spool.write_meta(sync=sync)
         try:
             os.rename(tmp, root / producer)
         except OSError:
             spool.release()
             return None
         spool.path = root / producer
+        if sync:
+            _fsync_dir(root)  # the rename into place, else a power loss leaves only the dot-name
+        else:
+            spool.unsynced.append("..")
         return spool
 
     @classmethod
@@ -186,16 +196,23 @@ class Spool:
     def producer(self) -> str:
         return self.path.name
 
-    def append(self, entries: list[Entry]) -> Segment:
-        """Write ``entries`` (newer than everything already here) as one segment."""
+    def append(self, entries: list[Entry], *, sync: bool = True) -> Segment:
+        """Write ``entries`` (newer than everything already here) as one segment.
+
+        ``sync=False``: no fsync now (the file survives the process, not yet a power loss);
+        :meth:`sync` does it later.
+        """
         segment = Segment.named(entries[0][0], entries[-1][0], len(entries))
         tmp = self.path / f".{segment.name}.tmp"
         try:
             with open(tmp, "w", encoding="ascii") as fh:
                 fh.writelines(f"{event_id}\t{line}\n" for event_id, line in entries)
                 fh.flush()
-                os.fsync(fh.fileno())  # else a power loss can leave an empty file under the new name
+                if sync:
+                    os.fsync(fh.fileno())  # else a power loss can leave an empty file under the new name
             os.replace(tmp, self.path / segment.name)
+            if not sync:
+                self.unsynced.append(segment.name)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()  # a full disk: give the space back
@@ -248,15 +265,41 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / segment.name).unlink()
 
-    def write_meta(self, **changes: Any) -> None:
-        """Update ``meta.json`` durably; also makes the segments renamed into place before durable."""
+    def write_meta(self, *, sync: bool = True, **changes: Any) -> None:
+        """Update ``meta.json`` durably; also makes the segments renamed into place before durable.
+
+        ``sync=False``: renamed into place without fsyncs, left for :meth:`sync`.
+        """
         self.meta.update(changes)
         tmp = self.path / ".meta.json.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(self.meta))
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, self.path / "meta.json")
+        if sync:
+            _fsync_dir(self.path)
+        elif "meta.json" not in self.unsynced:
+            self.unsynced.append("meta.json")
+
+    def sync(self) -> None:
+        """Make what was written with ``sync=False`` durable: each file, then the directory."""
+        if not self.unsynced:
+            return
+        names, self.unsynced = self.unsynced, []
+        for name in names:
+            if name == "..":
+                _fsync_dir(self.path.parent)
+                continue
+            try:
+                fd = os.open(self.path / name, os.O_RDONLY)
+            except FileNotFoundError:  # acked and deleted meanwhile
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         _fsync_dir(self.path)
 
     def rename(self, producer: str) -> bool:
