@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..schemas.events import EVENT_TYPES, RUN_ID_RE
+from ..names import EVENT_TYPES, RUN_ID_RE
 from ..tls import client_context, is_secure
 from .config import (
     legacy_spool_dir,

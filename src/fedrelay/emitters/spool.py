@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..schemas.events import RUN_ID_RE
+from ..names import RUN_ID_RE
 
 try:
     import fcntl
