@@ -158,12 +158,9 @@ class HeldRuns:
         for span in spans:
             if not self.known:
                 return
-            index = 0
-            for index, existing in enumerate(self.spans):  # noqa: B007 - the position is the result
-                if existing[1] > span[1]:
-                    break
-            else:
-                index = len(self.spans)
+            index = next(
+                (i for i, existing in enumerate(self.spans) if existing[1] > span[1]), len(self.spans)
+            )
             self.spans.insert(index, span)
             self._check()
 

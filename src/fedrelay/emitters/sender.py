@@ -238,7 +238,7 @@ class Sender:
         self._sync_spool()
         if release and self.spool is not None:
             self.spool.release()
-        self._publish()
+        self._publish(force=True)  # waiters see the stop at once
 
     def _put_leftovers(self, *, durable: bool = True) -> None:
         write = self.core.leftovers(time.monotonic())
