@@ -80,7 +80,7 @@ async def test_healthz_reports_status_version_runs_and_store(relay):
     assert health["version"] == fedrelay.__version__
     assert health["runs"] == 0
     assert health["uptime"] >= 0
-    assert health["store"] == {"path": relay.db, "lag": 0, "error": None}
+    assert health["store"] == {"path": relay.db, "lag": 0, "error": None, "repaired_runs": []}
     await publish(relay, "p", [event("a", 1), event("b", 2)])
     assert relay.get_json("/healthz")[1]["runs"] == 2
 

@@ -92,7 +92,12 @@ class HttpApi:
                 "version": __version__,
                 "uptime": round(time.time() - self.relay.started_at, 3),
                 "runs": len(self.relay.hub.runs),
-                "store": {"path": store.path, "lag": store.lag, "error": store.failing},
+                "store": {
+                    "path": store.path,
+                    "lag": store.lag,
+                    "error": store.failing,
+                    "repaired_runs": store.repaired_runs,
+                },
             },
         )
 

@@ -312,6 +312,20 @@ class Hub:
                     deliveries.append((sub, items))
         return deliveries
 
+    def history_changed(self, run_id: str, committed_seq: int) -> list[Subscription]:
+        """The store holds rows up to ``committed_seq`` that did not pass through here (written
+        by another process): they are history now. The ring, which lacks them, is dropped and
+        the run's live subscribers go back to catching up from the store; returns them."""
+        run = self.runs[run_id]
+        run.committed_seq = max(run.committed_seq, committed_seq)
+        run.ring.clear()
+        run.ring_chars = 0
+        moved = list(run.live)
+        run.live.clear()
+        for sub in moved:
+            sub.catching_up.add(run_id)
+        return moved
+
     def pruned(self, run_id: str, first_seq: int) -> None:
         """The store dropped events below ``first_seq`` (retention)."""
         run = self.runs.get(run_id)

@@ -93,6 +93,7 @@ class Relay:
             on_commit=self._on_commit,
             retain_events=config.retain_events,
             on_pruned=self.hub.pruned,
+            on_history_changed=self._history_changed,
             forget_producers_after=config.forget_producers_after,
         )
         self.http = HttpApi(self)
@@ -642,6 +643,19 @@ class Relay:
             task = asyncio.create_task(self._catch_up(conn, sub, run_id))
             self._catch_ups[(sub, run_id)] = task
             task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
+
+    def _history_changed(self, run_id: str, committed_seq: int) -> None:
+        """Rows another process wrote are now part of the run: live subscribers page them."""
+        for sub in self.hub.history_changed(run_id, committed_seq):
+            conn = self._subscribers.get(sub)
+            if conn is not None:
+                self._start_catch_up(conn, sub, run_id)
+
+    def _start_catch_up(self, conn: ServerConnection, sub: Subscription, run_id: str) -> None:
+        self._stop_catch_up(sub, run_id)
+        task = asyncio.create_task(self._catch_up(conn, sub, run_id))
+        self._catch_ups[(sub, run_id)] = task
+        task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
 
     def _catch_up_done(self, sub: Subscription, run_id: str, task: asyncio.Task[None]) -> None:
         if self._catch_ups.get((sub, run_id)) is task:

@@ -39,6 +39,7 @@ import aiosqlite
 
 from ..schemas.wire import encode
 from .hub import Run, Sequenced
+from .store_repair import colliding_runs, reconcile_runs, renumber
 
 log = logging.getLogger("fedrelay.store")
 
@@ -105,6 +106,8 @@ _HOLD_COMMITS_AT_MOST = 0.02
 _HOLD_COMMITS_ESCALATED = 1.0
 """...and for the one that runs once the WAL is past ``_WAL_KEEP_FACTOR`` times its restart
 size: behind the catch-up reads already queued, on a disk that may be slow."""
+_REPAIRS_KEPT = 20
+"""Repaired runs /healthz lists, the latest ones."""
 _BUSY_PATIENCE = 10.0
 """Seconds of "database is locked" before commits count as failing."""
 _INT64_MAX = 2**63 - 1
@@ -157,6 +160,7 @@ class EventStore:
         max_batch: int = 2000,
         retain_events: int = 0,
         on_pruned: Callable[[str, int], None] | None = None,
+        on_history_changed: Callable[[str, int], None] | None = None,
         wal_restart_bytes: int = _WAL_RESTART_BYTES,
         forget_producers_after: float = 0.0,
     ) -> None:
@@ -164,6 +168,10 @@ class EventStore:
         self._runs = runs
         self._on_commit = on_commit
         self._on_pruned = on_pruned
+        self._on_history_changed = on_history_changed
+        """Called with (run_id, seq) when rows up to seq that this relay did not write were found."""
+        self.repaired_runs: list[dict[str, Any]] = []
+        """The last runs whose queued events had to move past foreign rows (for /healthz)."""
         self.max_batch = max_batch
         self.retain_events = retain_events
         self.wal_restart_bytes = wal_restart_bytes
@@ -210,7 +218,8 @@ class EventStore:
                 Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
-        target = str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
+        # The resolved path: a symlink, ``..`` or a relative --db must find the same lock.
+        target = str(Path(self.path).expanduser().resolve()) if self.path != MEMORY else MEMORY
         if self.path != MEMORY:
             self._lock_file = _lock_exclusively(target + ".lock")
         try:
@@ -268,7 +277,7 @@ class EventStore:
         runs = []
         query = (
             "SELECT run_id, status, created_at, updated_at, started_at, ended_at,"
-            " last_seq, first_seq, info FROM runs"
+            " last_seq, first_seq, info FROM runs ORDER BY created_at, rowid"
         )
         for row in self._db.execute(query):
             run = Run(
@@ -283,9 +292,30 @@ class EventStore:
             run.last_seq = row[6]
             run.first_seq = row[7]
             runs.append(run)
+        by_id = {run.run_id: run for run in runs}
+        reconciled = reconcile_runs(self._db, by_id)
+        if reconciled:
+            self._write_runs(reconciled)
+            log.warning(
+                "store: reconciled %d runs with their events (a runs row behind its highest seq, or "
+                "missing): %s",
+                len(reconciled),
+                ", ".join(run.run_id for run in reconciled[:10]) + (" ..." if len(reconciled) > 10 else ""),
+            )
+            runs = sorted(by_id.values(), key=lambda run: run.created_at)
         forgotten = self._forget_at_start()
         producers = dict(self._db.execute("SELECT name, last_id FROM producers"))
         return Restored(runs, producers, forgotten)
+
+    def _write_runs(self, runs: list[Run]) -> None:
+        """Upsert runs rows as they are in memory (with their own ``last_seq``)."""
+        assert self._db is not None
+        self._db.execute("BEGIN")
+        self._db.executemany(_UPSERT_RUN, [_run_row(run, run.last_seq) for run in runs])
+        self._db.executemany(
+            "UPDATE runs SET first_seq = ? WHERE run_id = ?", [(run.first_seq, run.run_id) for run in runs]
+        )
+        self._db.execute("COMMIT")
 
     def _forget_at_start(self) -> int:
         """Delete the producers idle past ``forget_producers_after`` before loading the rest.
@@ -418,6 +448,8 @@ class EventStore:
                 self._rollback()
                 if self._defuse(batch, exc):
                     continue
+                if isinstance(exc, sqlite3.IntegrityError) and self._move_past_foreign_rows(batch):
+                    continue
                 log.error("store: commit refused and no event to blame: %s", exc)
                 self.failing = self._failure = str(exc)
                 await asyncio.sleep(backoff)
@@ -469,6 +501,43 @@ class EventStore:
         if self._db is not None and self._db.in_transaction:
             with contextlib.suppress(Exception):
                 self._db.execute("ROLLBACK")
+
+    def _move_past_foreign_rows(self, batch: list[Sequenced]) -> bool:
+        """A batch collided with rows this relay did not write: renumber the colliding runs'
+        queued events past them, so the batch (every run's part) commits on the next try.
+
+        The foreign rows are committed, so the run's committed seq moves up to them and
+        ``on_history_changed`` lets the relay page them to the run's live subscribers.
+        Returns False when no run collides (the error has another cause).
+        """
+        assert self._db is not None
+        try:
+            taken = colliding_runs(self._db, batch)
+        except sqlite3.Error as exc:
+            log.error("store: cannot look for colliding seqs: %s", exc)
+            return False
+        for run_id, top in taken.items():
+            run = self._runs[run_id]
+            moved, grown = renumber(self._pending, run_id, top + 1)
+            self._pending_chars += grown
+            old_last = run.last_seq
+            run.last_seq = top + moved
+            log.error(
+                "store: run %s already has seqs up to %d in the database that this relay did not write "
+                "(another process, or a restored file); its %d queued events move from seq %d to %d on",
+                run_id,
+                top,
+                moved,
+                old_last - moved + 1,
+                top + 1,
+            )
+            self.repaired_runs.append(
+                {"run_id": run_id, "at": time.time(), "stored_up_to": top, "events_moved": moved}
+            )
+            del self.repaired_runs[:-_REPAIRS_KEPT]
+            if self._on_history_changed is not None:
+                self._on_history_changed(run_id, top)
+        return bool(taken)
 
     def _defuse(self, batch: list[Sequenced], exc: Exception) -> bool:
         """Replace events SQLite cannot store by an ``error`` event at the same seq.
@@ -594,22 +663,7 @@ class EventStore:
                 positions[item.producer] = item.producer_id
         db.execute("BEGIN")
         db.executemany(_INSERT_EVENT, rows)
-        run_rows = []
-        for run_id, last_seq in last_seqs.items():
-            run = self._runs[run_id]
-            run_rows.append(
-                (
-                    run_id,
-                    run.status,
-                    run.created_at,
-                    run.updated_at,
-                    run.started_at,
-                    run.ended_at,
-                    last_seq,
-                    json.dumps(run.info, allow_nan=False, default=str),
-                )
-            )
-        db.executemany(_UPSERT_RUN, run_rows)
+        db.executemany(_UPSERT_RUN, [_run_row(self._runs[run], last) for run, last in last_seqs.items()])
         if positions:
             db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
         pruned = self._prune(last_seqs) if self.retain_events else []
@@ -739,6 +793,20 @@ class EventStore:
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
             return self._db.execute(_READ_PAGE, params).fetchall()
         raise StoreError("the event store is closed")
+
+
+def _run_row(run: Run, last_seq: int) -> tuple[Any, ...]:
+    """A ``runs`` row for ``_UPSERT_RUN``: the run's summary, stored up to ``last_seq``."""
+    return (
+        run.run_id,
+        run.status,
+        run.created_at,
+        run.updated_at,
+        run.started_at,
+        run.ended_at,
+        last_seq,
+        json.dumps(run.info, allow_nan=False, default=str),
+    )
 
 
 async def _checkpoint(conn: aiosqlite.Connection) -> int:
