@@ -111,14 +111,17 @@ class Run:
             self.status = status if status in ("completed", "failed", "stopped") else "completed"
             self.ended_at = now
 
+    def current_status(self, now: float, stall_after: float) -> str:
+        """The status the API shows: a running run silent for ``stall_after`` is stalled."""
+        if self.status == "running" and stall_after > 0 and now - self.updated_at > stall_after:
+            return "stalled"
+        return self.status
+
     def summary(self, now: float, stall_after: float) -> dict[str, Any]:
-        """The run as the HTTP API shows it; a silent running run is stalled."""
-        status = self.status
-        if status == "running" and stall_after > 0 and now - self.updated_at > stall_after:
-            status = "stalled"
+        """The run as the HTTP API shows it."""
         return {
             "run_id": self.run_id,
-            "status": status,
+            "status": self.current_status(now, stall_after),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "started_at": self.started_at,

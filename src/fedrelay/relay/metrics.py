@@ -28,6 +28,12 @@ class RelayMetrics:
         self.handshakes_refused = Counter(
             "fedrelay_handshakes_refused", "Handshakes refused, by reason", ["reason"], registry=r
         )
+        self.store_reads = Counter(
+            "fedrelay_store_reads",
+            "Store reads by queue (catch_up, api) and outcome (done; skipped: the reader had gone)",
+            ["queue", "outcome"],
+            registry=r,
+        )
         self.store_commits = Counter("fedrelay_store_commits", "Store transactions committed", registry=r)
         self.store_lag = Gauge("fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r)
         self.store_failing = Gauge("fedrelay_store_failing", "1 while store commits fail", registry=r)

@@ -45,11 +45,13 @@ from .access import (
     rebinding_suspect,
 )
 from .config import RelayConfig
+from .connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX, RelayConnection
 from .fanout import Frame, queued_bytes
-from .http import HttpApi, first_param, text_response, whole_number
+from .http import API_READS_PER_ADDRESS, HttpApi, first_param, text_response, whole_number
 from .hub import Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
 from .store import EventStore
+from .store_reads import CATCH_UP
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -111,6 +113,10 @@ class Relay:
         self._gone: set[str] = set()
         """Producers whose last connection closed since the last housekeeping pass."""
         self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
+        self.handshakes = ConnectionLimiter(HANDSHAKES_PER_ADDRESS)
+        """Connections per address whose request is not complete yet."""
+        self.api_reads = ConnectionLimiter(API_READS_PER_ADDRESS)
+        """API requests per address from their request until their connection closes."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -128,7 +134,7 @@ class Relay:
             producers=lambda: len(self.hub.stored_positions),
         )
         cfg = self.config
-        connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
+        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self})
         self._server = await serve(
             self._handle,
             cfg.host,
@@ -139,7 +145,7 @@ class Relay:
             process_request=self._gate,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
-            max_queue=16,  # frames read ahead per connection: 16 x 4 x max_frame_bytes at worst
+            max_queue=READ_AHEAD_FRAMES,
             ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
@@ -269,9 +275,14 @@ class Relay:
 
     # -- connections per address ---------------------------------------------
 
-    def _opened(self, conn: _CountedConnection, transport: asyncio.BaseTransport) -> None:
-        """Take a slot of the peer's address; past the limit, refuse now or at the request."""
+    def _opened(self, conn: RelayConnection, transport: asyncio.BaseTransport) -> None:
+        """Take a slot of the peer's address and a handshake slot; past the limits, refuse
+        now or at the request."""
         conn.address = address_key(transport.get_extra_info("peername"))
+        conn.handshaking = True
+        if self.handshakes.over(self.handshakes.opened(conn.address)):
+            self.metrics.handshakes_refused.labels("handshake_flood").inc()
+            transport.abort()  # that many unfinished requests: a slow-header flood
         count = self.limits.opened(conn.address)
         if not self.limits.over(count):
             return
@@ -281,6 +292,31 @@ class Relay:
         else:
             conn.over_limit = True
         self._note_refused(conn.address, count)
+
+    def _request_done(self, conn: ServerConnection) -> None:
+        """The request is complete: its handshake slot is free again."""
+        if isinstance(conn, RelayConnection) and conn.handshaking:
+            conn.handshaking = False
+            self.handshakes.closed(conn.address)
+
+    def _request_too_large(self, conn: RelayConnection) -> None:
+        """More than REQUEST_BYTES_MAX before the request was complete: 431, and close."""
+        self._request_done(conn)
+        self.metrics.handshakes_refused.labels("request_too_large").inc()
+        body = f"request headers over {REQUEST_BYTES_MAX} bytes\n".encode()
+        conn.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        conn.transport.close()
+
+    def _closed(self, conn: RelayConnection) -> None:
+        """Give back every slot the connection held."""
+        self._request_done(conn)
+        self.limits.closed(conn.address)
+        if conn.api_slot:
+            conn.api_slot = False
+            self.api_reads.closed(conn.address)
 
     def _note_refused(self, address: str, count: int) -> None:
         """Log an address's refusals once per interval, with how many there were."""
@@ -300,7 +336,8 @@ class Relay:
     async def _gate(self, conn: ServerConnection, request: Request) -> Response | None:
         """Refuse floods, bad targets and DNS rebinding; route plain HTTP; check origin
         and tokens before a WebSocket opens."""
-        if isinstance(conn, _CountedConnection) and conn.over_limit:
+        self._request_done(conn)
+        if isinstance(conn, RelayConnection) and conn.over_limit:
             response = self._refuse(
                 "ip_limit",
                 503,
@@ -331,7 +368,7 @@ class Relay:
                 )
             upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
             if not upgrade:
-                return await self.http.respond(url.path, query, request.headers)
+                return await self.http.respond(conn, url.path, query, request.headers)
             return self._check_handshake(url.path, query, request.headers)
         except MultipleValuesError as exc:
             name = str(exc.args[0] if exc.args else "a")[:40]
@@ -675,6 +712,8 @@ class Relay:
                 rows = await self.store.read(
                     run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
                 )
+                assert rows is not None  # skipped only for a ``wanted`` that says no
+                self.metrics.store_reads.labels(CATCH_UP, "done").inc()
                 if rows and rows[0][0] != cursor + 1:
                     self._send_gap(conn, run_id, cursor, rows[0][0])
                 if rows:
@@ -812,23 +851,6 @@ class Relay:
             self.metrics.slow_consumers.inc()
             log.warning("cut %s: it does not read the relay's replies", _peer(conn))
             self._track(conn.close(SLOW_CONSUMER, "not reading: replies queued past the limit"))
-
-
-class _CountedConnection(ServerConnection):
-    """A connection that holds one slot of its client address from accept to close."""
-
-    relay: Relay
-    """Set on the subclass each relay makes (serve() takes a class, not an instance)."""
-    address: str = ""
-    over_limit: bool = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.relay._opened(self, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.relay.limits.closed(self.address)
 
 
 @dataclass(eq=False, slots=True)

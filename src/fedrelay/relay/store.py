@@ -11,9 +11,9 @@ WAL append without fsync takes tens of microseconds per event, while
 handing each statement to a worker thread (as aiosqlite does) costs a
 GIL hand-off per statement, which under a busy loop means milliseconds
 of delivery latency (bench/README.md has the measurements). Everything
-that can take long runs through aiosqlite, off the loop: catch-up and API
-reads on a second connection, WAL checkpoints (their fsyncs) on a third,
-so that a long read never delays a checkpoint. The one fsync left on the
+that can take long runs through aiosqlite, off the loop: catch-up reads and
+HTTP API reads on a connection each (store_reads.py), WAL checkpoints (their
+fsyncs) on another, so that a long read never delays a checkpoint. The one fsync left on the
 loop is the WAL header's, in the first commit after the WAL starts over.
 """
 
@@ -29,7 +29,7 @@ import shutil
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ import aiosqlite
 
 from ..schemas.wire import encode
 from .hub import Run, Sequenced
+from .store_reads import API, CATCH_UP, ReadQueue
 from .store_repair import colliding_runs, reconcile_runs, renumber
 
 log = logging.getLogger("fedrelay.store")
@@ -89,10 +90,12 @@ ON CONFLICT (run_id) DO UPDATE SET
 """
 _READ_PAGE = """
 SELECT seq, body FROM (
-    SELECT seq, body, sum(length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
+    SELECT seq, body, length(CAST(body AS BLOB)) AS size,
+        sum(length(CAST(body AS BLOB))) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
     FROM events WHERE run_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?
-) WHERE upto_here - length(body) < ?
+) WHERE upto_here - size < ?
 """
+"""A page of a run: the rows whose UTF-8 bytes before them fit the cap (the first always does)."""
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
 _WAL_RESTART_BYTES = 16 << 20
@@ -180,9 +183,9 @@ class EventStore:
         self._forgetting_failed = False
         self._db: sqlite3.Connection | None = None
         """The writer's connection, used on the event loop thread only."""
-        self._reader: aiosqlite.Connection | None = None
-        """Catch-up and API reads: a second connection on a file, so a long
-        read neither waits behind commits nor delays them."""
+        self.reads = {CATCH_UP: ReadQueue(CATCH_UP), API: ReadQueue(API)}
+        """Catch-up reads and HTTP API reads, each on a connection of its own: a long read
+        waits neither behind commits nor behind the other kind, nor delays them."""
         self._checkpointer: aiosqlite.Connection | None = None
         """WAL checkpoints: their own connection, so they never queue behind a read."""
         self._checkpoints: asyncio.Task[None] | None = None
@@ -239,9 +242,10 @@ class EventStore:
                 # Checkpoints move to their own connection's thread: an automatic
                 # one inside a commit stalls delivery for milliseconds.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._reader = await aiosqlite.connect(target)
-                await self._reader.execute("PRAGMA busy_timeout=5000")
-                await self._reader.execute("PRAGMA query_only=1")
+                for queue in self.reads.values():
+                    queue.conn = await aiosqlite.connect(target)
+                    await queue.conn.execute("PRAGMA busy_timeout=5000")
+                    await queue.conn.execute("PRAGMA query_only=1")
                 self._checkpointer = await aiosqlite.connect(target)
                 await self._checkpointer.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:
@@ -370,14 +374,16 @@ class EventStore:
         return left
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._checkpointer):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        for queue in self.reads.values():
+            with contextlib.suppress(Exception):
+                await queue.close()
+        if self._checkpointer is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointer.close()
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
-        self._db = self._reader = self._checkpointer = None
+        self._db = self._checkpointer = None
         if self._lock_file is not None:
             os.close(self._lock_file)  # releases the flock
             self._lock_file = None
@@ -586,11 +592,11 @@ class EventStore:
         starts the WAL from the beginning. That pass can fail to catch up: a
         slow disk makes it outlast its hold, a catch-up read in flight keeps
         frames it still needs. Past ``_WAL_KEEP_FACTOR`` times the restart size
-        the pass goes through the reader's queue instead (no read in flight)
-        and commits wait up to ``_HOLD_COMMITS_ESCALATED`` for it: a rare,
-        longer pause that keeps the WAL bounded whatever the load.
+        the pass waits for its turn in both read queues (no read in flight on
+        either reader) and commits wait up to ``_HOLD_COMMITS_ESCALATED`` for
+        it: a rare, longer pause that keeps the WAL bounded whatever the load.
         """
-        assert self._checkpointer is not None and self._reader is not None
+        assert self._checkpointer is not None
         async with self._checkpointer.execute("PRAGMA page_size") as cursor:
             row = await cursor.fetchone()
         frame_bytes = (row[0] if row else 4096) + 24  # each WAL frame: a page and its header
@@ -607,9 +613,13 @@ class EventStore:
                 wal_bytes = frames * frame_bytes
                 if wal_bytes > _WAL_KEEP_FACTOR * self.wal_restart_bytes:
                     self.escalated_checkpoints += 1
-                    finishing = await self._checkpoint_holding_commits(self._reader, _HOLD_COMMITS_ESCALATED)
+                    finishing = await self._checkpoint_holding_commits(
+                        self._checkpoint_between_reads(), _HOLD_COMMITS_ESCALATED
+                    )
                 elif wal_bytes > self.wal_restart_bytes:
-                    finishing = await self._checkpoint_holding_commits(checkpointer, _HOLD_COMMITS_AT_MOST)
+                    finishing = await self._checkpoint_holding_commits(
+                        _checkpoint(checkpointer), _HOLD_COMMITS_AT_MOST
+                    )
             except Exception as exc:
                 finishing = None
                 # Once per episode: a read-only or full disk would otherwise log every second.
@@ -621,15 +631,23 @@ class EventStore:
                 log.warning("store: WAL checkpoints work again")
                 self._checkpoint_failing = False
 
+    async def _checkpoint_between_reads(self) -> int:
+        """A checkpoint once no read is in flight on either reader: a read keeps the WAL
+        frames of its snapshot, so a checkpoint beside it cannot let the WAL start over."""
+        catch_up, api = self.reads[CATCH_UP], self.reads[API]
+        async with api.turn, catch_up.turn:
+            assert catch_up.conn is not None
+            return await _checkpoint(catch_up.conn)
+
     async def _checkpoint_holding_commits(
-        self, conn: aiosqlite.Connection, hold: float
+        self, checkpoint_pass: Coroutine[Any, Any, int], hold: float
     ) -> asyncio.Future[Any] | None:
         """A PASSIVE checkpoint with no commit in between; commits wait at most ``hold``
         seconds for it. Returns the checkpoint if it is still running."""
         self._commits_open.clear()
         try:
             # No commit is running: commits run on this loop, in one call.
-            checkpoint = asyncio.ensure_future(_checkpoint(conn))
+            checkpoint = asyncio.ensure_future(checkpoint_pass)
             done, _ = await asyncio.wait((checkpoint,), timeout=hold)
         finally:
             self._commits_open.set()
@@ -778,20 +796,37 @@ class EventStore:
     # -- reads -------------------------------------------------------------
 
     async def read(
-        self, run_id: str, after: int, upto: int, limit: int, max_chars: int = 4 << 20
-    ) -> list[tuple[int, str]]:
+        self,
+        run_id: str,
+        after: int,
+        upto: int,
+        limit: int,
+        max_bytes: int = 4 << 20,
+        *,
+        queue: str = CATCH_UP,
+        wanted: Callable[[], bool] | None = None,
+    ) -> list[tuple[int, str]] | None:
         """Stored events of a run with ``after < seq <= upto``, oldest first.
 
         ``upto`` is the run's committed seq: rows past it may belong to a
         commit in flight. At most ``limit`` rows, and no more rows than fit
-        in ``max_chars`` (but at least one).
+        in ``max_bytes`` of UTF-8 (but at least one). None when ``wanted()``
+        (asked once the read's turn comes in its ``queue``) says the reader is gone.
         """
-        params = (run_id, after, upto, limit, max(1, max_chars))
-        if self._reader is not None:
-            async with self._reader.execute(_READ_PAGE, params) as cursor:
-                return list(await cursor.fetchall())  # type: ignore[arg-type]
+        return await self._fetch(queue, _READ_PAGE, (run_id, after, upto, limit, max(1, max_bytes)), wanted)
+
+    async def _fetch(
+        self, queue: str, sql: str, params: tuple[Any, ...], wanted: Callable[[], bool] | None = None
+    ) -> list[Any] | None:
+        reads = self.reads[queue]
+        if reads.conn is not None:
+            return await reads.fetch(sql, params, wanted)
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
-            return self._db.execute(_READ_PAGE, params).fetchall()
+            if wanted is not None and not wanted():
+                reads.skipped += 1
+                return None
+            reads.done += 1
+            return self._db.execute(sql, params).fetchall()
         raise StoreError("the event store is closed")
 
 
