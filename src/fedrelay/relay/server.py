@@ -73,6 +73,12 @@ _ENVELOPE_SLACK = 1024
 """Bytes kept free under ``max_frame_bytes`` for the fields the relay adds."""
 _ENDPOINTS = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
+SLOW_AFTER = 2.0
+"""Seconds a subscriber's queue may stay over ``max_queue_bytes`` before it is cut: a burst
+(commits held up by another process's write lock, then megabytes at once) drains from a
+subscriber that reads, and stays queued at one that does not."""
+HARD_QUEUE_FACTOR = 4
+"""...but past this many times ``max_queue_bytes`` a subscriber is cut at once (memory bound)."""
 HARD_SIZE_FACTOR = 4
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets to send its request and be answered; it holds its address's slot."""
@@ -806,8 +812,12 @@ class Relay:
                     for frame in shared:
                         frame.write_to(conn)
                 sent += len(items)
-                if queued_bytes(conn) > limit:
-                    self._cut_slow(sub, conn)
+                queued = queued_bytes(conn)
+                if queued > limit:
+                    if self._too_slow(conn, queued, limit):
+                        self._cut_slow(sub, conn)
+                elif conn.over_since is not None:  # type: ignore[attr-defined]
+                    conn.over_since = None  # type: ignore[attr-defined]  # drained: the clock stops
             except Exception:  # one broken connection must not starve the rest
                 log.exception("delivery to %s failed; dropping it", _peer(conn))
                 self._forget(sub)
@@ -824,11 +834,29 @@ class Relay:
             if not frame.write_to(conn):
                 return
 
+    @staticmethod
+    def _too_slow(conn: ServerConnection, queued: int, limit: int) -> bool:
+        """A queue over ``limit``: slow once it has stayed over it for SLOW_AFTER seconds of
+        deliveries, or at once past HARD_QUEUE_FACTOR times it."""
+        if not isinstance(conn, RelayConnection) or queued > HARD_QUEUE_FACTOR * limit:
+            return True
+        now = time.monotonic()
+        if conn.over_since is None:
+            conn.over_since = now
+            return False
+        return now - conn.over_since > SLOW_AFTER
+
     def _cut_slow(self, sub: Subscription, conn: ServerConnection) -> None:
         """Drop a subscriber whose queue is full; it resumes with since=N."""
         self.metrics.slow_consumers.inc()
         self._forget(sub)
-        log.warning("cut slow consumer %s: over %d bytes queued", _peer(conn), self.config.max_queue_bytes)
+        log.warning(
+            "cut slow consumer %s: over %d bytes queued for %g s, or over %d",
+            _peer(conn),
+            self.config.max_queue_bytes,
+            SLOW_AFTER,
+            HARD_QUEUE_FACTOR * self.config.max_queue_bytes,
+        )
         self._track(conn.close(SLOW_CONSUMER, "slow consumer: resume with since=<last seq>"))
 
     def _track(self, coro: Any) -> None:

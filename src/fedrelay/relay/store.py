@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -96,6 +97,8 @@ SELECT seq, body FROM (
 ) WHERE upto_here - size < ?
 """
 """A page of a run: the rows whose UTF-8 bytes before them fit the cap (the first always does)."""
+MAX_BATCH_CHARS = 4 << 20
+"""Characters of events per commit (with ``max_batch`` events)."""
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
 _WAL_RESTART_BYTES = 16 << 20
@@ -445,8 +448,8 @@ class EventStore:
                 continue
             if not self._commits_open.is_set():
                 await self._commits_open.wait()  # a checkpoint is letting the WAL start over
-            size = min(len(self._pending), self.max_batch)
-            batch = [self._pending[i] for i in range(size)]
+            batch = self._next_batch()
+            size = len(batch)
             try:
                 self._commit(batch)
             except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
@@ -502,6 +505,21 @@ class EventStore:
                 except Exception:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)  # let deliveries and producers run between commits
+
+    def _next_batch(self) -> list[Sequenced]:
+        """The oldest pending events, at most ``max_batch`` and ``MAX_BATCH_CHARS`` (but one at
+        least): one commit is one delivery, and a delivery is written to every subscriber at
+        once, so this bounds what a burst adds to a subscriber's queue in one go."""
+        if self._pending_chars <= MAX_BATCH_CHARS:  # the usual case: no need to add sizes up
+            return list(itertools.islice(self._pending, self.max_batch))
+        batch: list[Sequenced] = []
+        chars = 0
+        for item in itertools.islice(self._pending, self.max_batch):
+            chars += len(item.body)
+            if batch and chars > MAX_BATCH_CHARS:
+                break
+            batch.append(item)
+        return batch
 
     def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
