@@ -160,6 +160,9 @@ class Accepted:
     """Highest producer id now handled (for the cumulative ack)."""
     too_large: list[tuple[int, Refused]] = field(default_factory=list)
     """(position in the events given, why) for events refused once encoded."""
+    known_from: int | None = None
+    """With ``stop_at_known``: the position of the first event whose id the producer had
+    already used; it and the events after it were left alone."""
 
 
 @dataclass(slots=True)
@@ -225,7 +228,12 @@ class Hub:
         return f"anon-{uuid.uuid4().hex}"
 
     def accept(
-        self, producer: str, events: Iterable[dict[str, Any]], max_body: int | None = None
+        self,
+        producer: str,
+        events: Iterable[dict[str, Any]],
+        max_body: int | None = None,
+        *,
+        stop_at_known: bool = False,
     ) -> Accepted:
         """Sequence validated events; drop those this producer sent before.
 
@@ -233,6 +241,9 @@ class Hub:
         is over ``max_body`` UTF-8 bytes is refused rather than sequenced:
         re-encoding can grow a number (``1e15`` -> ``1000000000000000.0``),
         and every subscriber must be able to receive what is stored.
+        With ``stop_at_known``, an id already used stops the frame there
+        instead (``Accepted.known_from``): the caller compares it with the
+        stored event before it is dropped as a resend.
         """
         now = self.clock()
         last_id = self.producers.get(producer, 0)
@@ -241,6 +252,9 @@ class Hub:
             event_id = event.get("id")
             if event_id is not None:
                 if event_id <= last_id:
+                    if stop_at_known:
+                        accepted.known_from = position
+                        break
                     accepted.duplicates += 1
                     accepted.upto = last_id
                     continue
@@ -248,11 +262,7 @@ class Hub:
             run_id = event["run_id"]
             run = self.runs.get(run_id)
             seq = (run.last_seq if run is not None else 0) + 1
-            event["seq"] = seq
-            event["producer"] = producer
-            if event.get("timestamp") is None:
-                event["timestamp"] = _iso(now)
-            body = encode(event)
+            body = stored_form(event, seq, producer, now)
             if max_body is not None:
                 size = utf8_size(body, max_body)
                 if size > max_body:
@@ -425,7 +435,22 @@ class Hub:
         return changed
 
 
+def stored_form(event: dict[str, Any], seq: int, producer: str, received_at: float) -> str:
+    """An event as stored and sent: with its seq, its producer and, when it came without one,
+    the relay's timestamp. Fills those fields into ``event``."""
+    event["seq"] = seq
+    event["producer"] = producer
+    if event.get("timestamp") is None:
+        event["timestamp"] = _iso(received_at)
+    return encode(event)
+
+
 _second_prefix: list[Any] = [None, ""]
+
+
+def relay_timestamp(ts: float) -> str:
+    """The timestamp the relay gives an event that came without one."""
+    return _iso(ts)
 
 
 def _iso(ts: float) -> str:

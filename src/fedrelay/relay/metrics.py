@@ -34,6 +34,12 @@ class RelayMetrics:
             ["queue", "outcome"],
             registry=r,
         )
+        self.producer_refusals = Counter(
+            "fedrelay_producer_refusals",
+            "Producer connections refused for a name in use, or an id stored with another body",
+            ["reason"],
+            registry=r,
+        )
         self.store_commits = Counter("fedrelay_store_commits", "Store transactions committed", registry=r)
         self.store_lag = Gauge("fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r)
         self.store_failing = Gauge("fedrelay_store_failing", "1 while store commits fail", registry=r)

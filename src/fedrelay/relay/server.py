@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -48,8 +49,10 @@ from .config import RelayConfig
 from .connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX, RelayConnection
 from .fanout import Frame, queued_bytes
 from .http import API_READS_PER_ADDRESS, HttpApi, first_param, text_response, whole_number
-from .hub import Delivery, Hub, Sequenced, Subscription
+from .hub import Accepted, Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
+from .producers import CLOSE_CODE as PRODUCER_REFUSED
+from .producers import CONFLICT, IN_USE, PROBE_TIMEOUT, LogThrottle, same_event
 from .store import EventStore
 from .store_reads import CATCH_UP
 
@@ -114,8 +117,11 @@ class Relay:
         self._cutting: set[ServerConnection] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
-        self._publishing: dict[str, int] = {}
-        """Producer name -> open /publish connections: their positions are never forgotten."""
+        self._publishing: dict[str, ServerConnection] = {}
+        """Producer name -> its open /publish connection (one at most): never forgotten."""
+        self._probing: set[str] = set()
+        """Names whose connection is being pinged because another asked for the name."""
+        self._producer_log = LogThrottle()
         self._gone: set[str] = set()
         """Producers whose last connection closed since the last housekeeping pass."""
         self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
@@ -451,6 +457,10 @@ class Relay:
             )
             await conn.close(1008, "bad producer name")
             return
+        older = self._publishing.get(name)
+        if older is not None:
+            await self._refuse_in_use(conn, name, older)
+            return
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
@@ -467,30 +477,95 @@ class Relay:
         acks = _AckState(conn, name)
         # No await since last_id was read: the position cannot be forgotten in between,
         # and from here on it is kept for as long as the connection is open.
-        self._publishing[name] = self._publishing.get(name, 0) + 1
+        self._publishing[name] = conn
         try:
             async for frame in conn:
-                self._ingest(conn, name, frame, acks)
+                resent = self._ingest(conn, name, frame, acks)
+                if resent is not None and not await self._check_resent(conn, name, acks, resent):
+                    return
                 await self._backpressure()
         finally:
-            self._stopped_publishing(name)
+            self._stopped_publishing(name, conn)
 
-    def _stopped_publishing(self, name: str) -> None:
-        left = self._publishing.pop(name) - 1
-        if left:
-            self._publishing[name] = left
-        elif self.config.forget_producers_after > 0:
+    def _stopped_publishing(self, name: str, conn: ServerConnection) -> None:
+        if self._publishing.get(name) is not conn:
+            return
+        del self._publishing[name]
+        if self.config.forget_producers_after > 0:
             self._gone.add(name)  # the next housekeeping pass marks it active up to then
 
-    def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState) -> None:
-        """Validate, sequence and queue one producer frame; ack after commit."""
+    async def _refuse_in_use(self, conn: ServerConnection, name: str, older: ServerConnection) -> None:
+        """Another connection publishes under ``name``: producer_in_use instead of hello, 4409.
+
+        Two live emitters under one name would each see the other's ids as duplicates. The
+        older connection may be a dead one the relay has not noticed yet (the same emitter
+        back after a network cut), so it is pinged; silent for PROBE_TIMEOUT, it is closed.
+        """
+        stale_after = self.config.ping_interval + self.config.ping_timeout
+        self._send(
+            conn,
+            {
+                "op": "error",
+                "code": IN_USE,
+                "detail": f"another connection is publishing as {name!r}: if it was this emitter's "
+                f"own, retry for up to {stale_after:g} s; otherwise publish under another name",
+                "stale_after": stale_after,
+            },
+        )
+        self.metrics.producer_refusals.labels(IN_USE).inc()
+        self._warn_producer(
+            name,
+            "producer name %r is in use by %s: refused it to %s (two emitters with one name?)",
+            name,
+            _peer(older),
+            _peer(conn),
+        )
+        if name not in self._probing:
+            self._probing.add(name)
+            self._track(self._probe_older(name, older))
+        await conn.close(PRODUCER_REFUSED, "producer name in use")
+
+    async def _probe_older(self, name: str, older: ServerConnection) -> None:
+        """Ping the connection holding a name another one asked for; close it if it is silent."""
+        try:
+            pong = await older.ping()
+            await asyncio.wait_for(pong, PROBE_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "producer %r: its connection from %s did not answer a ping within %g s; closing it",
+                name,
+                _peer(older),
+                PROBE_TIMEOUT,
+            )
+            older.transport.abort()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._probing.discard(name)
+
+    def _warn_producer(self, name: str, message: str, *args: Any) -> None:
+        """A WARNING about a producer name, at most once a minute per name."""
+        held_back = self._producer_log.due(name, time.monotonic())
+        if held_back is not None:
+            log.warning(
+                message + (f" ({held_back} more like it in the last minute)" if held_back else ""), *args
+            )
+
+    def _ingest(
+        self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState
+    ) -> _Resent | None:
+        """Validate, sequence and queue one producer frame; ack after commit.
+
+        A frame that reuses an id of this producer is queued up to that event; the rest
+        is returned, to be compared with what is stored (:meth:`_check_resent`).
+        """
         try:
             self._check_size(frame)
             parsed, suspect = parse_frame(frame)
             raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
-            return
+            return None
         many = isinstance(parsed, list)
         valid: list[dict[str, Any]] = []
         where: list[tuple[int, Any]] = []
@@ -506,7 +581,18 @@ class Relay:
                 where.append((index, raw_id))
             except Refused as exc:
                 self._reject(conn, exc, event_id=raw_id, index=index if many else None)
-        accepted = self.hub.accept(producer, valid, max_body=self._max_body)
+        accepted = self.hub.accept(producer, valid, max_body=self._max_body, stop_at_known=True)
+        self._queue(conn, accepted, where, many)
+        if accepted.known_from is not None:
+            known = accepted.known_from
+            return _Resent(valid[known:], where[known:], many, raws, top_id)
+        self._register_ack(acks, top_id)
+        return None
+
+    def _queue(
+        self, conn: ServerConnection, accepted: Accepted, where: list[tuple[int, Any]], many: bool
+    ) -> None:
+        """Refuse what was too large once encoded, queue the rest for the store."""
         for position, exc in accepted.too_large:
             index, raw_id = where[position]
             self._reject(conn, exc, event_id=raw_id, index=index if many else None)
@@ -514,9 +600,84 @@ class Relay:
         self.metrics.events_in.inc(len(accepted.new))
         if accepted.duplicates:
             self.metrics.duplicates.inc(accepted.duplicates)
-        if top_id > acks.registered:
-            acks.registered = top_id
-            self.store.after_commit(partial(self._ack_ready, acks, top_id))
+
+    def _register_ack(self, acks: _AckState, upto: int) -> None:
+        if upto > acks.registered:
+            acks.registered = upto
+            self.store.after_commit(partial(self._ack_ready, acks, upto))
+
+    async def _check_resent(
+        self, conn: ServerConnection, producer: str, acks: _AckState, resent: _Resent
+    ) -> bool:
+        """Compare the reused ids of a frame with the stored events; False once refused.
+
+        Identical resends are dropped as duplicates, as always. An id stored with another
+        body means a second emitter under this name: nothing from that event on is stored
+        from this connection; the ack covers what came before it, never the id itself, then
+        ``producer_conflict`` and 4409. The connection is not read meanwhile.
+        """
+        if not await self._committed_or_closed(conn):  # what the producer sent before is in the table
+            return False
+        position = self.hub.producers.get(producer, 0)
+        reused = [e["id"] for e in resent.events if isinstance(e.get("id"), int) and e["id"] <= position]
+        stored = await self.store.stored_versions(producer, reused)
+        conflict = None
+        for k, event in enumerate(resent.events):
+            row = stored.get(event.get("id"))  # type: ignore[arg-type]
+            if row is not None and event["id"] <= position and not same_event(event, row, producer):
+                conflict = k
+                break
+        kept = resent.events if conflict is None else resent.events[:conflict]
+        self._queue(conn, self.hub.accept(producer, kept, max_body=self._max_body), resent.where, resent.many)
+        if conflict is None:
+            self._register_ack(acks, resent.top_id)
+            return True
+        index, bad_id = resent.where[conflict]
+        before = [raw.get("id") for raw in resent.raws[:index] if isinstance(raw, dict)]
+        ids_before = [i for i in before if isinstance(i, int) and not isinstance(i, bool)]
+        acks.ceiling = bad_id - 1
+        self._register_ack(acks, min(max(ids_before, default=0), acks.ceiling))
+        if not await self._committed_or_closed(conn):
+            return False
+        upto = min(acks.registered, acks.ceiling)
+        if upto > acks.sent:
+            acks.sent = upto
+            self._send(conn, {"op": "ack", "producer": producer, "upto": upto})
+        seq = stored[bad_id][0]
+        run_id = json.loads(stored[bad_id][2]).get("run_id")
+        self._send(
+            conn,
+            {
+                "op": "error",
+                "code": CONFLICT,
+                "id": bad_id,
+                "detail": f"id {bad_id} of producer {producer!r} is stored with another body (run "
+                f"{str(run_id)[:128]!r}, seq {seq}): two emitters share this name; publish the "
+                "events not acked under another name",
+            },
+        )
+        self.metrics.producer_refusals.labels(CONFLICT).inc()
+        self._warn_producer(
+            producer,
+            "producer %r from %s: id %d differs from the stored event (run %s, seq %d): two emitters "
+            "share this name? refused its events from that id on",
+            producer,
+            _peer(conn),
+            bad_id,
+            str(run_id)[:128],
+            seq,
+        )
+        await conn.close(PRODUCER_REFUSED, "producer name shared with another emitter")
+        return False
+
+    async def _committed_or_closed(self, conn: ServerConnection) -> bool:
+        """Wait until everything queued so far is committed; False if the connection closed first."""
+        committed = asyncio.ensure_future(self.store.all_committed())
+        closed = asyncio.ensure_future(conn.wait_closed())
+        await asyncio.wait((committed, closed), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (committed, closed):
+            waiter.cancel()
+        return committed.done() and not committed.cancelled() and not closed.done()
 
     def _ack_ready(self, acks: _AckState, upto: int) -> None:
         """Events up to ``upto`` are stored; one ack per producer per commit goes out."""
@@ -530,9 +691,10 @@ class Relay:
     def _send_acks(self) -> None:
         due, self._acks_due = self._acks_due, set()
         for acks in due:
-            if acks.ready > acks.sent:
-                acks.sent = acks.ready
-                self._send(acks.conn, {"op": "ack", "producer": acks.producer, "upto": acks.ready})
+            upto = acks.ready if acks.ceiling is None else min(acks.ready, acks.ceiling)
+            if upto > acks.sent:
+                acks.sent = upto
+                self._send(acks.conn, {"op": "ack", "producer": acks.producer, "upto": upto})
 
     def _check_size(self, frame: str | bytes) -> int:
         """Refuse a frame over ``max_frame_bytes`` (UTF-8 bytes); return its size."""
@@ -890,6 +1052,21 @@ class _AckState:
     registered: int = 0
     ready: int = 0
     sent: int = 0
+    ceiling: int | None = None
+    """Set on a producer_conflict: no ack may reach the conflicting id."""
+
+
+@dataclass(slots=True)
+class _Resent:
+    """The rest of a frame from its first reused id on, held until compared with the store."""
+
+    events: list[dict[str, Any]]
+    where: list[tuple[int, Any]]
+    """(index in the frame, id as sent) of each of ``events``."""
+    many: bool
+    raws: list[Any]
+    """The frame's events as sent, valid or not: the ids before a conflict are acked."""
+    top_id: int
 
 
 def event_frames(bodies: list[str]) -> list[Frame]:

@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS producers (
     updated_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS producers_by_update ON producers (updated_at);
+CREATE INDEX IF NOT EXISTS events_by_producer ON events (producer, producer_id)
+    WHERE producer_id IS NOT NULL;
 """
 
 _INSERT_EVENT = (
@@ -99,6 +101,16 @@ SELECT seq, body FROM (
 """A page of a run: the rows whose UTF-8 bytes before them fit the cap (the first always does)."""
 MAX_BATCH_CHARS = 4 << 20
 """Characters of events per commit (with ``max_batch`` events)."""
+_STORED_VERSIONS = """
+SELECT producer_id, seq, received_at, body FROM (
+    SELECT producer_id, seq, received_at, body, length(CAST(body AS BLOB)) AS size,
+        sum(length(CAST(body AS BLOB))) OVER (ORDER BY producer_id ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE producer = ? AND producer_id IN ({ids}) ORDER BY producer_id
+) WHERE upto_here - size < ?
+"""
+"""Stored events of one producer by id, as many as fit a byte cap (the first always does)."""
+_STORED_VERSIONS_IDS = 500
+_STORED_VERSIONS_BYTES = 2 << 20
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
 _WAL_RESTART_BYTES = 16 << 20
@@ -237,6 +249,8 @@ class EventStore:
             # delivery; a lock held elsewhere is waited for in _write_loop.
             self._db.execute("PRAGMA busy_timeout=0")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_FACTOR * self.wal_restart_bytes}")
+            if self._indexes_missing():
+                log.info("store: indexing stored events by producer (once, on a database from before it)")
             self._db.executescript(_SCHEMA)
             if self.path != MEMORY:
                 self._probe_write()
@@ -259,6 +273,12 @@ class EventStore:
         if self._checkpointer is not None:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
+
+    def _indexes_missing(self) -> bool:
+        """An existing events table without the producer index: creating it reads every event."""
+        assert self._db is not None
+        names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        return "events" in names and "events_by_producer" not in names
 
     def _probe_write(self) -> None:
         """Fail now, not at the first commit, when the database cannot be written.
@@ -832,6 +852,29 @@ class EventStore:
         (asked once the read's turn comes in its ``queue``) says the reader is gone.
         """
         return await self._fetch(queue, _READ_PAGE, (run_id, after, upto, limit, max(1, max_bytes)), wanted)
+
+    async def stored_versions(self, producer: str, ids: list[int]) -> dict[int, tuple[int, float, str]]:
+        """The stored ``(seq, received_at, body)`` of a producer's events by id; ids with no row
+        (refused, pruned, never stored) are absent. Read in pages of at most 2 MiB of bodies, on
+        the catch-up reader: the check of a resent frame costs that much memory at most."""
+        found: dict[int, tuple[int, float, str]] = {}
+        wanted = sorted(set(ids))
+        while wanted:
+            chunk = wanted[:_STORED_VERSIONS_IDS]
+            sql = _STORED_VERSIONS.format(ids=",".join("?" * len(chunk)))
+            rows = await self._fetch(CATCH_UP, sql, (producer, *chunk, _STORED_VERSIONS_BYTES))
+            assert rows is not None
+            for producer_id, seq, received_at, body in rows:
+                found[producer_id] = (seq, received_at, body)
+            last = rows[-1][0] if rows else chunk[-1]
+            wanted = [i for i in wanted if i > last]
+        return found
+
+    async def all_committed(self) -> None:
+        """Wait until everything appended so far is committed."""
+        done = asyncio.get_running_loop().create_future()
+        self.after_commit(lambda: done.done() or done.set_result(None))
+        await done
 
     async def _fetch(
         self, queue: str, sql: str, params: tuple[Any, ...], wanted: Callable[[], bool] | None = None
