@@ -93,6 +93,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(config.log_level, config.log_format)
     _raise_fd_limit()
+    from .relay.websockets_check import check_websockets
+
+    try:
+        check_websockets()
+    except RuntimeError as exc:
+        logging.getLogger("fedrelay").error("%s", exc)
+        return 1
 
     async def run() -> int:
         relay = Relay(config)
