@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(config.log_level, config.log_format)
     _raise_fd_limit()
+    from .relay.websockets_check import check_websockets
+
+    try:
+        check_websockets()
+    except RuntimeError as exc:
+        logging.getLogger("fedrelay").error("%s", exc)
+        return 1
 
     async def run() -> int:
         relay = Relay(config)
@@ -149,6 +157,19 @@ def _http_base(url: str) -> str:
     return url
 
 
+def _every_run(base: str, token: str | None, ca_file: str | None = None) -> list[dict[str, Any]]:
+    """Every run, newest first: ``/api/runs`` pages, followed by ``next_cursor`` until it is null."""
+    runs: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+        payload = _http_get(base + "/api/runs" + query, token, ca_file)
+        runs.extend(payload["runs"])
+        cursor = payload.get("next_cursor")  # absent from relays before pagination
+        if not cursor:
+            return runs
+
+
 def _runs(args: argparse.Namespace) -> int:
     ca_file = resolve_ca_file(args.ca_file)
     url = _http_base(args.url) + "/api/runs"
@@ -158,7 +179,7 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"fedrelay runs: {explain_ca_file(ca_file, exc)}", file=sys.stderr)
         return 1
     try:
-        payload = _http_get(url, args.token, ca_file)
+        runs = _every_run(_http_base(args.url), args.token, ca_file)
     except urllib.error.HTTPError as exc:
         print(
             f"fedrelay runs: {args.url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
@@ -175,7 +196,6 @@ def _runs(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    runs = payload["runs"]
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
