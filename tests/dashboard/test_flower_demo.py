@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.dashboard.test_dashboard import STATE, all_points, round_points, wait
+from tests.support.dashboard import STATE, all_points, round_points, wait
 from tests.support.training import expected_points
 
 ROUNDS, CLIENTS = 3, 4
