@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("pytorch_lightning")
-
 from fedrelay.demo.centralized import CentralizedConfig, run_centralized
 from fedrelay.emitters import Emitter
 from tests.support.relay_process import wait_until
