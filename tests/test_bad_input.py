@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.clients import Collector, event, until, wait_for_control
+from tests.support.clients import Collector, event, wait_for_control
 from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until
 
 MAX_FRAME = 4096
 MAX_EVENTS = 20

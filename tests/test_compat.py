@@ -8,7 +8,7 @@ import json
 from websockets.asyncio.client import connect
 
 from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
-from tests.support.relay_process import wait_until
+from tests.support.waiting import wait_until
 
 
 async def legacy_send(url: str, message: dict) -> None:

@@ -21,9 +21,10 @@ from websockets.asyncio.client import connect
 
 from fedrelay.relay.hub import Run, Sequenced
 from fedrelay.relay.store import _FORGET_BATCH, EventStore
-from tests.support.clients import ResendingProducer, event, until
+from tests.support.clients import ResendingProducer, event
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until, wait_until
 
 
 def producer_rows(db: Path) -> dict[str, tuple[int, float]]:

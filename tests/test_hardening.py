@@ -23,8 +23,9 @@ import signal
 
 from websockets.asyncio.client import connect
 
-from tests.support.clients import Collector, ResendingProducer, event, until
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.clients import Collector, ResendingProducer, event
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until, wait_until
 from tests.test_slow_consumer import (
     kernel_send_buffer_max,
     metrics,

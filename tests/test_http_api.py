@@ -11,9 +11,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import fedrelay
-from tests.support.clients import Collector, ResendingProducer, event, until
+from tests.support.clients import Collector, ResendingProducer, event
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until
 
 METRIC_NAMES = [
     "fedrelay_connections",

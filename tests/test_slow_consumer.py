@@ -19,9 +19,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
+from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until
 
 MAX_QUEUE = 65536
 PAD = 4000

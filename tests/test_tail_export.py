@@ -19,11 +19,12 @@ import pytest
 from rich.console import Console
 
 from fedrelay.tail import LiveView
-from tests.support.clients import ResendingProducer, until
+from tests.support.clients import ResendingProducer
 from tests.support.clients import event as make_event
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
 from tests.support.training import BackgroundProducer, centralized_run, federated_run
+from tests.support.waiting import until, wait_until
 
 
 def stored(relay: RelayProcess, run_id: str) -> list[dict]:

@@ -12,9 +12,11 @@ import threading
 import pytest
 
 from fedrelay.emitters.sync import sync_spool
-from tests.emitters.conftest import spooled_count, stored_events
 from tests.support.cutting_proxy import CuttingProxy
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 
 def segment_ids(path) -> set[int]:

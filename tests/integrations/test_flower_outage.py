@@ -16,21 +16,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.clients import ResumingSubscriber, until
+from tests.support.clients import ResumingSubscriber
+from tests.support.demo import TINY, final_metrics, run_demo, run_demo_without_relay, run_sync
 from tests.support.relay_process import RelayProcess, free_port
-
-from .helpers import (
-    TINY,
-    assert_gap_free,
-    final_metrics,
-    of_type,
-    run_demo,
-    run_demo_without_relay,
-    run_status,
-    run_sync,
-    spooled_count,
-    stored_events,
-)
+from tests.support.spool import spooled_count
+from tests.support.stored import assert_gap_free, of_type, run_status, stored_events
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -48,7 +48,8 @@ from websockets.sync.client import ClientConnection, connect
 from fedrelay.schemas.events import EVENT_TYPES, RUN_ID_RE
 from tests.reliability.report import record, scale
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import wait_until
 from tests.test_slow_consumer import send_handshake
 
 MAX_FRAME = 64 * 1024

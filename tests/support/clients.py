@@ -73,16 +73,6 @@ class Collector:
         await asyncio.wait_for(reached(), timeout)
 
 
-async def until(predicate, timeout: float = 20.0) -> None:
-    """Await a condition on test state, polling the event loop, with a timeout."""
-
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 async def wait_for_control(collector: Collector, op: str, timeout: float = 10.0) -> dict[str, Any]:
     async def found() -> dict[str, Any]:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from tests.support.relay_process import RelayProcess
@@ -32,3 +33,16 @@ def run_status(relay: RelayProcess, run_id: str) -> str:
     status, body = relay.get_json(f"/api/runs/{run_id}")
     assert status == 200, body
     return body["status"]
+
+
+def assert_gap_free(events: list[dict[str, Any]]) -> None:
+    """Seqs 1..N, each once."""
+    seqs = [e["seq"] for e in events]
+    duplicates = [s for s, n in Counter(seqs).items() if n > 1]
+    assert not duplicates, f"duplicate seqs {duplicates}"
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+
+
+def of_type(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
+    """The events of type ``kind`` whose data has the given values."""
+    return [e for e in events if e["type"] == kind and all(e["data"].get(k) == v for k, v in match.items())]
