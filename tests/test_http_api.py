@@ -55,10 +55,6 @@ def raw_get(relay: RelayProcess, target: str) -> tuple[int, dict[str, str], byte
         conn.close()
 
 
-def metrics(relay: RelayProcess) -> dict[str, float]:
-    return scrape(relay)
-
-
 async def publish(relay: RelayProcess, name: str, events: list[dict], batch: int = 500) -> ResendingProducer:
     producer = ResendingProducer(relay.url, name)
     await producer.publish_all(events, batch=batch)
@@ -97,14 +93,14 @@ async def test_metrics_count_real_traffic(relay):
     text = body.decode()
     for name in METRIC_NAMES:
         assert f"# TYPE {name} " in text, name
-    assert metrics(relay)["fedrelay_events_in_total"] == 0
+    assert scrape(relay)["fedrelay_events_in_total"] == 0
 
     total = 250
     batch = 50
     await publish(relay, "trainer", [event("m", 1)])
     async with Collector(relay.url, "run_id=m&since=0") as sub:
         await sub.wait_for(1)
-        assert metrics(relay)['fedrelay_connections{endpoint="subscribe"}'] == 1
+        assert scrape(relay)['fedrelay_connections{endpoint="subscribe"}'] == 1
         await publish(relay, "trainer", [event("m", i) for i in range(2, total + 1)], batch=batch)
         await sub.wait_for(total)
         # The same producer name resending what is stored: dropped, counted.
@@ -117,7 +113,7 @@ async def test_metrics_count_real_traffic(relay):
             assert reply["op"] == "error" and reply["code"] == "unknown_type"
         with pytest.raises(InvalidStatus):
             await connect(f"{relay.url}/publish", origin="https://evil.example")
-        m = metrics(relay)
+        m = scrape(relay)
         assert m["fedrelay_events_in_total"] == total
         assert m["fedrelay_events_out_total"] == total  # one subscriber, each event once
         assert m["fedrelay_duplicates_total"] == 40
@@ -135,8 +131,8 @@ async def test_metrics_count_real_traffic(relay):
         assert m["fedrelay_producers_forgotten_total"] == 0
         assert m['fedrelay_connections{endpoint="subscribe"}'] == 1
         assert sub.seqs() == list(range(1, total + 1))
-    await until(lambda: metrics(relay)['fedrelay_connections{endpoint="subscribe"}'] == 0, timeout=5)
-    assert metrics(relay)['fedrelay_connections{endpoint="publish"}'] == 0
+    await until(lambda: scrape(relay)['fedrelay_connections{endpoint="subscribe"}'] == 0, timeout=5)
+    assert scrape(relay)['fedrelay_connections{endpoint="publish"}'] == 0
 
 
 # -- /api/runs ----------------------------------------------------------------

@@ -2,15 +2,17 @@
 sockets and threads (a bare sleep would pass or fail by the machine's speed).
 
 A predicate returns a truthy value when the condition holds (that value is returned), or may
-raise to fail at once (a connection that ended, a process that died). At the deadline a
+raise to fail at once (a connection that ended, a process that died); for :func:`until` it may
+also be a coroutine function (an HTTP request run in a thread, say). At the deadline a
 ``TimeoutError`` names what was awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -31,13 +33,19 @@ def wait_until(
 
 
 async def until(
-    predicate: Callable[[], T], timeout: float = 20.0, *, interval: float = 0.005, what: str = "a condition"
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 20.0,
+    *,
+    interval: float = 0.005,
+    what: str = "a condition",
 ) -> T:
     """Poll ``predicate`` on the event loop until it returns a truthy value; the loop runs
     meanwhile (a predicate that blocks, such as an HTTP call, should be cheap or in a thread)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
