@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.clients import Collector, event, wait_for_control
+from tests.support.clients import Collector, event, recv_json, wait_for_control
 from tests.support.metrics import metric
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import until
@@ -65,10 +65,6 @@ def tag() -> str:
 def rejected(relay: RelayProcess, code: str) -> float:
     """fedrelay_rejected_total{code=...} as the relay reports it."""
     return metric(relay, f'fedrelay_rejected_total{{code="{code}"}}')
-
-
-async def recv_json(conn: ClientConnection, timeout: float = 5.0) -> Any:
-    return json.loads(await asyncio.wait_for(conn.recv(), timeout))
 
 
 async def frames_until_ack(conn: ClientConnection, upto: int, timeout: float = 10.0) -> list[dict]:

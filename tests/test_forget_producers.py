@@ -75,9 +75,9 @@ async def test_an_idle_producer_is_forgotten_and_open_or_recent_ones_are_kept(re
         assert producer_rows(db)["idle"][0] == 5
 
         # "busy" stores an event every 0.3 s, each over a connection of its own, until "idle"
-        # is gone from the file and a few passes went by. Whether "busy" may be forgotten meanwhile depends on how long
-        # a publish takes on this machine, so every look at the file checks it against its own
-        # row: gone only once it had been silent for longer than the setting.
+        # is gone from the file and a few passes went by. Whether "busy" may be forgotten
+        # meanwhile depends on how long a publish takes on this machine, so every look at the
+        # file checks it against its own row: gone only once silent for longer than the setting.
         busy_last = 0
         busy_at = 0.0
 

@@ -34,16 +34,6 @@ TOTAL = 3 + ROUNDS * (2 + CLIENTS * PER_CLIENT_ROUND)
 and the clients' events."""
 
 
-async def poll(predicate, timeout: float, interval: float = 0.05) -> None:
-    """Await a condition that costs an HTTP call, checking every ``interval`` seconds."""
-
-    async def wait() -> None:
-        while not predicate():
-            await asyncio.sleep(interval)
-
-    await asyncio.wait_for(wait(), timeout)
-
-
 def assert_complete_run(events: list[dict[str, Any]]) -> str:
     """Every event of one demo run exactly once; returns the run id.
 
@@ -140,7 +130,7 @@ async def test_relay_sigkilled_after_round_one_and_restarted_subscriber_sees_eac
         def runs() -> list[dict[str, Any]]:
             return relay.get_json("/api/runs")[1]["runs"]
 
-        await poll(lambda: demo.done() or runs(), timeout=120)
+        await until(lambda: demo.done() or runs(), timeout=120, interval=0.05, what="the run to start")
         assert not demo.done(), await demo
         (run,) = runs()
         live = ResumingSubscriber(relay.url, run["run_id"])

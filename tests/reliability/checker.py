@@ -270,20 +270,5 @@ def _sample_disorder(seqs: list[Any]) -> str:
     return f"first {seqs[:1]}, length {len(seqs)}"
 
 
-def read_all(relay: Any, run_id: str) -> list[Event]:
-    """Every stored event of a run, paging through ``/api/runs/{run}/events``."""
-    events: list[Event] = []
-    since = 0
-    while True:
-        status, page = relay.get_json(f"/api/runs/{run_id}/events?since={since}&limit=10000")
-        if status == 404 and not events:
-            return events  # nothing stored yet
-        assert status == 200, page
-        if not page["events"]:
-            return events
-        events.extend(page["events"])
-        since = page["next_since"]
-
-
 if __name__ == "__main__":
     sys.exit(produce(sys.argv[1:]))

@@ -46,7 +46,6 @@ from tests.reliability.checker import (
     demo_key,
     producer_expected,
     producer_key,
-    read_all,
 )
 from tests.reliability.report import record, scale
 from tests.support.clients import events_in
@@ -55,7 +54,7 @@ from tests.support.file_faults import ignore_sigxfsz, method, read_only, relay_p
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 from tests.support.spool import spooled_count
-from tests.support.stored import run_status
+from tests.support.stored import run_status, stored_events
 from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,7 +335,7 @@ async def demo_under_kills(work: Path, rng: random.Random, kills: int) -> DemoOu
         assert len(done) == len(following), [(f.name, len(f.events)) for f in followers]
         for task in done:
             task.result()
-        stored = read_all(relay, run_id)
+        stored = stored_events(relay, run_id)
         views = {f.name: f.events for f in followers}
         verdict = check(demo_expected(ROUNDS, CLIENTS), stored, views, key=demo_key)
         verdict.assert_ok(f"{work.name}, seed {SEED}")
@@ -389,7 +388,7 @@ def check_producer_run(
     relay: RelayProcess, run_id: str, count: int, tally: Tally | None, followers: list[Any] = ()
 ) -> Verdict:
     """One producer's ids 1..count exactly once in the store and at every follower."""
-    stored = read_all(relay, run_id)
+    stored = stored_events(relay, run_id)
     verdict = check(
         producer_expected(1, count),
         stored,
@@ -523,7 +522,7 @@ async def producer_kill_round(work: Path, rng: random.Random, tally: Tally) -> N
             await producer.proc.wait()
             tally.faults += 1
             # The durable point at the kill: in a segment, persisted, or stored (acks come later).
-            at_kill = [e for e in read_all(relay, "killed") if e["producer"] == producer.name]
+            at_kill = [e for e in stored_events(relay, "killed") if e["producer"] == producer.name]
             on_disk = spooled_ids(spool, producer.name)
             emitted[p] = producer.progress.get("emitted")
             durable[p] = max(
@@ -534,10 +533,10 @@ async def producer_kill_round(work: Path, rng: random.Random, tally: Tally) -> N
                 f"producer {p} {options}: killed after {emitted[p]} emits, {len(at_kill)} stored, "
                 f"durable up to {durable[p]}"
             )
-            assert_no_duplicates(read_all(relay, "killed"))  # never, at any moment
+            assert_no_duplicates(stored_events(relay, "killed"))  # never, at any moment
         code, out, err = await run_sync(work, relay.url)
         assert code == 0, (out, err)
-        stored = read_all(relay, "killed")
+        stored = stored_events(relay, "killed")
         expected: dict[Any, dict[str, Any]] = {}
         may_lose: set[Any] = set()
         for p in emitted:
@@ -657,7 +656,7 @@ async def wait_failing(relay: RelayProcess, timeout: float = 60) -> dict[str, An
 async def assert_no_acked_but_unstored(relay: RelayProcess, producer: Producer, run_id: str) -> None:
     """Acks only cover committed events: every id the producer saw acked can be read back now."""
     acked = producer.progress.get("acked")
-    stored = {e["id"] for e in await asyncio.to_thread(read_all, relay, run_id)}
+    stored = {e["id"] for e in await asyncio.to_thread(stored_events, relay, run_id)}
     missing = set(range(1, acked + 1)) - stored
     assert not missing, f"{len(missing)} acked events not stored, e.g. {sorted(missing)[:5]} (seed {SEED})"
 
