@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.no_skips import pytest_make_collect_report, pytest_runtest_makereport
 from tests.support.relay_process import RelayProcess
+
+__all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: a skip is a failure
 
 
 @pytest.fixture
