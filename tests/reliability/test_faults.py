@@ -448,10 +448,15 @@ async def frozen_round(work: Path, rng: random.Random, tally: Tally) -> None:
         await until(lambda: publishers(relay) == 1, 30, interval=HTTP_POLL, what="the producer connected")
         producer.kill(signal.SIGSTOP)
         tally.faults += 1
-        await until(lambda: publishers(relay) == 0, 30, interval=HTTP_POLL, what="the relay cutting it")
+        await until(
+            lambda: publishers(relay) == 0,
+            30,
+            interval=HTTP_POLL,
+            what="the relay's keepalive cutting the frozen producer",
+        )
         await fault_pause(rng, 0.0, 1.0)
         producer.kill(signal.SIGCONT)
-        await until(lambda: publishers(relay) == 1, 30, interval=HTTP_POLL, what="the producer back")
+        await until(lambda: publishers(relay) == 1, 30, interval=HTTP_POLL, what="the producer reconnecting")
         report = await producer.finish()
         await asyncio.wait_for(asyncio.gather(*following), 60)
         check_producer_run(relay, "frozen", count, tally, followers)
