@@ -27,6 +27,7 @@ class WebhookReceiver:
         self.port = port or free_port()
         self.received: list[Received] = []
         self.status = 200
+        self.answer_headers: dict[str, str] = {}
         self.hanging = False
         self._release = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -51,6 +52,8 @@ class WebhookReceiver:
                     receiver.received.append(Received(self.path, dict(self.headers), json.loads(raw)))
                 self.send_response(receiver.status)
                 self.send_header("Content-Type", "text/plain")
+                for name, value in receiver.answer_headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(b"ok")
 

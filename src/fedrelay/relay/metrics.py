@@ -54,6 +54,11 @@ class RelayMetrics:
         self.alerts_fired = Counter(
             "fedrelay_alerts_fired", "Alert conditions this relay claimed, by kind", ["alert"], registry=r
         )
+        self.alerts_repeated = Counter(
+            "fedrelay_alerts_repeated",
+            "Alert conditions found again that were claimed before (after a restart, or by another relay)",
+            registry=r,
+        )
         self.alerts_sent = Counter(
             "fedrelay_alerts_sent", "Alerts a webhook accepted (2xx)", ["webhook"], registry=r
         )

@@ -157,7 +157,7 @@ def _threshold(text: str, tokens: list[str]) -> Threshold:
 def _plateau(text: str, tokens: list[str]) -> Plateau:
     expected = "no improvement|increase|decrease of METRIC [by NUMBER] for N rounds|epochs"
     words = [token.lower() for token in tokens]
-    if len(words) not in (6, 8) or words[1] not in _PLATEAU_KINDS or words[2] != "of":
+    if len(words) not in (7, 9) or words[1] not in _PLATEAU_KINDS or words[2] != "of":
         raise RuleError(f"alert rule {text!r}: expected {expected}")
     metric = _metric(text, tokens[3])
     min_delta = 0.0

