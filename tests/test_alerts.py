@@ -9,6 +9,7 @@ not followed; the webhook URL's secret path appears in no log line and no metric
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -87,8 +88,9 @@ def test_each_condition_fires_once_with_its_fields(tmp_path, receiver, emitter):
         publish(em, "fl-fail", start(), rnd(1, val_loss=1.0), ("error", {"message": "boom"}), end("failed"))
         publish(
             em, "fl-rules", start(5),
-            rnd(1, val_loss=1.0, auroc=0.90), rnd(2, val_loss=2.5, auroc=0.85), rnd(3, val_loss=3.0, auroc=0.80),
-            rnd(4, val_loss=1.5, auroc=0.88), rnd(5, val_loss=1.0, auroc=0.89), end("completed"),
+            rnd(1, val_loss=1.0, auroc=0.90), rnd(2, val_loss=2.5, auroc=0.85),
+            rnd(3, val_loss=3.0, auroc=0.80), rnd(4, val_loss=1.5, auroc=0.88),
+            rnd(5, val_loss=1.0, auroc=0.89), end("completed"),
         )  # fmt: skip
         publish(em, "fl-stall", start(), rnd(1, val_loss=1.0, auroc=0.5))
         wait_until(lambda: len(receiver.received) >= 5, 20, what="five alerts")
@@ -161,3 +163,104 @@ def test_a_restart_sends_nothing_twice_and_keeps_rule_state(tmp_path, receiver, 
         one(receiver, "failed", run)
     one(receiver, "stalled", "s")
     assert one(receiver, "ended", "s")["status"] == "completed"
+
+
+def failed_attempts(relay: RelayProcess, label: str, reason: str) -> float:
+    return scrape(relay).get(f'fedrelay_alert_attempts_failed_total{{reason="{reason}",{label}}}', 0)
+
+
+def _live_events_flow(relay: RelayProcess, em: Emitter, run_id: str, count: int) -> None:
+    """A subscriber gets events published now, and /healthz answers 200."""
+    with connect(f"{relay.url}/subscribe?run_id={run_id}", open_timeout=5) as sub:
+        assert json.loads(sub.recv(timeout=5))["op"] == "subscribed"
+        publish(em, run_id, *[("status", {"message": f"m{i}"}) for i in range(count)])
+        got = 0
+        while got < count:
+            frame = json.loads(sub.recv(timeout=5))
+            got += len(frame) if isinstance(frame, list) else 1
+    assert relay.get("/healthz")[0] == 200
+
+
+def test_a_receiver_that_is_down_or_never_answers_costs_the_relay_nothing(tmp_path, receiver, emitter):
+    alerts = tmp_path / "alerts.toml"
+    alerts.write_text(
+        f'webhooks = ["{receiver.url}"]\ntimeout = 1\nretry_first = 0.2\nretry_cap = 0.5\n'
+        'rules = ["eval_metrics.loss > 1"]\n'
+    )
+    relay = RelayProcess(tmp_path / "relay.db", args=["--alerts", str(alerts)]).start()
+    label = f'webhook="127.0.0.1:{receiver.port}"'
+    try:
+        em = emitter(relay)
+        receiver.stop()  # connection refused
+        publish(em, "x", start(), end("failed"))
+        wait_until(
+            lambda: failed_attempts(relay, label, "refused") >= 2,
+            20,
+            what="refused attempts",
+        )
+        assert scrape(relay)[f"fedrelay_alerts_queued{{{label}}}"] == 1
+        _live_events_flow(relay, em, "live-1", 50)
+        receiver.start()
+        wait_until(lambda: receiver.bodies("failed"), 20, what="the queued alert, delivered")
+
+        receiver.hang()  # accepts, reads, never answers
+        publish(em, "y", start(), rnd(1, loss=5.0))  # a rule alert
+        wait_until(
+            lambda: failed_attempts(relay, label, "timeout") >= 2,
+            20,
+            what="timed-out attempts",
+        )
+        _live_events_flow(relay, em, "live-2", 50)
+        receiver.hang(False)
+        wait_until(lambda: receiver.bodies("rule"), 20, what="the rule alert, delivered")
+        metrics = scrape(relay)
+        assert metrics[f"fedrelay_alerts_sent_total{{{label}}}"] == 2
+        assert metrics[f"fedrelay_alerts_queued{{{label}}}"] == 0
+        assert "secret-token" not in relay.get("/metrics")[1].decode()
+    finally:
+        relay.stop()
+    assert set(ids(receiver).values()) == {1} and len(receiver.received) == 2
+    log = relay.log()
+    assert "delivery failed (refused)" in log and "delivering again" in log
+    assert "secret-token" not in log
+
+
+def test_redirects_are_not_followed(tmp_path, receiver, emitter):
+    elsewhere = WebhookReceiver().start()
+    try:
+        receiver.status = 307
+        receiver.answer_headers = {"Location": elsewhere.url}
+        relay = RelayProcess(tmp_path / "relay.db", args=["--alert-webhook", receiver.url]).start()
+        try:
+            publish(emitter(relay), "r", start(), end("failed"))
+            label = f'webhook="127.0.0.1:{receiver.port}"'
+            wait_until(
+                lambda: scrape(relay).get(f'fedrelay_alerts_dropped_total{{reason="rejected",{label}}}'), 20
+            )
+        finally:
+            relay.stop()
+        assert len(receiver.received) == 1 and elsewhere.received == []
+        assert "answered 307 (a redirect to 127.0.0.1: not followed)" in relay.log()
+    finally:
+        elsewhere.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "file", "says"),
+    [
+        (["--alert-webhook", "http://h/x", "--alert-rule", "loss >"], None, "expected METRIC OP NUMBER"),
+        (["--alert-webhook", "ftp://h/x"], None, "http:// or https://"),
+        (["--alert-webhook", "https://user:pw@h/x"], None, "user:password@"),
+        (["--alert-rule", "loss > 1"], None, "no webhook"),
+        ([], 'webhooks = ["http://h/x"]\nretries = 3\n', "unknown keys retries"),
+        ([], 'webhooks = ["http://h/x"]\non = ["crashed"]\n', "'on' takes"),
+        ([], 'webhooks = ["http://h/x"]\nqueue_size = 0\n', "queue_size must be"),
+        ([], "webhooks = [", "not TOML"),
+    ],
+)
+def test_bad_alert_settings_fail_the_start_with_exit_2(tmp_path, capsys, args, file, says):
+    if file is not None:
+        (tmp_path / "alerts.toml").write_text(file)
+        args = [*args, "--alerts", str(tmp_path / "alerts.toml")]
+    assert main(["serve", "--memory", "--port", "0", *args]) == 2
+    assert says in capsys.readouterr().err

@@ -32,7 +32,8 @@ def test_failed_end_fires_failed_with_the_last_error():
     e = engine()
     facts = RunFacts("failed", experiment="exp", last_error="CUDA out of memory")
     (alert,) = e.observe("r", 9, ev("training_end", status="failed"), facts)
-    assert (alert.alert, alert.status, alert.seq, alert.detail) == ("failed", "failed", 9, "CUDA out of memory")
+    expected = ("failed", "failed", 9, "CUDA out of memory")
+    assert (alert.alert, alert.status, alert.seq, alert.detail) == expected
     assert alert.id == alert_id("r", "failed") and alert.experiment == "exp"
 
 
@@ -135,7 +136,8 @@ def test_rule_state_survives_a_snapshot_and_restore():
     after.restore("r", before.snapshot("r"))
     assert after.observe("r", 3, round_end(3, val_loss=5.0, auroc=0.7), RUNNING)[0].rule == rules[1]
     fresh = engine(*rules)  # without the state the same event fires the threshold instead
-    assert [a.rule for a in fresh.observe("r", 3, round_end(3, val_loss=5.0, auroc=0.7), RUNNING)] == [rules[0]]
+    fired = fresh.observe("r", 3, round_end(3, val_loss=5.0, auroc=0.7), RUNNING)
+    assert [a.rule for a in fired] == [rules[0]]
 
 
 def test_unreadable_state_starts_the_run_over():
@@ -155,7 +157,8 @@ def test_run_state_is_bounded_and_an_evicted_state_is_handed_out_once():
 
 
 def test_retry_delays_double_up_to_the_cap_with_jitter_in_the_upper_half():
-    assert [retry_delay(n, 1.0, 10.0, 1.0 - 1e-12) for n in (1, 2, 3, 4, 5)] == pytest.approx([1, 2, 4, 8, 10])
+    highest = [retry_delay(n, 1.0, 10.0, 1.0 - 1e-12) for n in (1, 2, 3, 4, 5)]
+    assert highest == pytest.approx([1, 2, 4, 8, 10])
     assert retry_delay(3, 1.0, 10.0, 0.0) == 2.0
     assert retry_delay(10_000, 1.0, 300.0, 0.5) == pytest.approx(225.0)  # no overflow
 
@@ -178,9 +181,11 @@ def test_the_body_suits_slack_discord_and_plain_receivers():
     assert "<!channel>" not in payload["text"] and "&lt;!channel&gt;" in payload["text"]
     assert payload["allowed_mentions"] == {"parse": []}
     assert "`<!channel> @everyone 'x'`" in payload["content"]  # a code span: no mention, no markup
-    assert {k: payload[k] for k in ("alert", "id", "run_id", "status", "rule", "value", "round", "epoch")} == {
+    fields = ("alert", "id", "run_id", "status", "rule", "value", "round", "epoch")
+    assert {k: payload[k] for k in fields} == {
         "alert": "rule", "id": alert.id, "run_id": "r-1", "status": "running", "rule": "val_loss > 2",
         "value": 2.5, "round": 3, "epoch": None,
     }  # fmt: skip
-    (failed,) = engine().observe("r", 2, ev("training_end", status="failed"), RunFacts("failed", last_error="x" * 5000))
+    long_error = RunFacts("failed", last_error="x" * 5000)
+    (failed,) = engine().observe("r", 2, ev("training_end", status="failed"), long_error)
     assert len(body(failed, dashboard="http://h")["content"]) <= DISCORD_CONTENT_CHARS

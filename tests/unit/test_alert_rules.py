@@ -38,7 +38,7 @@ def test_a_threshold_compares_with_its_operator():
         ("no improvement of eval_metrics.val_loss for 3 rounds", True, 3, "round", 0.0, None),
         ("No Improvement Of val_error by 0.01 for 1 epoch", True, 1, "epoch", 0.01, None),
         ("no increase of metrics.val_loss for 2 epochs", False, 2, "epoch", 0.0, None),
-        ("no decrease of accuracy for 5 round", True, 5, "round", 0.0, "no decrease of accuracy for 5 rounds"),
+        ("no decrease of acc for 5 round", True, 5, "round", 0.0, "no decrease of acc for 5 rounds"),
     ],
 )
 def test_plateaus_parse(text, lower, patience, unit, delta, canonical):
