@@ -105,7 +105,8 @@ class Plateau:
 
     def __str__(self) -> str:
         by = f" by {_number_text(self.min_delta)}" if self.min_delta else ""
-        return f"no {self.kind} of {self.metric}{by} for {self.patience} {self.unit}s"
+        unit = self.unit if self.patience == 1 else f"{self.unit}s"
+        return f"no {self.kind} of {self.metric}{by} for {self.patience} {unit}"
 
     @property
     def event_type(self) -> str:
