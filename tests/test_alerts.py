@@ -264,3 +264,44 @@ def test_bad_alert_settings_fail_the_start_with_exit_2(tmp_path, capsys, args, f
         args = [*args, "--alerts", str(tmp_path / "alerts.toml")]
     assert main(["serve", "--memory", "--port", "0", *args]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_webhooks_and_rules_from_the_environment_comma_separated():
+    from fedrelay.relay.config import RelayConfig
+
+    env = {
+        "FEDRELAY_ALERT_WEBHOOK": "https://hooks.slack.com/services/T/B/x,https://hooks.slack.com/services/T/C/y",
+        "FEDRELAY_ALERT_RULE": "val_loss > 2,no improvement of auroc for 10 rounds",
+    }
+    alerting = RelayConfig.from_env(env, db=":memory:").alerting
+    assert alerting is not None
+    assert [hook.label for hook in alerting.webhooks] == ["hooks.slack.com", "hooks.slack.com#2"]
+    assert [str(rule) for rule in alerting.rules] == ["val_loss > 2", "no improvement of auroc for 10 rounds"]
+    assert "services" not in repr(alerting.webhooks)  # the secret path stays out of reprs
+    assert RelayConfig.from_env({}, db=":memory:").alerting is None
+
+
+def test_past_the_queue_bound_alerts_are_dropped_counted_and_logged_once(tmp_path, receiver, emitter):
+    alerts = tmp_path / "alerts.toml"
+    alerts.write_text(f'webhooks = ["{receiver.url}"]\nqueue_size = 2\nretry_first = 0.1\nretry_cap = 0.2\n')
+    args = ["--alerts", str(alerts)]
+    relay = RelayProcess(tmp_path / "relay.db", args=args).start()
+    label = f'webhook="127.0.0.1:{receiver.port}"'
+    receiver.stop()
+    em = emitter(relay)
+    for run in ("q1", "q2", "q3", "q4"):
+        publish(em, run, start(), end("failed"))
+    dropped = f'fedrelay_alerts_dropped_total{{reason="queue_full",{label}}}'
+    wait_until(lambda: scrape(relay).get(dropped) == 2, 20, what="two alerts dropped")
+    receiver.start()
+    wait_until(lambda: len(receiver.received) == 2, 20, what="the two queued alerts")
+    relay.stop()
+    assert relay.log().count("queue full") == 1  # once per episode
+
+    again = RelayProcess(tmp_path / "relay.db", args=args).start()
+    try:
+        publish(emitter(again), "q5", start(), end("failed"))
+        wait_until(lambda: receiver.bodies("failed")[-1:] and receiver.bodies()[-1]["run_id"] == "q5", 20)
+    finally:
+        again.stop()
+    assert [b["run_id"] for b in receiver.bodies()] == ["q1", "q2", "q5"]  # dropped stays dropped

@@ -63,11 +63,16 @@ class Courier:
         self._failed_attempts = 0
         self._dropping = 0
         self._tls: ssl.SSLContext | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         metrics.alerts_queued.labels(hook.label).set_function(lambda: len(self.queue))
 
     def offer(self, pending: Pending) -> bool:
-        """Queue a claimed delivery; False (dropped, counted, logged once per episode) when full."""
+        """Queue a claimed delivery; False when full: dropped (recorded so, counted, logged once
+        per episode), never sent, not even after a restart."""
         if len(self.queue) >= self.settings.queue_size:
+            task = asyncio.get_running_loop().create_task(self.settle(pending, "dropped"))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
             self._dropping += 1
             self.metrics.alerts_dropped.labels(self.hook.label, "queue_full").inc()
             if self._dropping == 1:
