@@ -104,8 +104,9 @@ def test_no_improvement_of_a_loss_means_no_decrease_and_by_sets_the_margin():
 def test_no_improvement_counts_rounds_by_number_whatever_their_arrival_order():
     e = engine("no improvement of auroc for 2 rounds")
     assert e.observe("r", 1, round_end(5, auroc=0.9), RUNNING) == []
-    assert e.observe("r", 2, round_end(1, auroc=0.5), RUNNING) == []  # a late, earlier round
-    assert len(e.observe("r", 3, round_end(7, auroc=0.8), RUNNING)) == 1
+    assert e.observe("r", 2, round_end(1, auroc=0.5), RUNNING) == []  # late, earlier rounds:
+    assert e.observe("r", 3, round_end(2, auroc=0.4), RUNNING) == []  # not rounds after the best
+    assert len(e.observe("r", 4, round_end(7, auroc=0.8), RUNNING)) == 1
 
 
 def test_an_epoch_plateau_ignores_rounds():
