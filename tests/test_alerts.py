@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
 from websockets.sync.client import connect
 
-from fedrelay.cli import main
 from fedrelay.emitters import Emitter
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess, wait_until
@@ -258,12 +259,13 @@ def test_redirects_are_not_followed(tmp_path, receiver, emitter):
         ([], "webhooks = [", "not TOML"),
     ],
 )
-def test_bad_alert_settings_fail_the_start_with_exit_2(tmp_path, capsys, args, file, says):
+def test_bad_alert_settings_fail_the_start_with_exit_2(tmp_path, args, file, says):
     if file is not None:
         (tmp_path / "alerts.toml").write_text(file)
         args = [*args, "--alerts", str(tmp_path / "alerts.toml")]
-    assert main(["serve", "--memory", "--port", "0", *args]) == 2
-    assert says in capsys.readouterr().err
+    cmd = [sys.executable, "-m", "fedrelay", "serve", "--memory", "--port", "0", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)  # a relay that starts: red
+    assert done.returncode == 2 and says in done.stderr, done.stderr
 
 
 def test_webhooks_and_rules_from_the_environment_comma_separated():
@@ -305,3 +307,14 @@ def test_past_the_queue_bound_alerts_are_dropped_counted_and_logged_once(tmp_pat
     finally:
         again.stop()
     assert [b["run_id"] for b in receiver.bodies()] == ["q1", "q2", "q5"]  # dropped stays dropped
+
+
+def test_a_relay_in_memory_alerts_too(tmp_path, receiver, emitter):
+    relay = RelayProcess(tmp_path / "unused.db", args=["--memory", "--alert-webhook", receiver.url]).start()
+    try:
+        publish(emitter(relay), "m", start(), end("completed"))
+        wait_until(lambda: receiver.bodies("ended"), 20, what="the end alert")
+    finally:
+        relay.stop()
+    assert one(receiver, "ended", "m")["status"] == "completed"
+    assert not (tmp_path / "unused.db").exists()
