@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..store import StoreError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alert_outbox (
     key         TEXT NOT NULL,
@@ -132,9 +134,12 @@ class SqliteAlertLog:
         return await self._run(self._open)
 
     def _open(self) -> Restored:
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the alert tables in {self.path}: {exc}") from exc
         row = self._db.execute("SELECT value FROM alert_meta WHERE name = 'alive_at'").fetchone()
         restored = Restored(row[0] if row else None)
         for run_id, seq, state in self._db.execute("SELECT run_id, seq, state FROM alert_runs"):
