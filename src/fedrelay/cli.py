@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from . import __version__, export, tail
 from .bridge.cli import add_parser as add_bridge_parser
 from .demo.cli import add_demo_parser
+from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate, resolve_ca_file
 
 
 class _JsonFormatter(logging.Formatter):
@@ -99,6 +101,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(config.log_level, config.log_format)
     _raise_fd_limit()
+    from .relay.websockets_check import check_websockets
+
+    try:
+        check_websockets()
+    except RuntimeError as exc:
+        logging.getLogger("fedrelay").error("%s", exc)
+        return 1
 
     async def run() -> int:
         relay = Relay(config)
@@ -136,11 +145,11 @@ def _serve(args: argparse.Namespace) -> int:
         return runner.run(run())
 
 
-def _http_get(url: str, token: str | None) -> Any:
+def _http_get(url: str, token: str | None, ca_file: str | None = None) -> Any:
     request = urllib.request.Request(url)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=context_for(url, ca_file)) as response:
         return json.loads(response.read())
 
 
@@ -151,9 +160,29 @@ def _http_base(url: str) -> str:
     return url
 
 
+def _every_run(base: str, token: str | None, ca_file: str | None = None) -> list[dict[str, Any]]:
+    """Every run, newest first: ``/api/runs`` pages, followed by ``next_cursor`` until it is null."""
+    runs: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+        payload = _http_get(base + "/api/runs" + query, token, ca_file)
+        runs.extend(payload["runs"])
+        cursor = payload.get("next_cursor")  # absent from relays before pagination
+        if not cursor:
+            return runs
+
+
 def _runs(args: argparse.Namespace) -> int:
+    ca_file = resolve_ca_file(args.ca_file)
+    url = _http_base(args.url) + "/api/runs"
     try:
-        payload = _http_get(_http_base(args.url) + "/api/runs", args.token)
+        context_for(url, ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        print(f"fedrelay runs: {explain_ca_file(ca_file, exc)}", file=sys.stderr)
+        return 1
+    try:
+        runs = _every_run(_http_base(args.url), args.token, ca_file)
     except urllib.error.HTTPError as exc:
         print(
             f"fedrelay runs: {args.url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
@@ -161,12 +190,15 @@ def _runs(args: argparse.Namespace) -> int:
         )
         return 1
     except (urllib.error.URLError, OSError) as exc:
+        problem = certificate_problem(exc)
+        if problem is not None:
+            print(f"fedrelay runs: {explain_certificate(args.url, problem, ca_file)}", file=sys.stderr)
+            return 1
         print(
             f"fedrelay runs: no relay at {args.url} ({getattr(exc, 'reason', exc)})",
             file=sys.stderr,
         )
         return 1
-    runs = payload["runs"]
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
@@ -223,7 +255,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     from .emitters import sync_spool
 
-    report = sync_spool(args.url, args.spool_dir, args.token, timeout=args.timeout)
+    report = sync_spool(args.url, args.spool_dir, args.token, timeout=args.timeout, ca_file=args.ca_file)
     if report.error or report.busy:
         why = report.error or f"{report.busy} spools are in use by running emitters"
         print(f"fedrelay sync: {why}; {report.remaining} events stay in {report.spool_dir}", file=sys.stderr)
@@ -311,13 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="list the runs a relay knows")
     runs.add_argument("--url", default="http://127.0.0.1:8765", help="relay address")
     runs.add_argument("--token", help="subscribe token, if the relay needs one")
+    runs.add_argument(
+        "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
+    )
     runs.add_argument("--json", action="store_true", help="print JSON")
     runs.set_defaults(func=_runs)
 
     sync = commands.add_parser("sync", help="send the events emitters left in their spool")
     sync.add_argument("--url", help="relay address (default: FEDRELAY_URL or ws://127.0.0.1:8765)")
-    sync.add_argument("--spool-dir", help="spool dir (default: FEDRELAY_SPOOL_DIR or the user data dir)")
+    sync.add_argument(
+        "--spool-dir",
+        help="spool dir (default: FEDRELAY_SPOOL_DIR, else the relay's own dir in the user data dir "
+        "and the shared one older versions used)",
+    )
     sync.add_argument("--token", help="publish token (default: FEDRELAY_PUBLISH_TOKEN)")
+    sync.add_argument(
+        "--ca-file", help="CA bundle for a wss:// relay (FEDRELAY_CA_FILE; default: system CAs)"
+    )
     sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for acks per spool")
     sync.set_defaults(func=_sync)
 

@@ -19,21 +19,28 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from .follow import DEFAULT_URL, http_base
+from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate, resolve_ca_file
 
 PAGE = 5000
 FIXED_COLUMNS = ("seq", "type", "run_id", "timestamp", "producer", "id", "source.role", "source.client_id")
 
 
-def fetch_events(url: str, run_id: str, token: str | None = None, since: int = 0) -> Iterator[dict[str, Any]]:
-    """Every stored event of the run after ``since``, paging ``/api/runs/{run_id}/events``."""
+def fetch_events(
+    url: str, run_id: str, token: str | None = None, since: int = 0, ca_file: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every stored event of the run after ``since``, paging ``/api/runs/{run_id}/events``.
+
+    An ``https``/``wss`` relay's certificate is verified (``ca_file``, else the system CAs).
+    """
     quoted = urllib.parse.quote(run_id, safe="")
+    context = context_for(http_base(url), ca_file)
     while True:
         request = urllib.request.Request(
             f"{http_base(url)}/api/runs/{quoted}/events?since={since}&limit={PAGE}"
         )
         if token:
             request.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             page = json.loads(response.read())
         if not page["events"]:
             return
@@ -99,6 +106,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     export.add_argument("--since", type=int, default=0, help="only events after this seq")
     export.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
     export.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
+    export.add_argument(
+        "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
+    )
     export.set_defaults(func=run)
     return export
 
@@ -108,7 +118,13 @@ def run(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     write = write_csv if args.format == "csv" else write_jsonl
-    events = fetch_events(url, args.run_id, token, args.since)
+    ca_file = resolve_ca_file(args.ca_file)
+    try:
+        context_for(http_base(url), ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        print(f"fedrelay export: {explain_ca_file(ca_file, exc)}", file=sys.stderr)
+        return 1
+    events = fetch_events(url, args.run_id, token, args.since, ca_file)
     partial = args.out + ".partial" if args.out else None
     try:
         if partial:
@@ -122,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
         if partial:
             with contextlib.suppress(OSError):
                 os.remove(partial)
+        problem = certificate_problem(exc)
         if isinstance(exc, urllib.error.HTTPError):
             detail = exc.read().decode(errors="replace")
             print(f"fedrelay export: {url} answered {exc.code}: {detail}", file=sys.stderr)
+        elif problem is not None:
+            print(f"fedrelay export: {explain_certificate(url, problem, ca_file)}", file=sys.stderr)
         else:
             print(f"fedrelay export: cannot read from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate
+
 DEFAULT_URL = "ws://127.0.0.1:8765"
 SLOW_CONSUMER = 1013
 CLOSE_TIMEOUT = 2.0
@@ -25,7 +27,8 @@ CLOSE_TIMEOUT = 2.0
 
 
 class RelayRefused(Exception):
-    """The relay answered the handshake with an HTTP error (a wrong token, a bad origin)."""
+    """The relay answered the handshake with an HTTP error (a wrong token, a bad origin), or its
+    TLS certificate does not verify: retrying cannot help, the user must change a setting."""
 
 
 def ws_base(url: str) -> str:
@@ -65,8 +68,14 @@ class Follower:
         on_control: Callable[[dict[str, Any]], bool | None] = lambda frame: None,
         on_note: Callable[[str], None] = lambda text: None,
         max_backoff: float = 5.0,
+        ca_file: str | None = None,
     ) -> None:
         self.url = ws_base(url) + "/subscribe"
+        self.ca_file = ca_file
+        try:
+            self.ssl = context_for(self.url, ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise RelayRefused(explain_ca_file(ca_file, exc)) from None
         self.all = runs == "*"
         self.cursors: dict[str, int] = {} if self.all else dict.fromkeys(runs, since)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -112,6 +121,7 @@ class Follower:
         try:
             return await connect(
                 self.url,
+                ssl=self.ssl,
                 additional_headers=self.headers,
                 open_timeout=5,
                 close_timeout=CLOSE_TIMEOUT,
@@ -122,8 +132,10 @@ class Follower:
             status = exc.response.status_code
             if status in (400, 401, 403):
                 raise RelayRefused(f"the relay refused the connection: HTTP {status}") from None
-        except (OSError, TimeoutError, InvalidHandshake):  # InvalidMessage: closed mid-handshake
-            pass
+        except (OSError, TimeoutError, InvalidHandshake) as exc:  # InvalidMessage: closed mid-handshake
+            problem = certificate_problem(exc)
+            if problem is not None:
+                raise RelayRefused(explain_certificate(self.url, problem, self.ca_file)) from None
         return None
 
     def _where(self) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .follow import DEFAULT_URL, Follower, RelayRefused
+from .tls import resolve_ca_file
 
 _METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -294,6 +295,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     target.add_argument("--all", action="store_true", help="every run, live from now (no backlog)")
     tail.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
     tail.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
+    tail.add_argument(
+        "--ca-file", help="CA bundle for a wss:// relay (FEDRELAY_CA_FILE; default: system CAs)"
+    )
     tail.add_argument("--since", type=int, default=0, help="start after this seq (0 = the whole run)")
     stop = tail.add_mutually_exclusive_group()
     stop.add_argument("--once", action="store_true", help="print what is stored so far, then exit")
@@ -356,10 +360,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             view.note(text)
 
-    follower = Follower(
-        url, runs, since=args.since, token=token, on_event=on_event, on_control=on_control, on_note=on_note
-    )
     try:
+        follower = Follower(
+            url, runs, since=args.since, token=token, on_event=on_event, on_control=on_control,
+            on_note=on_note, ca_file=resolve_ca_file(args.ca_file),
+        )  # fmt: skip
         if view is None:
             asyncio.run(follower.run())
         else:

@@ -10,7 +10,13 @@ from tests.support.relay_process import RelayProcess
 def _isolated_env(tmp_path, monkeypatch):
     """No test may touch the user's spool dir or pick up a relay from the environment."""
     monkeypatch.setenv("FEDRELAY_SPOOL_DIR", str(tmp_path / "spool"))
-    for name in ("FEDRELAY_URL", "FEDRELAY_TOKEN", "FEDRELAY_PUBLISH_TOKEN", "FEDRELAY_RUN_ID"):
+    for name in (
+        "FEDRELAY_URL",
+        "FEDRELAY_TOKEN",
+        "FEDRELAY_PUBLISH_TOKEN",
+        "FEDRELAY_RUN_ID",
+        "FEDRELAY_CA_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

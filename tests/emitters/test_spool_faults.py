@@ -100,7 +100,7 @@ CRASHING_PRODUCER = textwrap.dedent(
     from fedrelay.emitters import Emitter
     from fedrelay.emitters.spool import Spool
 
-    Spool.trim = lambda self, upto: 0  # as if killed after the relay stored, before the ack trimmed
+    Spool.remove = lambda self, segments: None  # as if killed after the relay stored, before the ack trimmed
     url, spool = sys.argv[1], sys.argv[2]
     em = Emitter(url, run_id="crash-dup", producer="trainer-x", spool_dir=spool, max_backoff=0.2)
     for i in range(20):
@@ -200,7 +200,8 @@ DISK_FULL_PRODUCER = textwrap.dedent(
     idle = threading.Event()
     while em.stats["queued"]:
         idle.wait(0.01)
-    print(json.dumps({**em.stats, "in_memory": len(em._inflight) + len(em._unsent)}), flush=True)
+    core = em._sender.core
+    print(json.dumps({**em.stats, "in_memory": len(core.inflight) + len(core.unsent)}), flush=True)
     sys.stdin.readline()  # the relay is up now
     print(json.dumps({"flushed": em.flush(10)}), flush=True)
     em.close(2)

@@ -60,14 +60,21 @@ async def test_simulation_streams_rounds_clients_and_best_round_in_order(relay, 
         assert {"train_loss", "train_accuracy"} <= set(data["fit_metrics"])
         assert {"loss", "accuracy", "precision", "recall", "f1", "auroc"} <= set(data["eval_metrics"])
         assert {"loss", "accuracy", "auroc"} <= set(data["server_metrics"])
-        assert len(data["participating_clients"]) == CLIENTS and data["num_failures"] == 0
+        assert sorted(data["participating_clients"]) == list(range(CLIENTS)) and data["num_failures"] == 0
+        assert sorted(data["evaluated_clients"]) == list(range(CLIENTS))
         assert data["duration"] > 0
-        assert len(begin["data"]["participating_clients"]) == CLIENTS
+        # Client ids (partition ids) once the server has had a reply from every sampled node.
+        expected = CLIENTS if r == 1 else list(range(CLIENTS))
+        participating = begin["data"]["participating_clients"]
+        assert (participating if r == 1 else sorted(participating)) == expected
+        assert len(begin["data"]["participating_nodes"]) == CLIENTS
         # Clients flush before replying, so their events sit inside their round.
         for phase in ("train", "evaluate"):
             done = of_type(events, "client_complete", round=r, phase=phase)
             assert sorted(e["data"]["client_id"] for e in done) == list(range(CLIENTS)), (r, phase)
             assert all(begin["seq"] < e["seq"] < end["seq"] for e in done)
+            nodes = data["participating_nodes"] if phase == "train" else data["evaluated_nodes"]
+            assert sorted(e["data"]["node_id"] for e in done) == sorted(nodes)
             assert all(e["source"] == {"role": "client", "client_id": e["data"]["client_id"]} for e in done)
             assert all("loss" in e["data"]["metrics"] or "train_loss" in e["data"]["metrics"] for e in done)
         epochs = [e for e in of_type(events, "client_progress", round=r) if "local_epoch" in e["data"]]
@@ -111,7 +118,11 @@ async def test_failing_client_and_failing_serverapp_show_up_and_fail_the_run(rel
         len(server_seen) == 1 and server_seen[0]["data"]["client_id"] == client_errors[0]["data"]["node_id"]
     )
     (round1,) = of_type(events, "round_end", round=1)
-    assert round1["data"]["failed_clients"] == [client_errors[0]["data"]["node_id"]]
+    # By round_end the node's evaluate reply has told the server its client id; the train error
+    # above came before it, so it named the node (what a client without partition-id uses).
+    assert round1["data"]["failed_clients"] == [client_errors[0]["data"]["client_id"]]
+    assert round1["data"]["failed_nodes"] == [client_errors[0]["data"]["node_id"]]
+    assert server_seen[0]["data"]["node_id"] == client_errors[0]["data"]["node_id"]
     assert round1["data"]["num_failures"] == 1 and len(round1["data"]["participating_clients"]) == 2
     assert len(of_type(events, "client_complete", round=1, phase="train")) == 2
 

@@ -71,6 +71,9 @@ class Recorder:
     def flush(self, timeout=5.0):
         return True
 
+    def settle(self, timeout=2.0):
+        return True
+
 
 @pytest.fixture
 def task_identity():
@@ -120,7 +123,8 @@ def test_failing_start_streams_error_and_failed_end_and_restores_the_strategy(ta
     start, begin, error, end = (d for _, d, _ in recorder.events)
     assert start["num_rounds"] == 2 and start["num_clients"] == 2 and start["config"]["strategy"] == "FedAvg"
     assert begin["round"] == 1 and begin["total_rounds"] == 2
-    assert sorted(begin["participating_clients"]) == ["11", "12"]  # sampled in random order
+    assert sorted(begin["participating_nodes"]) == ["11", "12"]  # sampled in random order
+    assert begin["participating_clients"] == 2  # no reply yet: client ids unknown, only how many
     assert error["message"] == "ConnectionError: superlink went away" and error["round"] == 1
     assert end["status"] == "failed" and end["rounds_completed"] == 0
     assert all(src == {"run_id": "r1", "role": "server"} for _, _, src in recorder.events)

@@ -2110,6 +2110,12 @@ HTTP_VALUES = st.one_of(
             "\u0663",
             "\uff11",
             "1_000",
+            "running",
+            "completed,running",
+            " stalled , failed",
+            "federated",
+            "centralized",
+            KNOWN[:5],
         ]
     ),
     st.sampled_from(["%", "%zz", "%00", "%ff", "0" * 20 + "3", "10000", "10001"]),
@@ -2125,7 +2131,7 @@ def http_targets(draw: st.DrawFn) -> str:
         if draw(st.integers(0, 4)) == 0:
             segments.append(draw(JUNK_SEGMENTS))
             continue
-        key = draw(st.sampled_from(["since", "limit", "since", "limit", "token", "run_id", "x"]))
+        key = draw(st.sampled_from([*["since", "limit"] * 2, "token", "run_id", "x", *RUNS_LISTING_KEYS]))
         value = draw(HTTP_VALUES)
         raw = RAW_SAFE.fullmatch(value) is not None and draw(st.booleans())
         segments.append(f"{key}={value if raw else urllib.parse.quote(value, safe='')}")
@@ -2166,7 +2172,7 @@ def check_http(target: str, status: int, headers: dict[str, str], body: bytes) -
     elif path == "/metrics":
         assert status == 200 and b"fedrelay_connections" in body
     elif path == "/api/runs":
-        assert status == 200 and KNOWN in [r["run_id"] for r in payload["runs"]]
+        check_runs_listing(params, status, payload)
     elif path.startswith("/api/"):
         check_api(path, params, status, payload)
     elif path == "/":
@@ -2175,6 +2181,42 @@ def check_http(target: str, status: int, headers: dict[str, str], body: bytes) -
         assert status in (200, 404), (status, target)
     else:
         assert status == 404, (status, target)
+
+
+RUNS_LISTING_KEYS = ("cursor", "status", "mode", "q", "updated_since")
+LISTED_STATUSES = {"running", "stalled", "completed", "failed", "stopped"}
+
+
+def check_runs_listing(params: dict[str, list[str]], status: int, payload: Any) -> None:
+    """``/api/runs`` as protocol.md words it: a page newest first, 400 for a value it refuses."""
+
+    def first(key: str) -> str | None:
+        values = params.get(key)
+        return values[0] if values else None
+
+    limit = first("limit")
+    bad = limit is not None and (whole(limit, 0) is None or not 0 < len(limit) <= 9 or int(limit) < 1)
+    if (statuses := first("status")) is not None:
+        named = {part.strip() for part in statuses.split(",") if part.strip()}
+        bad = bad or not named or not named <= LISTED_STATUSES
+    bad = bad or first("mode") not in (None, "federated", "centralized")
+    bad = bad or len(first("q") or "") > 200
+    if (since := first("updated_since")) is not None:
+        try:
+            bad = bad or not math.isfinite(float(since))
+        except ValueError:
+            bad = True
+    if "cursor" in params:  # a random string is almost never a cursor this relay handed out
+        assert status in (200, 400), (status, params, payload)
+        return
+    if bad:
+        assert status == 400, (status, params, payload)
+        return
+    assert status == 200 and set(payload) == {"runs", "next_cursor"}, (status, params, payload)
+    assert len(payload["runs"]) <= min(int(limit) if limit else 100, 1000), params
+    if not any(key in params for key in RUNS_LISTING_KEYS):
+        listed = [r["run_id"] for r in payload["runs"]]
+        assert KNOWN in listed or payload["next_cursor"] is not None, (params, payload)
 
 
 def check_api(path: str, params: dict[str, list[str]], status: int, payload: Any) -> None:

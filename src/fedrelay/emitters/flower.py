@@ -11,19 +11,26 @@ Three pieces, each one line in user code:
 - ``report_epoch(context, msg, epoch, metrics)`` streams local-epoch progress from a training loop.
 
 The run id defaults to Flower's ``context.run_id``, which the ServerApp and every ClientApp share, so
-all events of one federation land in one relay run. The relay URL comes from an explicit argument,
-else the run config or node config key ``fedrelay-url``, else ``FEDRELAY_URL``, else the emitter's
-default.
+all events of one federation land in one relay run. The relay URL, publish token and CA file come
+from an explicit argument, else the run config, else the node config (keys ``fedrelay-url``,
+``fedrelay-token``, ``fedrelay-ca-file``), else the environment, else the emitter's default. The run
+config comes first because ``flwr run`` starts a SuperLink that keeps the environment of its first
+invocation. Each process logs the URL it uses and where it came from, through Flower's logger, so
+that the line shows in ``flwr run`` and SuperNode output.
 
 Client ids: on the client side, the ``partition-id`` node config value (what simulations and users
-think of as "client 3"), else the node id. The server only sees node ids; it reports them as
-strings (they are 64-bit and would lose precision in JavaScript), and client events carry
-``node_id`` too so that a dashboard can join the two.
+think of as "client 3"), else the node id. The server only sees node ids; the mod adds a small
+``ConfigRecord`` (``"fedrelay"``: ``client-id``) to each reply so that the strategy wrapper can report
+client ids in ``round_start``/``round_end`` (``participating_clients`` etc., the value client events
+carry as ``client_id``), next to the node ids (``participating_nodes`` etc., as strings: they are
+64-bit and would lose precision in JavaScript). The wrapper removes the record before the wrapped
+strategy aggregates, so the strategy sees the replies as the ClientApp made them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -40,6 +47,21 @@ from .logs import LogSource, check_level, forwarding, installed_forwarder
 
 URL_KEY = "fedrelay-url"
 """Run-config / node-config key holding the relay URL."""
+TOKEN_KEY = "fedrelay-token"
+"""Run-config / node-config key holding the publish token."""
+CA_FILE_KEY = "fedrelay-ca-file"
+"""Run-config / node-config key holding a CA bundle for a ``wss://`` relay."""
+REPLY_RECORD = "fedrelay"
+"""The ConfigRecord the mod adds to replies: ``client-id`` (see the module docstring)."""
+_ENV = {
+    URL_KEY: ("FEDRELAY_URL",),
+    TOKEN_KEY: ("FEDRELAY_PUBLISH_TOKEN", "FEDRELAY_TOKEN"),
+    CA_FILE_KEY: ("FEDRELAY_CA_FILE",),
+}
+FLOWER_LOG = logging.getLogger("flwr.fedrelay")
+"""Emitters of the Flower integration log through Flower's logger: its console handler shows INFO
+in ``flwr run`` output, in SuperNode output and in Ray actor output, where Python's root logger is
+not configured."""
 
 _HOOKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
 _MAX_DETAIL = 4000
@@ -49,14 +71,40 @@ _HIGHER_IS_BETTER = ("acc", "auroc", "auc", "f1", "precision", "recall", "score"
 # --------------------------------------------------------------------------- helpers
 
 
+def relay_setting(context: Context | None, key: str) -> tuple[str | None, str]:
+    """A fedrelay setting for this run and where it came from: run config, node config, environment.
+
+    ``(None, "default")`` when none has it (the emitter then uses its default).
+    """
+    if context is not None:
+        for where, config in (("run config", context.run_config), ("node config", context.node_config)):
+            value = config.get(key) if config else None
+            if isinstance(value, str) and value:
+                return value, f"{where} {key}"
+    for name in _ENV.get(key, ()):
+        value = os.environ.get(name)
+        if value:
+            return value, name
+    return None, "default"
+
+
 def relay_url(context: Context | None = None) -> str | None:
     """The relay URL for this run: run config, node config, then ``FEDRELAY_URL``."""
-    if context is not None:
-        for config in (context.run_config, context.node_config):
-            value = config.get(URL_KEY) if config else None
-            if isinstance(value, str) and value:
-                return value
-    return os.environ.get("FEDRELAY_URL") or None
+    return relay_setting(context, URL_KEY)[0]
+
+
+def emitter_for(context: Context | None, url: str | None = None) -> Emitter:
+    """This process's emitter for the run's relay, with the run's token and CA file.
+
+    ``url`` (an explicit argument) wins over the run config.
+    """
+    if url:
+        source = "argument"
+    else:
+        url, source = relay_setting(context, URL_KEY)
+    token, _ = relay_setting(context, TOKEN_KEY)
+    ca_file, _ = relay_setting(context, CA_FILE_KEY)
+    return get_emitter(url, url_source=source, token=token, ca_file=ca_file, logger=FLOWER_LOG)
 
 
 def client_id_of(context: Context) -> int | str:
@@ -177,6 +225,7 @@ class InstrumentedStrategy(Strategy):
         strategy: Strategy,
         *,
         emitter: Emitter | None = None,
+        context: Context | None = None,
         url: str | None = None,
         run_id: str | None = None,
         experiment_name: str | None = None,
@@ -191,6 +240,7 @@ class InstrumentedStrategy(Strategy):
         self._inner = strategy
         self._calls: dict[str, Callable[..., Any]] = {name: getattr(strategy, name) for name in _HOOKS}
         self._emitter = emitter
+        self._context = context
         self._url = url
         self._run_id = run_id
         self._experiment_name = experiment_name
@@ -203,6 +253,8 @@ class InstrumentedStrategy(Strategy):
         self._num_rounds: int | None = None
         self._has_evaluate_fn = False
         self._round: _RoundState | None = None
+        self._clients: dict[str, int | str] = {}
+        """Node id -> the client id its replies carried (the mod's ``fedrelay`` record)."""
         self._rounds_done = 0
         self._best: tuple[int, float] | None = None
         self._best_source: str | None = None
@@ -222,7 +274,7 @@ class InstrumentedStrategy(Strategy):
     @property
     def emitter(self) -> Emitter:
         if self._emitter is None:
-            self._emitter = get_emitter(self._url) if self._url else get_emitter()
+            self._emitter = emitter_for(self._context, self._url)
         return self._emitter
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
@@ -241,12 +293,15 @@ class InstrumentedStrategy(Strategy):
         state = self._round = _RoundState(server_round)
         self._log_source.round = server_round
         state.train_sent = [str(m.metadata.dst_node_id) for m in messages]
+        known = [self._clients.get(node) for node in state.train_sent]
         self._emit(
             "round_start",
             {
                 "round": server_round,
                 "total_rounds": self._num_rounds,
-                "participating_clients": state.train_sent,
+                # Client ids once every sampled node has replied before; until then how many.
+                "participating_clients": known if None not in known else len(known),
+                "participating_nodes": state.train_sent,
             },
         )
         return messages
@@ -325,8 +380,7 @@ class InstrumentedStrategy(Strategy):
         if self._round is not None and not self._round.ended:
             self._end_round(self._round)
         self._emit("training_end", {"status": "completed", **self._summary()})
-        if _reachable(self.emitter):
-            self.emitter.flush(self._flush_timeout)
+        self.emitter.settle(self._flush_timeout)
         return result
 
     def _emit_training_start(
@@ -420,6 +474,25 @@ class InstrumentedStrategy(Strategy):
         if self._round is not None and self._round.number != server_round and not self._round.ended:
             self._end_round(self._round)
 
+    def _client_of(self, node: str) -> int | str:
+        """The client id a node reported, else the node id (what a ClientApp without a
+        ``partition-id`` uses as its client id too)."""
+        return self._clients.get(node, node)
+
+    def _learn_client(self, node: str, reply: Message) -> None:
+        """Read (and remove: the wrapped strategy sees the reply as the ClientApp made it) the
+        client id the mod put in the reply."""
+        if not reply.has_content():
+            return
+        content = reply.content
+        record = content.config_records.get(REPLY_RECORD)
+        if record is None:
+            return
+        value = record.get("client-id")
+        if isinstance(value, int | str) and not isinstance(value, bool) and len(self._clients) < 100_000:
+            self._clients[node] = value
+        del content[REPLY_RECORD]
+
     def _sort_replies(
         self, state: _RoundState, replies: list[Message], sent: list[str], phase: str
     ) -> list[str]:
@@ -429,6 +502,7 @@ class InstrumentedStrategy(Strategy):
         for reply in replies:
             node = str(reply.metadata.src_node_id)
             answered.add(node)
+            self._learn_client(node, reply)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self._client_failed(state, node, phase, reason)
@@ -441,12 +515,14 @@ class InstrumentedStrategy(Strategy):
 
     def _client_failed(self, state: _RoundState, node: str, phase: str, reason: str) -> None:
         state.failed[node] = reason
+        client = self._client_of(node)
         self._emit(
             "error",
             {
-                "message": f"client {node} failed in {phase}",
+                "message": f"client {client} failed in {phase}",
                 "detail": reason[-_MAX_DETAIL:],
-                "client_id": node,
+                "client_id": client,
+                "node_id": node,
                 "round": state.number,
                 "phase": phase,
             },
@@ -461,9 +537,12 @@ class InstrumentedStrategy(Strategy):
             "fit_metrics": state.fit_metrics,
             "eval_metrics": state.eval_metrics,
             "duration": round(time.perf_counter() - state.started, 6),
-            "participating_clients": state.train_ok,
-            "evaluated_clients": state.eval_ok,
-            "failed_clients": sorted(state.failed),
+            "participating_clients": [self._client_of(n) for n in state.train_ok],
+            "evaluated_clients": [self._client_of(n) for n in state.eval_ok],
+            "failed_clients": [self._client_of(n) for n in sorted(state.failed)],
+            "participating_nodes": state.train_ok,
+            "evaluated_nodes": state.eval_ok,
+            "failed_nodes": sorted(state.failed),
             "num_failures": len(state.failed),
         }
         if state.server_metrics is not None:
@@ -507,8 +586,7 @@ class InstrumentedStrategy(Strategy):
                 },
             )
             self._emit("training_end", {"status": "stopped" if stopped else "failed", **self._summary()})
-            if _reachable(self.emitter):
-                self.emitter.flush(self._flush_timeout)
+            self.emitter.settle(self._flush_timeout)
         except Exception:  # never mask the training error
             pass
 
@@ -538,15 +616,13 @@ def instrument(
     """
     if context is not None:
         run_id = run_id or str(context.run_id)
-        url = url or relay_url(context)
         if num_clients is None:
             value = context.run_config.get("num-clients") if context.run_config else None
             num_clients = value if isinstance(value, int) and not isinstance(value, bool) else None
-    elif url is None:
-        url = relay_url(None)
     return InstrumentedStrategy(
         strategy,
         emitter=emitter,
+        context=context,
         url=url,
         run_id=run_id,
         experiment_name=experiment_name,
@@ -561,26 +637,18 @@ def instrument(
 # --------------------------------------------------------------------------- client side
 
 
-def _reachable(emitter: Emitter) -> bool:
-    """False when a connection to the relay failed and none is up: waiting for acks is pointless."""
-    return emitter.last_error is None or bool(emitter.stats["connected"])
-
-
-def _client_emitter(url: str | None, context: Context) -> Emitter:
-    url = url or relay_url(context)
-    return get_emitter(url) if url else get_emitter()
-
-
 class ClientTelemetryMod:
     """ClientApp mod: ``client_progress`` when a train/evaluate message arrives, ``client_complete``
     with the reply's metrics and duration, ``error`` when the handler raises or replies with an error.
 
     It holds only plain settings, so Ray pickles it cheaply; the emitter is looked up per process
-    with ``get_emitter``. Before handing the reply back it flushes (bounded by ``flush_timeout``):
-    then a client's events are stored before the server sees the reply, so ``client_complete``
-    precedes the server's ``round_end``. What is not acked by then (relay down) is spooled, so
-    nothing is lost when the simulation ends its actors. The wait is one relay round trip (~10 ms
-    locally) per message, none while the relay is unreachable; ``flush_timeout=0`` skips it.
+    with ``get_emitter``. Before handing the reply back it settles (``Emitter.settle``, bounded by
+    ``flush_timeout``): then a client's events are stored before the server sees the reply, so
+    ``client_complete`` precedes the server's ``round_end``. What is not acked by then (relay down)
+    is spooled, so nothing is lost when the simulation ends its actors. The wait is one relay round
+    trip (~1 ms locally) per message, none while the relay is known unreachable (also in a fresh
+    process: see docs/emitters.md); ``flush_timeout=0`` skips it. Successful replies get a
+    ``fedrelay`` ConfigRecord with the client id (``report_client_id=False`` leaves them alone).
     """
 
     def __init__(
@@ -590,6 +658,7 @@ class ClientTelemetryMod:
         flush_timeout: float = 2.0,
         phases=("train", "evaluate"),
         forward_logs: bool | int | str | None = None,
+        report_client_id: bool = True,
     ):
         self.url = url
         self.flush_timeout = flush_timeout
@@ -597,12 +666,13 @@ class ClientTelemetryMod:
         self.forward_logs = check_level(forward_logs)
         """While a message is handled, ``logging`` records go out as ``log`` events with its client
         id and round (True for INFO, or a level); None/False: off."""
+        self.report_client_id = report_client_id
 
     def __call__(self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]):
         phase = msg.metadata.message_type.split(".", 1)[0]
         if phase not in self.phases:
             return call_next(msg, context)
-        emitter = _client_emitter(self.url, context)
+        emitter = emitter_for(context, self.url)
         run_id = str(context.run_id)
         client_id = client_id_of(context)
         server_round = server_round_of(msg)
@@ -645,6 +715,8 @@ class ClientTelemetryMod:
             if isinstance(examples, int | float) and examples >= 0:
                 data["num_examples"] = int(examples)
             emit("client_complete", data)
+            if self.report_client_id and reply.has_content() and REPLY_RECORD not in reply.content:
+                reply.content[REPLY_RECORD] = ConfigRecord({"client-id": client_id})
         self._settle(emitter)
         return reply
 
@@ -653,13 +725,11 @@ class ClientTelemetryMod:
 
         Ray ends actor processes without running atexit hooks, so events still in memory when
         the simulation ends would be lost: what the relay has not acked is spooled now, for the
-        sender to deliver later or for ``fedrelay sync``. With the relay known to be unreachable
-        (a connection failed and none is up), waiting for acks would only slow training down.
+        sender to deliver later or for ``fedrelay sync``. With the relay known to be unreachable,
+        waiting for acks would only slow training down: ``settle`` does not.
         """
-        if self.flush_timeout <= 0:
-            return
-        if not _reachable(emitter) or not emitter.flush(self.flush_timeout):
-            emitter.persist(self.flush_timeout)
+        if self.flush_timeout > 0:
+            emitter.settle(self.flush_timeout)
 
 
 def _forward_exception(exc: BaseException, message: str) -> None:
@@ -678,14 +748,21 @@ fedrelay_mod = ClientTelemetryMod()
 
 
 def client_mod(
-    url: str | None = None, *, flush_timeout: float = 2.0, forward_logs: bool | int | str | None = None
+    url: str | None = None,
+    *,
+    flush_timeout: float = 2.0,
+    forward_logs: bool | int | str | None = None,
+    report_client_id: bool = True,
 ) -> ClientTelemetryMod:
     """A mod with an explicit relay URL (e.g. for ``run_simulation``, which has no run config).
 
     ``forward_logs`` (True for INFO, or a level): records logged while a message is handled go out
     as ``log`` events carrying the client id and round, and so does the handler's exception.
+    ``report_client_id``: the reply carries the client id for the strategy wrapper's round events.
     """
-    return ClientTelemetryMod(url, flush_timeout=flush_timeout, forward_logs=forward_logs)
+    return ClientTelemetryMod(
+        url, flush_timeout=flush_timeout, forward_logs=forward_logs, report_client_id=report_client_id
+    )
 
 
 def report_epoch(
@@ -699,9 +776,14 @@ def report_epoch(
 ) -> None:
     """Stream one local epoch (``client_progress`` with ``local_epoch``) from a client's training loop.
 
-    Never raises and costs microseconds: the event is queued and sent in the background.
+    ``epoch`` counts from 1 for the first local epoch, as ``FedRelayCallback`` and Flower's rounds
+    do: from a 0-based ``for epoch in range(n)`` loop pass ``epoch + 1`` (an epoch 0 is sent as
+    given, and logged once as a likely off-by-one). Never raises and costs microseconds: the event
+    is queued and sent in the background.
     """
     try:
+        if int(epoch) == 0 and not _warned_epoch_zero:
+            _warn_epoch_zero()
         client_id = client_id_of(context)
         data: dict[str, Any] = {
             "round": server_round_of(msg) or 0,
@@ -712,22 +794,39 @@ def report_epoch(
             "node_id": str(context.node_id),
             **extra,
         }
-        _client_emitter(url, context).emit(
+        emitter_for(context, url).emit(
             "client_progress", data, run_id=str(context.run_id), role="client", client_id=client_id
         )
     except Exception:  # telemetry must not break training
         pass
 
 
+_warned_epoch_zero = False
+
+
+def _warn_epoch_zero() -> None:
+    global _warned_epoch_zero
+    _warned_epoch_zero = True
+    FLOWER_LOG.warning(
+        "fedrelay: report_epoch got epoch 0; epochs are counted from 1 (pass epoch + 1 from a "
+        "0-based loop) so that they match FedRelayCallback's and the dashboard's"
+    )
+
+
 __all__ = [
+    "CA_FILE_KEY",
+    "REPLY_RECORD",
+    "TOKEN_KEY",
     "URL_KEY",
     "ClientTelemetryMod",
     "InstrumentedStrategy",
     "client_id_of",
     "client_mod",
+    "emitter_for",
     "fedrelay_mod",
     "instrument",
     "metrics_of",
+    "relay_setting",
     "relay_url",
     "report_epoch",
     "server_round_of",

@@ -7,8 +7,14 @@ train and validation metrics in ``trainer.callback_metrics``, ``trainer.early_st
 (why and when it stopped), and ``on_exception`` with the exception itself. A callback also composes
 with whatever loggers the user already has (TensorBoard, CSV, W&B) instead of replacing one.
 
-Epochs are counted from 1 on the wire (like Flower rounds), so ``epoch_end`` for Lightning's
-``current_epoch == 0`` says ``epoch: 1``.
+Epochs are counted from 1 on the wire (like Flower rounds and ``report_epoch``), so ``epoch_end``
+for Lightning's ``current_epoch == 0`` says ``epoch: 1``; ``early_stopping.epoch`` and
+``training_end.best_epoch`` use the same base, and ``training_end.epochs_completed`` counts the
+epochs that finished.
+
+At the end of each fit the callback settles (``Emitter.settle``): it waits up to ``flush_timeout``
+for the relay's acks while that can pay off, not at all while the relay is known unreachable, and
+spools what is left.
 
 Inside a Flower client, pass ``round`` and ``client_id``: epochs then go out as ``client_progress``
 (``local_epoch``) events of the federated run, and the callback does not send ``training_start`` or
@@ -247,7 +253,7 @@ class FedRelayCallback(Callback):
                 del data["training_duration"]
             self._emit("training_end", data)
         self._logs.close()
-        self.emitter.flush(self.flush_timeout)
+        self.emitter.settle(self.flush_timeout)
 
 
 def _plain(value: Any) -> bool:

@@ -39,6 +39,18 @@ from .shared import get_emitter
 
 QUIET_LOGGERS = frozenset(("fedrelay", "websockets"))
 """Top-level logger names never forwarded: the emitter's own and its WebSocket library's."""
+QUIET_CHILD_LOGGERS = ("flwr.fedrelay",)
+"""Loggers under another library's name that are ours: the Flower integration logs through
+``flwr.fedrelay`` so that Flower's handlers show its lines."""
+
+
+def _ours(name: str) -> bool:
+    """Whether a logger is the emitter's own (never forwarded: it would feed itself)."""
+    if name.partition(".")[0] in QUIET_LOGGERS:
+        return True
+    return any(name == quiet or name.startswith(quiet + ".") for quiet in QUIET_CHILD_LOGGERS)
+
+
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 200
 DEFAULT_MAX_MESSAGE = 8192
@@ -267,7 +279,7 @@ class LogForwarder(logging.Handler):
 
     def handle(self, record: logging.LogRecord) -> bool:
         """Skip the lock and filters for what is never forwarded (cheaper than emit's checks)."""
-        if getattr(_inside, "active", False) or record.name.partition(".")[0] in QUIET_LOGGERS:
+        if getattr(_inside, "active", False) or _ours(record.name):
             return False
         if record.__dict__.get("_fedrelay_forwarded"):
             return False  # reached us twice: attached to a logger and to one of its ancestors

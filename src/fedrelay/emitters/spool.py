@@ -9,10 +9,13 @@ Layout, one directory per producer name (the name *is* the directory name)::
 A segment holds one relay frame's worth of events, one ``<id>\\t<json>`` line
 each, and is written to a dot-file, fsynced, then renamed, so a reader never
 sees half a segment (``meta.json`` likewise, and the directory is fsynced after
-each batch of segments). A segment that is nonetheless missing, truncated or
-garbled (a power loss, a disk error, a hand edit) is renamed to ``*.seg.bad``
-and skipped, so that it cannot stop delivery of the rest. Segments are always
-the *oldest* unacked events of their producer; newer ones are in memory.
+each batch of segments). A write that training waits for (``Emitter.settle``)
+skips the fsyncs: renamed into place, the file survives the process; the sender
+syncs it (``Spool.sync``) soon after, and ``close()`` before it returns. A
+segment that is nonetheless missing, truncated or garbled (a power loss, a disk
+error, a hand edit) is renamed to ``*.seg.bad`` and skipped, so that it cannot
+stop delivery of the rest. Segments are always the *oldest* unacked events of
+their producer; newer ones are in memory.
 Several processes (Ray actors, ``fedrelay sync``) may share a spool dir: a
 producer directory is only touched by whoever holds its lock, and the lock
 dies with its process.
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..schemas.events import RUN_ID_RE
+from ..names import RUN_ID_RE
 
 try:
     import fcntl
@@ -77,34 +80,63 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Segment:
+    """One segment file, by name: where its directory is (and is renamed to) is the spool's business."""
+
     first: int
     last: int
     count: int
-    path: Path
+    name: str
 
     @classmethod
-    def parse(cls, path: Path) -> Segment | None:
+    def parse(cls, name: str) -> Segment | None:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext != "seg":
+            return None
         try:
-            first, last, count = (int(part) for part in path.stem.split("-"))
+            first, last, count = (int(part) for part in stem.split("-"))
         except ValueError:
             return None
-        return cls(first, last, count, path)
+        return cls(first, last, count, name)
+
+    @classmethod
+    def named(cls, first: int, last: int, count: int) -> Segment:
+        return cls(first, last, count, f"{first:020d}-{last:020d}-{count}.seg")
+
+
+def run_of(line: str) -> str | None:
+    """The run id of an encoded event, without parsing it: the encoder writes ``type`` then
+    ``run_id`` first, and neither can hold a quote."""
+    head = line[:300]
+    start = head.find('"run_id":"')
+    if start < 0:
+        return None
+    start += len('"run_id":"')
+    end = head.find('"', start)
+    return head[start:end] if end > start else None
 
 
 class Spool:
-    """One producer's spool directory, locked by this process while open."""
+    """One producer's spool directory, locked by this process while open.
 
-    def __init__(self, path: Path, lock_fd: int, meta: dict[str, Any], segments: list[Segment]):
+    File operations only: which segments exist, in what order they are sent and when they
+    may go is the emitter core's (``core.EmitterCore``) state. ``found`` lists the segments
+    that were already there when the directory was adopted.
+    """
+
+    def __init__(self, path: Path, lock_fd: int, meta: dict[str, Any], found: list[Segment]):
         self.path = path
         self._lock_fd: int | None = lock_fd
         self._guard = threading.Lock()
         self.meta = meta
-        self.segments = segments
+        self.found = found
+        self.unsynced: list[str] = []
+        """Files renamed into place without an fsync (``append(..., sync=False)``); ``..`` for the
+        directory's own rename into place."""
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, producer: str, meta: dict[str, Any]) -> Spool | None:
+    def create(cls, root: Path, producer: str, meta: dict[str, Any], *, sync: bool = True) -> Spool | None:
         """A new, locked directory for ``producer``; None if the name is taken.
 
         Built under a dot-name and renamed into place with the lock already
@@ -116,13 +148,17 @@ class Spool:
         fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         _try_lock(fd)
         spool = cls(tmp, fd, {**meta, "producer": producer}, [])
-        spool.write_meta()
+        spool.write_meta(sync=sync)
         try:
             os.rename(tmp, root / producer)
         except OSError:
             spool.release()
             return None
         spool.path = root / producer
+        if sync:
+            _fsync_dir(root)  # the rename into place, else a power loss leaves only the dot-name
+        else:
+            spool.unsynced.append("..")
         return spool
 
     @classmethod
@@ -139,9 +175,11 @@ class Spool:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
             meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
         meta["producer"] = path.name
         try:
-            names = list(path.glob("*.seg"))
+            names = [p.name for p in path.glob("*.seg")]
         except OSError:
             names = []
         segments = sorted(
@@ -158,53 +196,44 @@ class Spool:
     def producer(self) -> str:
         return self.path.name
 
-    @property
-    def count(self) -> int:
-        return sum(seg.count for seg in self.segments)
+    def append(self, entries: list[Entry], *, sync: bool = True) -> Segment:
+        """Write ``entries`` (newer than everything already here) as one segment.
 
-    @property
-    def first_id(self) -> int | None:
-        return self.segments[0].first if self.segments else None
-
-    @property
-    def last_id(self) -> int:
-        return self.segments[-1].last if self.segments else 0
-
-    def append(self, entries: list[Entry]) -> Segment:
-        """Write ``entries`` (newer than everything already here) as one segment."""
-        first, last = entries[0][0], entries[-1][0]
-        name = f"{first:020d}-{last:020d}-{len(entries)}.seg"
-        tmp = self.path / f".{name}.tmp"
+        ``sync=False``: no fsync now (the file survives the process, not yet a power loss);
+        :meth:`sync` does it later.
+        """
+        segment = Segment.named(entries[0][0], entries[-1][0], len(entries))
+        tmp = self.path / f".{segment.name}.tmp"
         try:
             with open(tmp, "w", encoding="ascii") as fh:
                 fh.writelines(f"{event_id}\t{line}\n" for event_id, line in entries)
                 fh.flush()
-                os.fsync(fh.fileno())  # else a power loss can leave an empty file under the new name
-            os.replace(tmp, self.path / name)
+                if sync:
+                    os.fsync(fh.fileno())  # else a power loss can leave an empty file under the new name
+            os.replace(tmp, self.path / segment.name)
+            if not sync:
+                self.unsynced.append(segment.name)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()  # a full disk: give the space back
             raise
-        segment = Segment(first, last, len(entries), self.path / name)
-        self.segments.append(segment)
         return segment
 
-    @staticmethod
-    def read(segment: Segment) -> list[Entry]:
+    def read(self, segment: Segment) -> list[Entry]:
         """The segment's events; OSError when unreadable, DamagedSegment when not what its name says.
 
         Checked: every line complete (newline-terminated), ``<id>\\t{...}``, ids increasing from
         ``first`` to ``last``, ``count`` of them. Event JSON is produced by the emitter as ASCII
         objects, so a line that is not one (zeroed blocks, a cut) is damage.
         """
-        with open(segment.path, "rb") as fh:
+        with open(self.path / segment.name, "rb") as fh:
             raw = fh.read()
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
-            raise DamagedSegment(f"{segment.path.name}: not ASCII") from None
+            raise DamagedSegment(f"{segment.name}: not ASCII") from None
         if not text.endswith("\n"):
-            raise DamagedSegment(f"{segment.path.name}: {'empty' if not text else 'truncated'}")
+            raise DamagedSegment(f"{segment.name}: {'empty' if not text else 'truncated'}")
         entries: list[Entry] = []
         previous = segment.first - 1
         for line in text[:-1].split("\n"):
@@ -212,45 +241,65 @@ class Spool:
             try:
                 number = int(event_id)
             except ValueError:
-                raise DamagedSegment(f"{segment.path.name}: bad id {event_id[:20]!r}") from None
+                raise DamagedSegment(f"{segment.name}: bad id {event_id[:20]!r}") from None
             if number <= previous or not (body.startswith("{") and body.endswith("}")):
-                raise DamagedSegment(f"{segment.path.name}: bad line for id {number}")
+                raise DamagedSegment(f"{segment.name}: bad line for id {number}")
             entries.append((number, body))
             previous = number
         if len(entries) != segment.count or entries[0][0] != segment.first or previous != segment.last:
-            raise DamagedSegment(f"{segment.path.name}: {len(entries)} events, not {segment.count}")
+            raise DamagedSegment(f"{segment.name}: {len(entries)} events, not {segment.count}")
         return entries
 
     def quarantine(self, segment: Segment) -> Path | None:
         """Set a segment that cannot be read aside (``*.seg.bad``); where it went, if anywhere."""
-        with contextlib.suppress(ValueError):
-            self.segments.remove(segment)
-        target = segment.path.with_name(segment.path.name + ".bad")
+        target = self.path / (segment.name + ".bad")
         try:
-            os.replace(segment.path, target)
+            os.replace(self.path / segment.name, target)
         except OSError:
             return None
         return target
 
-    def trim(self, upto: int) -> int:
-        """Delete the segments an ack covers whole; return how many events went."""
-        removed = 0
-        while self.segments and self.segments[0].last <= upto:
-            segment = self.segments.pop(0)
+    def remove(self, segments: list[Segment]) -> None:
+        """Delete segments an ack covered."""
+        for segment in segments:
             with contextlib.suppress(FileNotFoundError):
-                segment.path.unlink()
-            removed += segment.count
-        return removed
+                (self.path / segment.name).unlink()
 
-    def write_meta(self, **changes: Any) -> None:
-        """Update ``meta.json`` durably; also makes the segments renamed into place before durable."""
+    def write_meta(self, *, sync: bool = True, **changes: Any) -> None:
+        """Update ``meta.json`` durably; also makes the segments renamed into place before durable.
+
+        ``sync=False``: renamed into place without fsyncs, left for :meth:`sync`.
+        """
         self.meta.update(changes)
         tmp = self.path / ".meta.json.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(self.meta))
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, self.path / "meta.json")
+        if sync:
+            _fsync_dir(self.path)
+        elif "meta.json" not in self.unsynced:
+            self.unsynced.append("meta.json")
+
+    def sync(self) -> None:
+        """Make what was written with ``sync=False`` durable: each file, then the directory."""
+        if not self.unsynced:
+            return
+        names, self.unsynced = self.unsynced, []
+        for name in names:
+            if name == "..":
+                _fsync_dir(self.path.parent)
+                continue
+            try:
+                fd = os.open(self.path / name, os.O_RDONLY)
+            except FileNotFoundError:  # acked and deleted meanwhile
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         _fsync_dir(self.path)
 
     def rename(self, producer: str) -> bool:
@@ -261,7 +310,6 @@ class Spool:
         except OSError:
             return False
         self.path = target
-        self.segments = [Segment(s.first, s.last, s.count, target / s.path.name) for s in self.segments]
         self.write_meta(producer=producer)
         return True
 
@@ -271,7 +319,11 @@ class Spool:
             fd, self._lock_fd = self._lock_fd, None
         if fd is None:
             return
-        if not self.segments:
+        try:
+            empty = not any(self.path.glob("*.seg"))
+        except OSError:
+            empty = False
+        if empty:
             for name in ("meta.json", "lock"):
                 with contextlib.suppress(OSError):
                     (self.path / name).unlink()
@@ -311,7 +363,7 @@ def _mtime(path: Path) -> float:
 def spooled_events(path: Path) -> int:
     """How many events a producer directory holds, without locking it."""
     try:
-        segments = (Segment.parse(p) for p in path.glob("*.seg"))
+        segments = (Segment.parse(p.name) for p in path.glob("*.seg"))
         return sum(seg.count for seg in segments if seg is not None)
     except OSError:
         return 0

@@ -3,16 +3,21 @@
 Each producer directory is sent under its own producer name and ids, so the
 relay drops whatever it had already stored: syncing twice, or syncing a
 spool that was half delivered, stores every event exactly once.
+
+Without an explicit spool directory, ``sync`` looks in the relay's own directory
+(``<data>/fedrelay/spool/@ws-host-port``) and in the shared directory of the old
+layout, where it takes only spools written for this relay.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .client import Emitter
-from .config import resolve_spool_dir
+from .config import legacy_spool_dir, resolve_spool_dir, resolve_url, same_relay
 from .spool import Spool, producer_dirs, spooled_events
 
 
@@ -36,6 +41,26 @@ class SyncReport:
         return self.error is None and self.remaining == 0 and self.busy == 0
 
 
+def _written_for(path: Path, url: str) -> bool:
+    """Whether a producer directory of the old shared layout holds events for the relay at ``url``."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and same_relay(str(meta.get("url") or ""), url)
+
+
+def spool_dirs(url: str, spool_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """Producer directories to deliver to ``url``: the chosen (or per-relay) directory's, then the
+    old shared directory's that were written for this relay."""
+    root = resolve_spool_dir(spool_dir, url)
+    paths = list(producer_dirs(root))
+    legacy = legacy_spool_dir(spool_dir)
+    if legacy is not None and legacy != root:
+        paths.extend(p for p in producer_dirs(legacy) if _written_for(p, url))
+    return paths
+
+
 def sync_spool(
     url: str | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
@@ -43,11 +68,12 @@ def sync_spool(
     *,
     timeout: float = 60.0,
     connect_attempts: int = 3,
+    ca_file: str | os.PathLike[str] | None = None,
 ) -> SyncReport:
-    """Send every unlocked producer spool under ``spool_dir`` to the relay at ``url``."""
-    root = resolve_spool_dir(spool_dir)
-    report = SyncReport(root)
-    paths = list(producer_dirs(root))
+    """Send every unlocked producer spool for the relay at ``url`` to it."""
+    target = resolve_url(url)
+    report = SyncReport(resolve_spool_dir(spool_dir, target))
+    paths = spool_dirs(target, spool_dir)
     for index, path in enumerate(paths):
         spool = Spool.adopt(path)
         if spool is None:  # a running emitter owns it; only its spilled events count
@@ -55,21 +81,25 @@ def sync_spool(
             report.busy += bool(waiting)
             report.remaining += waiting
             continue
-        if not spool.segments:
+        if not spool.found:
             spool.release()
             continue
-        emitter = Emitter._adopt(spool, url, token, spool_dir=root, give_up_after=connect_attempts)
+        emitter = Emitter._adopt(
+            spool, target, token, spool_dir=path.parent, give_up_after=connect_attempts, ca_file=ca_file
+        )
         done = emitter.flush(timeout)
         emitter.close(timeout=1.0)
-        report.delivered += emitter.stats["acked"]
-        report.bad_segments += emitter.stats["bad_segments"]
+        stats = emitter.stats
+        report.delivered += stats["acked"]
+        report.bad_segments += stats["bad_segments"]
         if done:
             report.producers += 1
             continue
-        report.remaining += spool.count
+        left = spooled_events(spool.path)
+        report.remaining += left
         if not emitter._ever_connected:
             report.error = emitter.last_error or f"cannot connect to {emitter.url}"
             report.remaining += sum(spooled_events(p) for p in paths[index + 1 :])
             break
-        report.error = emitter.last_error or f"{spool.count} events not acked within {timeout:g}s"
+        report.error = emitter.last_error or f"{left} events not acked within {timeout:g}s"
     return report

@@ -12,19 +12,26 @@ from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from .. import __version__
 from ..schemas.events import RUN_ID_RE
 from .access import presented_token, token_ok
+from .connection import RelayConnection
+from .runs_listing import BadQuery, RunOrder, page, parse_query
+from .store_reads import API
 
 if TYPE_CHECKING:
     from .server import Relay
 
 MAX_EVENTS_PAGE = 10_000
-MAX_RESPONSE_CHARS = 8 << 20
-"""An events page stops early past this much JSON; ``next_since`` says where."""
+MAX_RESPONSE_BYTES = 4 << 20
+"""An events page stops early past this many bytes of events; ``next_since`` says where."""
+API_READS_PER_ADDRESS = 8
+"""API requests of one client address from request to close (its answer written or dropped):
+what a client that never reads its answers can hold is this many pages."""
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -67,8 +74,11 @@ class HttpApi:
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self._run_order = RunOrder(relay.hub.runs)
 
-    async def respond(self, path: str, query: dict[str, list[str]], headers: Headers) -> Response:
+    async def respond(
+        self, conn: ServerConnection, path: str, query: dict[str, list[str]], headers: Headers
+    ) -> Response:
         if path == "/healthz":
             return self._health()
         if path == "/metrics":
@@ -77,7 +87,16 @@ class HttpApi:
             token = presented_token(headers.get("Authorization"), first_param(query, "token"))
             if not token_ok(self.relay.config.subscribe_token, token):
                 return _error(401, "missing or wrong token: send Authorization: Bearer TOKEN")
-            return await self._api(path, query)
+            if not self._take_api_slot(conn):
+                self.relay.metrics.handshakes_refused.labels("api_busy").inc()
+                response = _error(
+                    503,
+                    f"{API_READS_PER_ADDRESS} API requests from your address are in progress "
+                    "(or their answers unread): retry when one is done",
+                )
+                response.headers["Retry-After"] = "1"
+                return response
+            return await self._api(conn, path, query)
         if path == "/" or path.startswith("/static/"):
             return self._static("index.html" if path == "/" else path[len("/static/") :])
         return _error(404, f"nothing at {path[:100]}")
@@ -92,18 +111,38 @@ class HttpApi:
                 "version": __version__,
                 "uptime": round(time.time() - self.relay.started_at, 3),
                 "runs": len(self.relay.hub.runs),
-                "store": {"path": store.path, "lag": store.lag, "error": store.failing},
+                "store": {
+                    "path": store.path,
+                    "lag": store.lag,
+                    "error": store.failing,
+                    "repaired_runs": store.repaired_runs,
+                },
             },
         )
 
-    async def _api(self, path: str, query: dict[str, list[str]]) -> Response:
+    def _take_api_slot(self, conn: ServerConnection) -> bool:
+        """One of the address's API slots, held until the connection closes."""
+        if not isinstance(conn, RelayConnection):
+            return True
+        limits = self.relay.api_reads
+        if limits.over(limits.opened(conn.address)):
+            limits.closed(conn.address)
+            return False
+        conn.api_slot = True
+        return True
+
+    async def _api(self, conn: ServerConnection, path: str, query: dict[str, list[str]]) -> Response:
         parts = path.split("/")[2:]  # "", "api", ...
         hub = self.relay.hub
         now = time.time()
         stall = self.relay.config.stall_after
         if parts == ["runs"]:
-            runs = sorted(hub.runs.values(), key=lambda r: r.created_at, reverse=True)
-            return json_response(200, {"runs": [r.summary(now, stall) for r in runs]})
+            try:
+                runs_query = parse_query(query)
+                body = page(self._run_order.sync(), runs_query, now, stall)
+            except BadQuery as exc:
+                return _error(400, str(exc))
+            return _response(200, body, "application/json")
         if len(parts) in (2, 3) and parts[0] == "runs":
             run_id = parts[1]
             if RUN_ID_RE.fullmatch(run_id) is None:
@@ -114,17 +153,29 @@ class HttpApi:
             if len(parts) == 2:
                 return json_response(200, run.summary(now, stall))
             if parts[2] == "events":
-                return await self._events(run_id, query)
+                return await self._events(conn, run_id, query)
         return _error(404, f"no API route {path[:100]}")
 
-    async def _events(self, run_id: str, query: dict[str, list[str]]) -> Response:
+    async def _events(self, conn: ServerConnection, run_id: str, query: dict[str, list[str]]) -> Response:
         since = _int_param(query, "since", 0)
         limit = _int_param(query, "limit", 1000)
         if since is None or limit is None or limit < 1:
             return _error(400, "since and limit must be whole numbers (since >= 0, limit >= 1)")
         limit = min(limit, MAX_EVENTS_PAGE)
         run = self.relay.hub.runs[run_id]
-        rows = await self.relay.store.read(run_id, since, run.committed_seq, limit, MAX_RESPONSE_CHARS)
+        rows = await self.relay.store.read(
+            run_id,
+            since,
+            run.committed_seq,
+            limit,
+            MAX_RESPONSE_BYTES,
+            queue=API,
+            wanted=lambda: not conn.transport.is_closing(),
+        )
+        if rows is None:  # the client left while the read waited for its turn
+            self.relay.metrics.store_reads.labels(API, "skipped").inc()
+            return _error(503, "client gone")
+        self.relay.metrics.store_reads.labels(API, "done").inc()
         next_since = rows[-1][0] if rows else since
         body = (
             '{"run_id":'

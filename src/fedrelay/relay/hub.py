@@ -169,23 +169,27 @@ class Run:
             or any(key in self.info for key in ("round", "epoch", "training_mode"))
         )
 
-    def summary(self, now: float, stall_after: float) -> dict[str, Any]:
-        """The run as the HTTP API shows it.
+    def current_status(self, now: float, stall_after: float) -> str:
+        """The status the API shows.
 
         A silent running run is ``stalled``, or ``inactive`` when only clients stream it (no
         server emitter: nothing will ever say it ended). A run that lacks events the relay knows
         exist (:class:`RunLedger`) is ``incomplete`` instead of ``completed``, ``stalled`` or
-        ``inactive``; ``incomplete`` says what is missing, also while it runs or after it failed.
+        ``inactive``; the summary's ``incomplete`` says what is missing, also while it runs or
+        after it failed.
         """
         status = self.status
         if status == "running" and stall_after > 0 and now - self.updated_at > stall_after:
             status = "stalled" if self.driven else "inactive"
-        incomplete = self.ledger.incomplete()
-        if incomplete is not None and status in ("completed", "stalled", "inactive"):
+        if status in ("completed", "stalled", "inactive") and self.ledger.lacking:
             status = "incomplete"
+        return status
+
+    def summary(self, now: float, stall_after: float) -> dict[str, Any]:
+        """The run as the HTTP API shows it."""
         return {
             "run_id": self.run_id,
-            "status": status,
+            "status": self.current_status(now, stall_after),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "started_at": self.started_at,
@@ -193,7 +197,7 @@ class Run:
             "last_seq": self.committed_seq,
             "first_seq": self.first_seq,
             **self.info,
-            "incomplete": incomplete,
+            "incomplete": self.ledger.incomplete(),
         }
 
 
@@ -225,6 +229,9 @@ class Accepted:
     """Highest producer id now handled (for the cumulative ack)."""
     too_large: list[tuple[int, Refused]] = field(default_factory=list)
     """(position in the events given, why) for events refused once encoded."""
+    known_from: int | None = None
+    """With ``stop_at_known``: the position of the first event whose id the producer had
+    already used; it and the events after it were left alone."""
 
 
 @dataclass(slots=True)
@@ -306,7 +313,12 @@ class Hub:
         return f"anon-{uuid.uuid4().hex}"
 
     def accept(
-        self, producer: str, events: Iterable[dict[str, Any]], max_body: int | None = None
+        self,
+        producer: str,
+        events: Iterable[dict[str, Any]],
+        max_body: int | None = None,
+        *,
+        stop_at_known: bool = False,
     ) -> Accepted:
         """Sequence validated events; drop those this producer sent before.
 
@@ -314,6 +326,9 @@ class Hub:
         is over ``max_body`` UTF-8 bytes is refused rather than sequenced:
         re-encoding can grow a number (``1e15`` -> ``1000000000000000.0``),
         and every subscriber must be able to receive what is stored.
+        With ``stop_at_known``, an id already used stops the frame there
+        instead (``Accepted.known_from``): the caller compares it with the
+        stored event before it is dropped as a resend.
         """
         now = self.clock()
         last_id = self.producers.get(producer, 0)
@@ -322,6 +337,9 @@ class Hub:
             event_id = event.get("id")
             if event_id is not None:
                 if event_id <= last_id:
+                    if stop_at_known:
+                        accepted.known_from = position
+                        break
                     accepted.duplicates += 1
                     accepted.upto = last_id
                     continue
@@ -329,11 +347,7 @@ class Hub:
             run_id = event["run_id"]
             run = self.runs.get(run_id)
             seq = (run.last_seq if run is not None else 0) + 1
-            event["seq"] = seq
-            event["producer"] = producer
-            if event.get("timestamp") is None:
-                event["timestamp"] = _iso(now)
-            body = encode(event)
+            body = stored_form(event, seq, producer, now)
             if max_body is not None:
                 size = utf8_size(body, max_body)
                 if size > max_body:
@@ -446,6 +460,20 @@ class Hub:
                 else:
                     deliveries.append((sub, items))
         return deliveries
+
+    def history_changed(self, run_id: str, committed_seq: int) -> list[Subscription]:
+        """The store holds rows up to ``committed_seq`` that did not pass through here (written
+        by another process): they are history now. The ring, which lacks them, is dropped and
+        the run's live subscribers go back to catching up from the store; returns them."""
+        run = self.runs[run_id]
+        run.committed_seq = max(run.committed_seq, committed_seq)
+        run.ring.clear()
+        run.ring_chars = 0
+        moved = list(run.live)
+        run.live.clear()
+        for sub in moved:
+            sub.catching_up.add(run_id)
+        return moved
 
     def pruned(self, run_id: str, first_seq: int) -> None:
         """The store dropped events below ``first_seq`` (retention)."""
@@ -580,7 +608,22 @@ def event_time(timestamp: str | None, now: float) -> float:
     return seconds if now - MAX_EVENT_AGE <= seconds <= now + MAX_CLOCK_AHEAD else now
 
 
+def stored_form(event: dict[str, Any], seq: int, producer: str, received_at: float) -> str:
+    """An event as stored and sent: with its seq, its producer and, when it came without one,
+    the relay's timestamp. Fills those fields into ``event``."""
+    event["seq"] = seq
+    event["producer"] = producer
+    if event.get("timestamp") is None:
+        event["timestamp"] = _iso(received_at)
+    return encode(event)
+
+
 _second_prefix: list[Any] = [None, ""]
+
+
+def relay_timestamp(ts: float) -> str:
+    """The timestamp the relay gives an event that came without one."""
+    return _iso(ts)
 
 
 def _iso(ts: float) -> str:

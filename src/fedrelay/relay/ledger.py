@@ -142,6 +142,11 @@ class RunLedger:
 
     # -- views -------------------------------------------------------------
 
+    @property
+    def lacking(self) -> bool:
+        """Whether anything is known to be missing (cheap: no sentence built)."""
+        return bool(self.holding) or bool(self.clients_seen and self.missing)
+
     def missing_rounds(self) -> list[int]:
         """Ended rounds some participant has not reported (none while no client event arrived)."""
         return sorted(self.missing) if self.clients_seen else []

@@ -38,6 +38,18 @@ class RelayMetrics:
         self.handshakes_refused = Counter(
             "fedrelay_handshakes_refused", "Handshakes refused, by reason", ["reason"], registry=r
         )
+        self.store_reads = Counter(
+            "fedrelay_store_reads",
+            "Store reads by queue (catch_up, api) and outcome (done; skipped: the reader had gone)",
+            ["queue", "outcome"],
+            registry=r,
+        )
+        self.producer_refusals = Counter(
+            "fedrelay_producer_refusals",
+            "Producer connections refused for a name in use, or an id stored with another body",
+            ["reason"],
+            registry=r,
+        )
         self.store_commits = Counter("fedrelay_store_commits", "Store transactions committed", registry=r)
         self.store_lag = Gauge("fedrelay_store_lag_events", "Events accepted but not yet stored", registry=r)
         self.store_failing = Gauge("fedrelay_store_failing", "1 while store commits fail", registry=r)

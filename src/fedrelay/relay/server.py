@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -50,12 +51,16 @@ from .access import (
 from .alerts.outbox import MemoryAlertLog, SqliteAlertLog
 from .alerts.service import AlertService
 from .config import RelayConfig
+from .connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX, RelayConnection
 from .fanout import Frame, queued_bytes
-from .http import HttpApi, first_param, text_response, whole_number
-from .hub import Delivery, Hub, Sequenced, Subscription
+from .http import API_READS_PER_ADDRESS, HttpApi, first_param, text_response, whole_number
+from .hub import Accepted, Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
+from .producers import CLOSE_CODE as PRODUCER_REFUSED
+from .producers import CONFLICT, IN_USE, PROBE_TIMEOUT, same_event
 from .root_runs import FOLLOW_FOR, RootRuns
 from .store import EventStore
+from .store_reads import CATCH_UP
 from .throttle import LogThrottle, OncePer
 from .tls import server_context
 
@@ -80,6 +85,12 @@ _ENVELOPE_SLACK = 1024
 IPV6_LOOPBACK = "::1"
 _ENDPOINTS = {"/publish": "publish", "/subscribe": "subscribe", "/": "root"}
 SLOW_CONSUMER = 1013  # "try again later": resume with since=<last seq>
+SLOW_AFTER = 2.0
+"""Seconds a subscriber's queue may stay over ``max_queue_bytes`` before it is cut: a burst
+(commits held up by another process's write lock, then megabytes at once) drains from a
+subscriber that reads, and stays queued at one that does not."""
+HARD_QUEUE_FACTOR = 4
+"""...but past this many times ``max_queue_bytes`` a subscriber is cut at once (memory bound)."""
 HARD_SIZE_FACTOR = 4
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets to send its request and be answered; it holds its address's slot."""
@@ -91,6 +102,8 @@ ROOT_REFUSALS_HOSTS = 1024
 """Hosts whose refused root frames are counted between log lines; the least recent go first."""
 ORIGINS_LOGGED = 256
 """Refused browser origins named in the log, once each; past that one line says more were."""
+PRODUCER_NAMES_LOGGED = 1024
+"""Producer names whose refusals (in use, conflict) are throttled in the log."""
 
 
 class Relay:
@@ -106,6 +119,7 @@ class Relay:
             on_commit=self._on_commit,
             retain_events=config.retain_events,
             on_pruned=self.hub.pruned,
+            on_history_changed=self._history_changed,
             forget_producers_after=config.forget_producers_after,
         )
         self.http = HttpApi(self)
@@ -129,14 +143,21 @@ class Relay:
         self._cutting: set[ServerConnection] = set()
         self._stopping = asyncio.Event()
         self._housekeeping: asyncio.Task[None] | None = None
-        self._publishing: dict[str, int] = {}
-        """Producer name -> open /publish connections: their positions are never forgotten."""
+        self._publishing: dict[str, ServerConnection] = {}
+        """Producer name -> its open /publish connection (one at most): never forgotten."""
+        self._probing: set[str] = set()
+        """Names whose connection is being pinged because another asked for the name."""
+        self._producer_log = LogThrottle(REFUSALS_LOG_EVERY, PRODUCER_NAMES_LOGGED)
         self._gone: set[str] = set()
         """Producers whose last connection closed since the last housekeeping pass."""
         self.limits = ConnectionLimiter(config.max_connections_per_ip, REFUSALS_LOG_EVERY)
         self.root_runs = RootRuns()
         self._root_refusals = LogThrottle(REFUSALS_LOG_EVERY, ROOT_REFUSALS_HOSTS)
         self._origins_refused = OncePer(ORIGINS_LOGGED)
+        self.handshakes = ConnectionLimiter(HANDSHAKES_PER_ADDRESS)
+        """Connections per address whose request is not complete yet."""
+        self.api_reads = ConnectionLimiter(API_READS_PER_ADDRESS)
+        """API requests per address from their request until their connection closes."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -160,7 +181,7 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        connection_type = type("RelayConnection", (_CountedConnection,), {"relay": self})
+        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self})
         self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
             self._handle,
@@ -172,7 +193,7 @@ class Relay:
             process_request=self._gate,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
-            max_queue=16,  # frames read ahead per connection: 16 x 4 x max_frame_bytes at worst
+            max_queue=READ_AHEAD_FRAMES,
             ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
@@ -319,9 +340,14 @@ class Relay:
 
     # -- connections per address ---------------------------------------------
 
-    def _opened(self, conn: _CountedConnection, transport: asyncio.BaseTransport) -> None:
-        """Take a slot of the peer's address; past the limit, refuse now or at the request."""
+    def _opened(self, conn: RelayConnection, transport: asyncio.BaseTransport) -> None:
+        """Take a slot of the peer's address and a handshake slot; past the limits, refuse
+        now or at the request."""
         conn.address = address_key(transport.get_extra_info("peername"))
+        conn.handshaking = True
+        if self.handshakes.over(self.handshakes.opened(conn.address)):
+            self.metrics.handshakes_refused.labels("handshake_flood").inc()
+            transport.abort()  # that many unfinished requests: a slow-header flood
         count = self.limits.opened(conn.address)
         if not self.limits.over(count):
             return
@@ -331,6 +357,31 @@ class Relay:
         else:
             conn.over_limit = True
         self._note_refused(conn.address, count)
+
+    def _request_done(self, conn: ServerConnection) -> None:
+        """The request is complete: its handshake slot is free again."""
+        if isinstance(conn, RelayConnection) and conn.handshaking:
+            conn.handshaking = False
+            self.handshakes.closed(conn.address)
+
+    def _request_too_large(self, conn: RelayConnection) -> None:
+        """More than REQUEST_BYTES_MAX before the request was complete: 431, and close."""
+        self._request_done(conn)
+        self.metrics.handshakes_refused.labels("request_too_large").inc()
+        body = f"request headers over {REQUEST_BYTES_MAX} bytes\n".encode()
+        conn.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        conn.transport.close()
+
+    def _closed(self, conn: RelayConnection) -> None:
+        """Give back every slot the connection held."""
+        self._request_done(conn)
+        self.limits.closed(conn.address)
+        if conn.api_slot:
+            conn.api_slot = False
+            self.api_reads.closed(conn.address)
 
     def _note_refused(self, address: str, count: int) -> None:
         """Log an address's refusals once per interval, with how many there were."""
@@ -350,7 +401,8 @@ class Relay:
     async def _gate(self, conn: ServerConnection, request: Request) -> Response | None:
         """Refuse floods, bad targets and DNS rebinding; route plain HTTP; check origin
         and tokens before a WebSocket opens."""
-        if isinstance(conn, _CountedConnection) and conn.over_limit:
+        self._request_done(conn)
+        if isinstance(conn, RelayConnection) and conn.over_limit:
             response = self._refuse(
                 "ip_limit",
                 503,
@@ -381,7 +433,7 @@ class Relay:
                 )
             upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
             if not upgrade:
-                return await self.http.respond(url.path, query, request.headers)
+                return await self.http.respond(conn, url.path, query, request.headers)
             return self._check_handshake(url.path, query, request.headers)
         except MultipleValuesError as exc:
             name = str(exc.args[0] if exc.args else "a")[:40]
@@ -474,6 +526,10 @@ class Relay:
             )
             await conn.close(1008, "bad producer name")
             return
+        older = self._publishing.get(name)
+        if older is not None:
+            await self._refuse_in_use(conn, name, older)
+            return
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
@@ -491,23 +547,88 @@ class Relay:
         acks = _AckState(conn, name)
         # No await since last_id was read: the position cannot be forgotten in between,
         # and from here on it is kept for as long as the connection is open.
-        self._publishing[name] = self._publishing.get(name, 0) + 1
+        self._publishing[name] = conn
         try:
             async for frame in conn:
-                self._ingest(conn, name, frame, acks)
+                resent = self._ingest(conn, name, frame, acks)
+                if resent is not None and not await self._check_resent(conn, name, acks, resent):
+                    return
                 await self._backpressure()
         finally:
-            self._stopped_publishing(name)
+            self._stopped_publishing(name, conn)
 
-    def _stopped_publishing(self, name: str) -> None:
-        left = self._publishing.pop(name) - 1
-        if left:
-            self._publishing[name] = left
-        elif self.config.forget_producers_after > 0:
+    def _stopped_publishing(self, name: str, conn: ServerConnection) -> None:
+        if self._publishing.get(name) is not conn:
+            return
+        del self._publishing[name]
+        if self.config.forget_producers_after > 0:
             self._gone.add(name)  # the next housekeeping pass marks it active up to then
 
-    def _ingest(self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState) -> None:
-        """Validate, sequence and queue one producer frame; ack after commit."""
+    async def _refuse_in_use(self, conn: ServerConnection, name: str, older: ServerConnection) -> None:
+        """Another connection publishes under ``name``: producer_in_use instead of hello, 4409.
+
+        Two live emitters under one name would each see the other's ids as duplicates. The
+        older connection may be a dead one the relay has not noticed yet (the same emitter
+        back after a network cut), so it is pinged; silent for PROBE_TIMEOUT, it is closed.
+        """
+        stale_after = self.config.ping_interval + self.config.ping_timeout
+        self._send(
+            conn,
+            {
+                "op": "error",
+                "code": IN_USE,
+                "detail": f"another connection is publishing as {name!r}: if it was this emitter's "
+                f"own, retry for up to {stale_after:g} s; otherwise publish under another name",
+                "stale_after": stale_after,
+            },
+        )
+        self.metrics.producer_refusals.labels(IN_USE).inc()
+        self._warn_producer(
+            name,
+            "producer name %r is in use by %s: refused it to %s (two emitters with one name?)",
+            name,
+            _peer(older),
+            _peer(conn),
+        )
+        if name not in self._probing:
+            self._probing.add(name)
+            self._track(self._probe_older(name, older))
+        await conn.close(PRODUCER_REFUSED, "producer name in use")
+
+    async def _probe_older(self, name: str, older: ServerConnection) -> None:
+        """Ping the connection holding a name another one asked for; close it if it is silent."""
+        try:
+            pong = await older.ping()
+            await asyncio.wait_for(pong, PROBE_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "producer %r: its connection from %s did not answer a ping within %g s; closing it",
+                name,
+                _peer(older),
+                PROBE_TIMEOUT,
+            )
+            older.transport.abort()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._probing.discard(name)
+
+    def _warn_producer(self, name: str, message: str, *args: Any) -> None:
+        """A WARNING about a producer name, at most once a minute per name."""
+        held_back = self._producer_log.allow(name, time.monotonic())
+        if held_back is not None:
+            log.warning(
+                message + (f" ({held_back} more like it in the last minute)" if held_back else ""), *args
+            )
+
+    def _ingest(
+        self, conn: ServerConnection, producer: str, frame: str | bytes, acks: _AckState
+    ) -> _Resent | None:
+        """Validate, sequence and queue one producer frame; ack after commit.
+
+        A frame that reuses an id of this producer is queued up to that event; the rest
+        is returned, to be compared with what is stored (:meth:`_check_resent`).
+        """
         try:
             self._check_size(frame)
             parsed, suspect = parse_frame(frame)
@@ -517,7 +638,7 @@ class Relay:
             raws = split_frame(parsed, self.config.max_events_per_frame)
         except Refused as exc:
             self._reject(conn, exc)
-            return
+            return None
         many = isinstance(parsed, list)
         valid: list[dict[str, Any]] = []
         where: list[tuple[int, Any]] = []
@@ -533,7 +654,18 @@ class Relay:
                 where.append((index, raw_id))
             except Refused as exc:
                 self._reject(conn, exc, event_id=raw_id, index=index if many else None)
-        accepted = self.hub.accept(producer, valid, max_body=self._max_body)
+        accepted = self.hub.accept(producer, valid, max_body=self._max_body, stop_at_known=True)
+        self._queue(conn, accepted, where, many)
+        if accepted.known_from is not None:
+            known = accepted.known_from
+            return _Resent(valid[known:], where[known:], many, raws, top_id)
+        self._register_ack(acks, top_id)
+        return None
+
+    def _queue(
+        self, conn: ServerConnection, accepted: Accepted, where: list[tuple[int, Any]], many: bool
+    ) -> None:
+        """Refuse what was too large once encoded, queue the rest for the store."""
         for position, exc in accepted.too_large:
             index, raw_id = where[position]
             self._reject(conn, exc, event_id=raw_id, index=index if many else None)
@@ -541,9 +673,84 @@ class Relay:
         self.metrics.events_in.inc(len(accepted.new))
         if accepted.duplicates:
             self.metrics.duplicates.inc(accepted.duplicates)
-        if top_id > acks.registered:
-            acks.registered = top_id
-            self.store.after_commit(partial(self._ack_ready, acks, top_id))
+
+    def _register_ack(self, acks: _AckState, upto: int) -> None:
+        if upto > acks.registered:
+            acks.registered = upto
+            self.store.after_commit(partial(self._ack_ready, acks, upto))
+
+    async def _check_resent(
+        self, conn: ServerConnection, producer: str, acks: _AckState, resent: _Resent
+    ) -> bool:
+        """Compare the reused ids of a frame with the stored events; False once refused.
+
+        Identical resends are dropped as duplicates, as always. An id stored with another
+        body means a second emitter under this name: nothing from that event on is stored
+        from this connection; the ack covers what came before it, never the id itself, then
+        ``producer_conflict`` and 4409. The connection is not read meanwhile.
+        """
+        if not await self._committed_or_closed(conn):  # what the producer sent before is in the table
+            return False
+        position = self.hub.producers.get(producer, 0)
+        reused = [e["id"] for e in resent.events if isinstance(e.get("id"), int) and e["id"] <= position]
+        stored = await self.store.stored_versions(producer, reused)
+        conflict = None
+        for k, event in enumerate(resent.events):
+            row = stored.get(event.get("id"))  # type: ignore[arg-type]
+            if row is not None and event["id"] <= position and not same_event(event, row, producer):
+                conflict = k
+                break
+        kept = resent.events if conflict is None else resent.events[:conflict]
+        self._queue(conn, self.hub.accept(producer, kept, max_body=self._max_body), resent.where, resent.many)
+        if conflict is None:
+            self._register_ack(acks, resent.top_id)
+            return True
+        index, bad_id = resent.where[conflict]
+        before = [raw.get("id") for raw in resent.raws[:index] if isinstance(raw, dict)]
+        ids_before = [i for i in before if isinstance(i, int) and not isinstance(i, bool)]
+        acks.ceiling = bad_id - 1
+        self._register_ack(acks, min(max(ids_before, default=0), acks.ceiling))
+        if not await self._committed_or_closed(conn):
+            return False
+        upto = min(acks.registered, acks.ceiling)
+        if upto > acks.sent:
+            acks.sent = upto
+            self._send(conn, {"op": "ack", "producer": producer, "upto": upto})
+        seq = stored[bad_id][0]
+        run_id = json.loads(stored[bad_id][2]).get("run_id")
+        self._send(
+            conn,
+            {
+                "op": "error",
+                "code": CONFLICT,
+                "id": bad_id,
+                "detail": f"id {bad_id} of producer {producer!r} is stored with another body (run "
+                f"{str(run_id)[:128]!r}, seq {seq}): two emitters share this name; publish the "
+                "events not acked under another name",
+            },
+        )
+        self.metrics.producer_refusals.labels(CONFLICT).inc()
+        self._warn_producer(
+            producer,
+            "producer %r from %s: id %d differs from the stored event (run %s, seq %d): two emitters "
+            "share this name? refused its events from that id on",
+            producer,
+            _peer(conn),
+            bad_id,
+            str(run_id)[:128],
+            seq,
+        )
+        await conn.close(PRODUCER_REFUSED, "producer name shared with another emitter")
+        return False
+
+    async def _committed_or_closed(self, conn: ServerConnection) -> bool:
+        """Wait until everything queued so far is committed; False if the connection closed first."""
+        committed = asyncio.ensure_future(self.store.all_committed())
+        closed = asyncio.ensure_future(conn.wait_closed())
+        await asyncio.wait((committed, closed), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (committed, closed):
+            waiter.cancel()
+        return committed.done() and not committed.cancelled() and not closed.done()
 
     def _producer_control(self, producer: str, msg: dict[str, Any]) -> None:
         """``holding`` (the one op ``hello.accepts`` lists): runs lack events until acked.
@@ -570,9 +777,10 @@ class Relay:
     def _send_acks(self) -> None:
         due, self._acks_due = self._acks_due, set()
         for acks in due:
-            if acks.ready > acks.sent:
-                acks.sent = acks.ready
-                self._send(acks.conn, {"op": "ack", "producer": acks.producer, "upto": acks.ready})
+            upto = acks.ready if acks.ceiling is None else min(acks.ready, acks.ceiling)
+            if upto > acks.sent:
+                acks.sent = upto
+                self._send(acks.conn, {"op": "ack", "producer": acks.producer, "upto": upto})
 
     def _check_size(self, frame: str | bytes) -> int:
         """Refuse a frame over ``max_frame_bytes`` (UTF-8 bytes); return its size."""
@@ -730,6 +938,19 @@ class Relay:
             self._catch_ups[(sub, run_id)] = task
             task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
 
+    def _history_changed(self, run_id: str, committed_seq: int) -> None:
+        """Rows another process wrote are now part of the run: live subscribers page them."""
+        for sub in self.hub.history_changed(run_id, committed_seq):
+            conn = self._subscribers.get(sub)
+            if conn is not None:
+                self._start_catch_up(conn, sub, run_id)
+
+    def _start_catch_up(self, conn: ServerConnection, sub: Subscription, run_id: str) -> None:
+        self._stop_catch_up(sub, run_id)
+        task = asyncio.create_task(self._catch_up(conn, sub, run_id))
+        self._catch_ups[(sub, run_id)] = task
+        task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
+
     def _catch_up_done(self, sub: Subscription, run_id: str, task: asyncio.Task[None]) -> None:
         if self._catch_ups.get((sub, run_id)) is task:
             del self._catch_ups[(sub, run_id)]
@@ -748,6 +969,8 @@ class Relay:
                 rows = await self.store.read(
                     run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
                 )
+                assert rows is not None  # skipped only for a ``wanted`` that says no
+                self.metrics.store_reads.labels(CATCH_UP, "done").inc()
                 if rows and rows[0][0] != cursor + 1:
                     self._send_gap(conn, run_id, cursor, rows[0][0])
                 if rows:
@@ -871,8 +1094,12 @@ class Relay:
                     for frame in shared:
                         frame.write_to(conn)
                 sent += len(items)
-                if queued_bytes(conn) > limit:
-                    self._cut_slow(sub, conn)
+                queued = queued_bytes(conn)
+                if queued > limit:
+                    if self._too_slow(conn, queued, limit):
+                        self._cut_slow(sub, conn)
+                elif conn.over_since is not None:  # type: ignore[attr-defined]
+                    conn.over_since = None  # type: ignore[attr-defined]  # drained: the clock stops
             except Exception:  # one broken connection must not starve the rest
                 log.exception("delivery to %s failed; dropping it", _peer(conn))
                 self._forget(sub)
@@ -889,11 +1116,29 @@ class Relay:
             if not frame.write_to(conn):
                 return
 
+    @staticmethod
+    def _too_slow(conn: ServerConnection, queued: int, limit: int) -> bool:
+        """A queue over ``limit``: slow once it has stayed over it for SLOW_AFTER seconds of
+        deliveries, or at once past HARD_QUEUE_FACTOR times it."""
+        if not isinstance(conn, RelayConnection) or queued > HARD_QUEUE_FACTOR * limit:
+            return True
+        now = time.monotonic()
+        if conn.over_since is None:
+            conn.over_since = now
+            return False
+        return now - conn.over_since > SLOW_AFTER
+
     def _cut_slow(self, sub: Subscription, conn: ServerConnection) -> None:
         """Drop a subscriber whose queue is full; it resumes with since=N."""
         self.metrics.slow_consumers.inc()
         self._forget(sub)
-        log.warning("cut slow consumer %s: over %d bytes queued", _peer(conn), self.config.max_queue_bytes)
+        log.warning(
+            "cut slow consumer %s: over %d bytes queued for %g s, or over %d",
+            _peer(conn),
+            self.config.max_queue_bytes,
+            SLOW_AFTER,
+            HARD_QUEUE_FACTOR * self.config.max_queue_bytes,
+        )
         self._track(conn.close(SLOW_CONSUMER, "slow consumer: resume with since=<last seq>"))
 
     def _track(self, coro: Any) -> None:
@@ -918,23 +1163,6 @@ class Relay:
             self._track(conn.close(SLOW_CONSUMER, "not reading: replies queued past the limit"))
 
 
-class _CountedConnection(ServerConnection):
-    """A connection that holds one slot of its client address from accept to close."""
-
-    relay: Relay
-    """Set on the subclass each relay makes (serve() takes a class, not an instance)."""
-    address: str = ""
-    over_limit: bool = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.relay._opened(self, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.relay.limits.closed(self.address)
-
-
 @dataclass(eq=False, slots=True)
 class _AckState:
     """A producer connection's ack positions: registered, stored, sent."""
@@ -944,6 +1172,21 @@ class _AckState:
     registered: int = 0
     ready: int = 0
     sent: int = 0
+    ceiling: int | None = None
+    """Set on a producer_conflict: no ack may reach the conflicting id."""
+
+
+@dataclass(slots=True)
+class _Resent:
+    """The rest of a frame from its first reused id on, held until compared with the store."""
+
+    events: list[dict[str, Any]]
+    where: list[tuple[int, Any]]
+    """(index in the frame, id as sent) of each of ``events``."""
+    many: bool
+    raws: list[Any]
+    """The frame's events as sent, valid or not: the ids before a conflict are acked."""
+    top_id: int
 
 
 def event_frames(bodies: list[str]) -> list[Frame]:

@@ -11,9 +11,9 @@ WAL append without fsync takes tens of microseconds per event, while
 handing each statement to a worker thread (as aiosqlite does) costs a
 GIL hand-off per statement, which under a busy loop means milliseconds
 of delivery latency (bench/README.md has the measurements). Everything
-that can take long runs through aiosqlite, off the loop: catch-up and API
-reads on a second connection, WAL checkpoints (their fsyncs) on a third,
-so that a long read never delays a checkpoint. The one fsync left on the
+that can take long runs through aiosqlite, off the loop: catch-up reads and
+HTTP API reads on a connection each (store_reads.py), WAL checkpoints (their
+fsyncs) on another, so that a long read never delays a checkpoint. The one fsync left on the
 loop is the WAL header's, in the first commit after the WAL starts over.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import shutil
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,8 @@ import aiosqlite
 from ..schemas.wire import encode
 from .hub import Run, Sequenced
 from .ledger import RunLedger
+from .store_reads import API, CATCH_UP, ReadQueue
+from .store_repair import colliding_runs, reconcile_runs, renumber
 
 log = logging.getLogger("fedrelay.store")
 
@@ -74,6 +77,8 @@ CREATE TABLE IF NOT EXISTS producers (
     updated_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS producers_by_update ON producers (updated_at);
+CREATE INDEX IF NOT EXISTS events_by_producer ON events (producer, producer_id)
+    WHERE producer_id IS NOT NULL;
 """
 
 _INSERT_EVENT = (
@@ -92,10 +97,24 @@ _ADDED_COLUMNS = {"runs": [("ledger", "TEXT NOT NULL DEFAULT '{}'")]}
 """Columns newer than some databases: added at start."""
 _READ_PAGE = """
 SELECT seq, body FROM (
-    SELECT seq, body, sum(length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
+    SELECT seq, body, length(CAST(body AS BLOB)) AS size,
+        sum(length(CAST(body AS BLOB))) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
     FROM events WHERE run_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?
-) WHERE upto_here - length(body) < ?
+) WHERE upto_here - size < ?
 """
+"""A page of a run: the rows whose UTF-8 bytes before them fit the cap (the first always does)."""
+MAX_BATCH_CHARS = 4 << 20
+"""Characters of events per commit (with ``max_batch`` events)."""
+_STORED_VERSIONS = """
+SELECT producer_id, seq, received_at, body FROM (
+    SELECT producer_id, seq, received_at, body, length(CAST(body AS BLOB)) AS size,
+        sum(length(CAST(body AS BLOB))) OVER (ORDER BY producer_id ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE producer = ? AND producer_id IN ({ids}) ORDER BY producer_id
+) WHERE upto_here - size < ?
+"""
+"""Stored events of one producer by id, as many as fit a byte cap (the first always does)."""
+_STORED_VERSIONS_IDS = 500
+_STORED_VERSIONS_BYTES = 2 << 20
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
 _WAL_RESTART_BYTES = 16 << 20
@@ -109,6 +128,8 @@ _HOLD_COMMITS_AT_MOST = 0.02
 _HOLD_COMMITS_ESCALATED = 1.0
 """...and for the one that runs once the WAL is past ``_WAL_KEEP_FACTOR`` times its restart
 size: behind the catch-up reads already queued, on a disk that may be slow."""
+_REPAIRS_KEPT = 20
+"""Repaired runs /healthz lists, the latest ones."""
 _BUSY_PATIENCE = 10.0
 """Seconds of "database is locked" before commits count as failing."""
 _INT64_MAX = 2**63 - 1
@@ -161,6 +182,7 @@ class EventStore:
         max_batch: int = 2000,
         retain_events: int = 0,
         on_pruned: Callable[[str, int], None] | None = None,
+        on_history_changed: Callable[[str, int], None] | None = None,
         wal_restart_bytes: int = _WAL_RESTART_BYTES,
         forget_producers_after: float = 0.0,
     ) -> None:
@@ -168,6 +190,10 @@ class EventStore:
         self._runs = runs
         self._on_commit = on_commit
         self._on_pruned = on_pruned
+        self._on_history_changed = on_history_changed
+        """Called with (run_id, seq) when rows up to seq that this relay did not write were found."""
+        self.repaired_runs: list[dict[str, Any]] = []
+        """The last runs whose queued events had to move past foreign rows (for /healthz)."""
         self.max_batch = max_batch
         self.retain_events = retain_events
         self.wal_restart_bytes = wal_restart_bytes
@@ -176,9 +202,9 @@ class EventStore:
         self._forgetting_failed = False
         self._db: sqlite3.Connection | None = None
         """The writer's connection, used on the event loop thread only."""
-        self._reader: aiosqlite.Connection | None = None
-        """Catch-up and API reads: a second connection on a file, so a long
-        read neither waits behind commits nor delays them."""
+        self.reads = {CATCH_UP: ReadQueue(CATCH_UP), API: ReadQueue(API)}
+        """Catch-up reads and HTTP API reads, each on a connection of its own: a long read
+        waits neither behind commits nor behind the other kind, nor delays them."""
         self._checkpointer: aiosqlite.Connection | None = None
         """WAL checkpoints: their own connection, so they never queue behind a read."""
         self._checkpoints: asyncio.Task[None] | None = None
@@ -216,7 +242,8 @@ class EventStore:
                 Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
-        target = str(Path(self.path).expanduser()) if self.path != MEMORY else MEMORY
+        # The resolved path: a symlink, ``..`` or a relative --db must find the same lock.
+        target = str(Path(self.path).expanduser().resolve()) if self.path != MEMORY else MEMORY
         if self.path != MEMORY:
             self._lock_file = _lock_exclusively(target + ".lock")
         try:
@@ -228,6 +255,8 @@ class EventStore:
             # delivery; a lock held elsewhere is waited for in _write_loop.
             self._db.execute("PRAGMA busy_timeout=0")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_FACTOR * self.wal_restart_bytes}")
+            if self._indexes_missing():
+                log.info("store: indexing stored events by producer (once, on a database from before it)")
             self._db.executescript(_SCHEMA)
             if self.path != MEMORY:
                 self._probe_write()
@@ -237,9 +266,10 @@ class EventStore:
                 # Checkpoints move to their own connection's thread: an automatic
                 # one inside a commit stalls delivery for milliseconds.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._reader = await aiosqlite.connect(target)
-                await self._reader.execute("PRAGMA busy_timeout=5000")
-                await self._reader.execute("PRAGMA query_only=1")
+                for queue in self.reads.values():
+                    queue.conn = await aiosqlite.connect(target)
+                    await queue.conn.execute("PRAGMA busy_timeout=5000")
+                    await queue.conn.execute("PRAGMA query_only=1")
                 self._checkpointer = await aiosqlite.connect(target)
                 await self._checkpointer.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:
@@ -250,6 +280,12 @@ class EventStore:
         if self._checkpointer is not None:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
+
+    def _indexes_missing(self) -> bool:
+        """An existing events table without the producer index: creating it reads every event."""
+        assert self._db is not None
+        names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        return "events" in names and "events_by_producer" not in names
 
     def _probe_write(self) -> None:
         """Fail now, not at the first commit, when the database cannot be written.
@@ -284,7 +320,7 @@ class EventStore:
         runs = []
         query = (
             "SELECT run_id, status, created_at, updated_at, started_at, ended_at,"
-            " last_seq, first_seq, info, ledger FROM runs"
+            " last_seq, first_seq, info, ledger FROM runs ORDER BY created_at, rowid"
         )
         for row in self._db.execute(query):
             run = Run(
@@ -300,9 +336,30 @@ class EventStore:
             run.last_seq = row[6]
             run.first_seq = row[7]
             runs.append(run)
+        by_id = {run.run_id: run for run in runs}
+        reconciled = reconcile_runs(self._db, by_id)
+        if reconciled:
+            self._write_runs(reconciled)
+            log.warning(
+                "store: reconciled %d runs with their events (a runs row behind its highest seq, or "
+                "missing): %s",
+                len(reconciled),
+                ", ".join(run.run_id for run in reconciled[:10]) + (" ..." if len(reconciled) > 10 else ""),
+            )
+            runs = sorted(by_id.values(), key=lambda run: run.created_at)
         forgotten = self._forget_at_start()
         producers = dict(self._db.execute("SELECT name, last_id FROM producers"))
         return Restored(runs, producers, forgotten)
+
+    def _write_runs(self, runs: list[Run]) -> None:
+        """Upsert runs rows as they are in memory (with their own ``last_seq``)."""
+        assert self._db is not None
+        self._db.execute("BEGIN")
+        self._db.executemany(_UPSERT_RUN, [_run_row(run, run.last_seq) for run in runs])
+        self._db.executemany(
+            "UPDATE runs SET first_seq = ? WHERE run_id = ?", [(run.first_seq, run.run_id) for run in runs]
+        )
+        self._db.execute("COMMIT")
 
     def _forget_at_start(self) -> int:
         """Delete the producers idle past ``forget_producers_after`` before loading the rest.
@@ -357,14 +414,16 @@ class EventStore:
         return left
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._checkpointer):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        for queue in self.reads.values():
+            with contextlib.suppress(Exception):
+                await queue.close()
+        if self._checkpointer is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointer.close()
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
-        self._db = self._reader = self._checkpointer = None
+        self._db = self._checkpointer = None
         if self._lock_file is not None:
             os.close(self._lock_file)  # releases the flock
             self._lock_file = None
@@ -434,14 +493,16 @@ class EventStore:
                 continue
             if not self._commits_open.is_set():
                 await self._commits_open.wait()  # a checkpoint is letting the WAL start over
-            size = min(len(self._pending), self.max_batch)
-            batch = [self._pending[i] for i in range(size)]
+            batch = self._next_batch()
+            size = len(batch)
             try:
                 self._commit(batch)
             except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, OverflowError) as exc:
                 # A value SQLite cannot bind: retrying would jam every run.
                 self._rollback()
                 if self._defuse(batch, exc):
+                    continue
+                if isinstance(exc, sqlite3.IntegrityError) and self._move_past_foreign_rows(batch):
                     continue
                 log.error("store: commit refused and no event to blame: %s", exc)
                 self.failing = self._failure = str(exc)
@@ -490,10 +551,62 @@ class EventStore:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)  # let deliveries and producers run between commits
 
+    def _next_batch(self) -> list[Sequenced]:
+        """The oldest pending events, at most ``max_batch`` and ``MAX_BATCH_CHARS`` (but one at
+        least): one commit is one delivery, and a delivery is written to every subscriber at
+        once, so this bounds what a burst adds to a subscriber's queue in one go."""
+        if self._pending_chars <= MAX_BATCH_CHARS:  # the usual case: no need to add sizes up
+            return list(itertools.islice(self._pending, self.max_batch))
+        batch: list[Sequenced] = []
+        chars = 0
+        for item in itertools.islice(self._pending, self.max_batch):
+            chars += len(item.body)
+            if batch and chars > MAX_BATCH_CHARS:
+                break
+            batch.append(item)
+        return batch
+
     def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
             with contextlib.suppress(Exception):
                 self._db.execute("ROLLBACK")
+
+    def _move_past_foreign_rows(self, batch: list[Sequenced]) -> bool:
+        """A batch collided with rows this relay did not write: renumber the colliding runs'
+        queued events past them, so the batch (every run's part) commits on the next try.
+
+        The foreign rows are committed, so the run's committed seq moves up to them and
+        ``on_history_changed`` lets the relay page them to the run's live subscribers.
+        Returns False when no run collides (the error has another cause).
+        """
+        assert self._db is not None
+        try:
+            taken = colliding_runs(self._db, batch)
+        except sqlite3.Error as exc:
+            log.error("store: cannot look for colliding seqs: %s", exc)
+            return False
+        for run_id, top in taken.items():
+            run = self._runs[run_id]
+            moved, grown = renumber(self._pending, run_id, top + 1)
+            self._pending_chars += grown
+            old_last = run.last_seq
+            run.last_seq = top + moved
+            log.error(
+                "store: run %s already has seqs up to %d in the database that this relay did not write "
+                "(another process, or a restored file); its %d queued events move from seq %d to %d on",
+                run_id,
+                top,
+                moved,
+                old_last - moved + 1,
+                top + 1,
+            )
+            self.repaired_runs.append(
+                {"run_id": run_id, "at": time.time(), "stored_up_to": top, "events_moved": moved}
+            )
+            del self.repaired_runs[:-_REPAIRS_KEPT]
+            if self._on_history_changed is not None:
+                self._on_history_changed(run_id, top)
+        return bool(taken)
 
     def _defuse(self, batch: list[Sequenced], exc: Exception) -> bool:
         """Replace events SQLite cannot store by an ``error`` event at the same seq.
@@ -542,11 +655,11 @@ class EventStore:
         starts the WAL from the beginning. That pass can fail to catch up: a
         slow disk makes it outlast its hold, a catch-up read in flight keeps
         frames it still needs. Past ``_WAL_KEEP_FACTOR`` times the restart size
-        the pass goes through the reader's queue instead (no read in flight)
-        and commits wait up to ``_HOLD_COMMITS_ESCALATED`` for it: a rare,
-        longer pause that keeps the WAL bounded whatever the load.
+        the pass waits for its turn in both read queues (no read in flight on
+        either reader) and commits wait up to ``_HOLD_COMMITS_ESCALATED`` for
+        it: a rare, longer pause that keeps the WAL bounded whatever the load.
         """
-        assert self._checkpointer is not None and self._reader is not None
+        assert self._checkpointer is not None
         async with self._checkpointer.execute("PRAGMA page_size") as cursor:
             row = await cursor.fetchone()
         frame_bytes = (row[0] if row else 4096) + 24  # each WAL frame: a page and its header
@@ -563,9 +676,13 @@ class EventStore:
                 wal_bytes = frames * frame_bytes
                 if wal_bytes > _WAL_KEEP_FACTOR * self.wal_restart_bytes:
                     self.escalated_checkpoints += 1
-                    finishing = await self._checkpoint_holding_commits(self._reader, _HOLD_COMMITS_ESCALATED)
+                    finishing = await self._checkpoint_holding_commits(
+                        self._checkpoint_between_reads(), _HOLD_COMMITS_ESCALATED
+                    )
                 elif wal_bytes > self.wal_restart_bytes:
-                    finishing = await self._checkpoint_holding_commits(checkpointer, _HOLD_COMMITS_AT_MOST)
+                    finishing = await self._checkpoint_holding_commits(
+                        _checkpoint(checkpointer), _HOLD_COMMITS_AT_MOST
+                    )
             except Exception as exc:
                 finishing = None
                 # Once per episode: a read-only or full disk would otherwise log every second.
@@ -577,15 +694,23 @@ class EventStore:
                 log.warning("store: WAL checkpoints work again")
                 self._checkpoint_failing = False
 
+    async def _checkpoint_between_reads(self) -> int:
+        """A checkpoint once no read is in flight on either reader: a read keeps the WAL
+        frames of its snapshot, so a checkpoint beside it cannot let the WAL start over."""
+        catch_up, api = self.reads[CATCH_UP], self.reads[API]
+        async with api.turn, catch_up.turn:
+            assert catch_up.conn is not None
+            return await _checkpoint(catch_up.conn)
+
     async def _checkpoint_holding_commits(
-        self, conn: aiosqlite.Connection, hold: float
+        self, checkpoint_pass: Coroutine[Any, Any, int], hold: float
     ) -> asyncio.Future[Any] | None:
         """A PASSIVE checkpoint with no commit in between; commits wait at most ``hold``
         seconds for it. Returns the checkpoint if it is still running."""
         self._commits_open.clear()
         try:
             # No commit is running: commits run on this loop, in one call.
-            checkpoint = asyncio.ensure_future(_checkpoint(conn))
+            checkpoint = asyncio.ensure_future(checkpoint_pass)
             done, _ = await asyncio.wait((checkpoint,), timeout=hold)
         finally:
             self._commits_open.set()
@@ -624,7 +749,7 @@ class EventStore:
                 run_seqs[run_id] = run.committed_seq
         db.execute("BEGIN")
         db.executemany(_INSERT_EVENT, rows)
-        db.executemany(_UPSERT_RUN, [self._run_row(run_id, seq) for run_id, seq in run_seqs.items()])
+        db.executemany(_UPSERT_RUN, [_run_row(self._runs[run], last) for run, last in run_seqs.items()])
         if positions:
             db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
         pruned = self._prune(last_seqs) if self.retain_events else []
@@ -635,20 +760,6 @@ class EventStore:
         for run_id, first_seq in pruned:
             if self._on_pruned is not None:
                 self._on_pruned(run_id, first_seq)
-
-    def _run_row(self, run_id: str, last_seq: int) -> tuple[Any, ...]:
-        run = self._runs[run_id]
-        return (
-            run_id,
-            run.status,
-            run.created_at,
-            run.updated_at,
-            run.started_at,
-            run.ended_at,
-            last_seq,
-            json.dumps(run.info, allow_nan=False, default=str),
-            run.ledger.to_json(),
-        )
 
     def _prune(self, last_seqs: dict[str, int]) -> list[tuple[str, int]]:
         """Keep at most ``retain_events`` per run; prune in chunks, not per event."""
@@ -754,21 +865,76 @@ class EventStore:
     # -- reads -------------------------------------------------------------
 
     async def read(
-        self, run_id: str, after: int, upto: int, limit: int, max_chars: int = 4 << 20
-    ) -> list[tuple[int, str]]:
+        self,
+        run_id: str,
+        after: int,
+        upto: int,
+        limit: int,
+        max_bytes: int = 4 << 20,
+        *,
+        queue: str = CATCH_UP,
+        wanted: Callable[[], bool] | None = None,
+    ) -> list[tuple[int, str]] | None:
         """Stored events of a run with ``after < seq <= upto``, oldest first.
 
         ``upto`` is the run's committed seq: rows past it may belong to a
         commit in flight. At most ``limit`` rows, and no more rows than fit
-        in ``max_chars`` (but at least one).
+        in ``max_bytes`` of UTF-8 (but at least one). None when ``wanted()``
+        (asked once the read's turn comes in its ``queue``) says the reader is gone.
         """
-        params = (run_id, after, upto, limit, max(1, max_chars))
-        if self._reader is not None:
-            async with self._reader.execute(_READ_PAGE, params) as cursor:
-                return list(await cursor.fetchall())  # type: ignore[arg-type]
+        return await self._fetch(queue, _READ_PAGE, (run_id, after, upto, limit, max(1, max_bytes)), wanted)
+
+    async def stored_versions(self, producer: str, ids: list[int]) -> dict[int, tuple[int, float, str]]:
+        """The stored ``(seq, received_at, body)`` of a producer's events by id; ids with no row
+        (refused, pruned, never stored) are absent. Read in pages of at most 2 MiB of bodies, on
+        the catch-up reader: the check of a resent frame costs that much memory at most."""
+        found: dict[int, tuple[int, float, str]] = {}
+        wanted = sorted(set(ids))
+        while wanted:
+            chunk = wanted[:_STORED_VERSIONS_IDS]
+            sql = _STORED_VERSIONS.format(ids=",".join("?" * len(chunk)))
+            rows = await self._fetch(CATCH_UP, sql, (producer, *chunk, _STORED_VERSIONS_BYTES))
+            assert rows is not None
+            for producer_id, seq, received_at, body in rows:
+                found[producer_id] = (seq, received_at, body)
+            last = rows[-1][0] if rows else chunk[-1]
+            wanted = [i for i in wanted if i > last]
+        return found
+
+    async def all_committed(self) -> None:
+        """Wait until everything appended so far is committed."""
+        done = asyncio.get_running_loop().create_future()
+        self.after_commit(lambda: done.done() or done.set_result(None))
+        await done
+
+    async def _fetch(
+        self, queue: str, sql: str, params: tuple[Any, ...], wanted: Callable[[], bool] | None = None
+    ) -> list[Any] | None:
+        reads = self.reads[queue]
+        if reads.conn is not None:
+            return await reads.fetch(sql, params, wanted)
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
-            return self._db.execute(_READ_PAGE, params).fetchall()
+            if wanted is not None and not wanted():
+                reads.skipped += 1
+                return None
+            reads.done += 1
+            return self._db.execute(sql, params).fetchall()
         raise StoreError("the event store is closed")
+
+
+def _run_row(run: Run, last_seq: int) -> tuple[Any, ...]:
+    """A ``runs`` row for ``_UPSERT_RUN``: the run's summary, stored up to ``last_seq``."""
+    return (
+        run.run_id,
+        run.status,
+        run.created_at,
+        run.updated_at,
+        run.started_at,
+        run.ended_at,
+        last_seq,
+        json.dumps(run.info, allow_nan=False, default=str),
+        run.ledger.to_json(),
+    )
 
 
 async def _checkpoint(conn: aiosqlite.Connection) -> int:

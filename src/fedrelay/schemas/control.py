@@ -65,6 +65,9 @@ class ErrorFrame(_Frame):
     id: int | None = None
     index: int | None = None
     run_id: str | None = None
+    stale_after: float | None = None
+    """With ``producer_in_use``: seconds after which the other connection, if it is dead,
+    has surely been noticed and closed by the relay."""
 
 
 class Pong(_Frame):

@@ -7,7 +7,6 @@ arbitrary metrics, and the relay keeps them as sent.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -21,11 +20,9 @@ from pydantic import (
     StrictStr,
 )
 
-RUN_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
-"""Run ids and producer names: safe in URLs, file names and log lines."""
-
-RUN_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-"""Use with ``fullmatch``: ``$`` would let a trailing newline through."""
+from ..names import EVENT_TYPES as EVENT_TYPES  # declared without pydantic, for emitters
+from ..names import RUN_ID_PATTERN as RUN_ID_PATTERN
+from ..names import RUN_ID_RE as RUN_ID_RE
 
 Number = StrictInt | StrictFloat
 MetricValue = Number | None
@@ -255,23 +252,6 @@ Event = Annotated[
     | LogEvent,
     Field(discriminator="type"),
 ]
-
-EVENT_TYPES: frozenset[str] = frozenset(
-    (
-        "training_start",
-        "round_start",
-        "client_progress",
-        "client_complete",
-        "round_end",
-        "epoch_start",
-        "epoch_end",
-        "early_stopping",
-        "training_end",
-        "status",
-        "error",
-        "log",
-    )
-)
 
 __all__ = [
     "EVENT_TYPES",

@@ -134,6 +134,7 @@ export interface ErrorFrame {
   id?: number | null;
   index?: number | null;
   run_id?: string | null;
+  stale_after?: number | null;
 }
 
 /** History no longer holds `since + 1`: events resume at `resume_from`. */

@@ -39,9 +39,17 @@ async function getJson(url, token) {
   return response.json();
 }
 
-/** GET /api/runs: the runs the relay knows, newest first. */
+/** GET /api/runs: every run the relay knows, newest first (following `next_cursor` page by page). */
 export async function fetchRuns({ url, token } = {}) {
-  return (await getJson(`${httpBase(url)}/api/runs`, token)).runs;
+  const runs = [];
+  let cursor = null;
+  do {
+    const query = "?limit=1000" + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
+    const page = await getJson(`${httpBase(url)}/api/runs${query}`, token);
+    runs.push(...page.runs);
+    cursor = page.next_cursor;
+  } while (cursor);
+  return runs;
 }
 
 /** GET /api/runs/{runId}: one run's summary. */
