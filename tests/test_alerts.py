@@ -318,7 +318,11 @@ def test_past_the_queue_bound_alerts_are_dropped_counted_and_logged_once(tmp_pat
 
 
 def test_a_relay_in_memory_alerts_too(tmp_path, receiver, emitter):
-    relay = RelayProcess(tmp_path / "unused.db", args=["--memory", "--alert-webhook", receiver.url]).start()
+    # end_grace 0: the end is judged as soon as its commit's acks have settled the emitter's
+    # `holding` report (the run is not incomplete for events that very commit stored).
+    alerts = tmp_path / "alerts.toml"
+    alerts.write_text(f'webhooks = ["{receiver.url}"]\nend_grace = 0\n')
+    relay = RelayProcess(tmp_path / "unused.db", args=["--memory", "--alerts", str(alerts)]).start()
     try:
         publish(emitter(relay), "m", start(), end("completed"))
         wait_until(lambda: receiver.bodies("ended"), 20, what="the end alert")
@@ -326,3 +330,31 @@ def test_a_relay_in_memory_alerts_too(tmp_path, receiver, emitter):
         relay.stop()
     assert one(receiver, "ended", "m")["status"] == "completed"
     assert not (tmp_path / "unused.db").exists()
+
+
+def test_an_end_shown_incomplete_waits_for_late_client_reports(tmp_path, receiver, emitter):
+    alerts = tmp_path / "alerts.toml"
+    alerts.write_text(f'webhooks = ["{receiver.url}"]\nend_grace = 3\n')
+    relay = RelayProcess(tmp_path / "relay.db", args=["--alerts", str(alerts)]).start()
+    try:
+        server, clients = emitter(relay), emitter(relay)
+
+        def report(run_id: str, client: str) -> None:
+            clients.emit("client_complete", {"round": 1, "client_id": client}, run_id=run_id, role="client")
+            assert clients.flush(10)
+
+        for run_id in ("late", "lost"):
+            report(run_id, "c1")
+            publish(
+                server, run_id, start(1),
+                ("round_end", {"round": 1, "total_rounds": 1, "participating_clients": ["c1", "c2"]}),
+                end("completed"),
+            )  # fmt: skip
+            assert relay.get_json(f"/api/runs/{run_id}")[1]["status"] == "incomplete"
+        report("late", "c2")  # within the grace: the end alert says completed
+        wait_until(lambda: len(receiver.bodies("ended")) == 2, 20, what="both end alerts")
+    finally:
+        relay.stop()
+    assert one(receiver, "ended", "late")["status"] == "completed"
+    lost = one(receiver, "ended", "lost")
+    assert lost["status"] == "incomplete" and "round 1" in lost["detail"]

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
 from ..hub import Run, Sequenced
 from ..metrics import RelayMetrics
@@ -68,6 +69,10 @@ class AlertService:
         self._claims: list[Alert] = []
         self._dirty: dict[str, int] = {}
         """Run id -> last seq evaluated, not saved yet."""
+        self._held: dict[str, tuple[Run, Alert, asyncio.TimerHandle]] = {}
+        """Run id -> its ``ended`` alert, waiting ``end_grace`` (see :meth:`_hold`)."""
+        self._cursor_caps: dict[str, int] = {}
+        """Run id -> the highest seq its saved cursor may take while its end alert waits."""
         self._restored: list[Pending] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -132,7 +137,11 @@ class AlertService:
 
     async def stop(self) -> None:
         """Stop sending (a send in flight stays pending: it goes again after a restart), then
-        save what fired and how far evaluation got."""
+        save what fired and how far evaluation got; ends waiting for their grace fire now."""
+        await asyncio.sleep(0)  # the last commits' evaluations (scheduled with call_soon) run
+        for run, _, timer in list(self._held.values()):
+            timer.cancel()
+            self._release(run)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -147,6 +156,12 @@ class AlertService:
     # -- evaluation (on the loop, after each commit) --------------------------------
 
     def committed(self, batch: list[Sequenced], runs: Mapping[str, Run]) -> None:
+        """A commit's events, evaluated just after the commit's own callbacks (acks settle
+        producers' ``holding`` reports there: a run is not ``incomplete`` for events that
+        this very commit stored). Batches keep their order."""
+        asyncio.get_running_loop().call_soon(self._evaluate_batch, batch, runs)
+
+    def _evaluate_batch(self, batch: list[Sequenced], runs: Mapping[str, Run]) -> None:
         try:
             for item in batch:
                 self._dirty[item.run_id] = item.seq
@@ -171,7 +186,33 @@ class AlertService:
         alerts = self.engine.observe(run.run_id, seq, event, self._facts(run))
         if event["type"] == "training_end":
             self.engine.forget(run.run_id)  # the run is over; a late resend is stopped by the claims
-        self._fire(alerts)
+        ready = []
+        for alert in alerts:
+            if alert.alert == "ended" and alert.status == "incomplete" and self.settings.end_grace > 0:
+                self._hold(run, alert)
+            else:
+                ready.append(alert)
+        self._fire(ready)
+
+    def _hold(self, run: Run, alert: Alert) -> None:
+        """An end the relay shows ``incomplete``: wait ``end_grace`` for the missing events
+        (client reports of the last round often arrive just after the server's end), then
+        alert with the status of that moment. Until then the run's cursor stays before the
+        end, so a crash meanwhile evaluates it again at restart."""
+        if run.run_id in self._held:
+            return
+        timer = asyncio.get_running_loop().call_later(self.settings.end_grace, self._release, run)
+        self._held[run.run_id] = (run, alert, timer)
+        self._cursor_caps[run.run_id] = (alert.seq or 1) - 1
+
+    def _release(self, run: Run) -> None:
+        held = self._held.pop(run.run_id, None)
+        self._cursor_caps.pop(run.run_id, None)
+        if held is None:
+            return
+        alert = held[1]
+        facts = self._facts(run)
+        self._fire([replace(alert, status=facts.status, detail=facts.incomplete)])
 
     def _facts(self, run: Run) -> RunFacts:
         summary = run.summary(time.time(), self.stall_after)
@@ -237,7 +278,13 @@ class AlertService:
         """Claim what fired and save the cursors, in one transaction; hand new claims on."""
         claims, self._claims = self._claims, []
         dirty, self._dirty = self._dirty, {}
-        cursors = {run_id: (seq, self.engine.snapshot(run_id)) for run_id, seq in dirty.items()}
+        cursors = {}
+        for run_id, seq in dirty.items():
+            cap = self._cursor_caps.get(run_id)
+            if cap is not None and seq > cap:
+                self._dirty[run_id] = seq  # saved once the end alert is out
+                seq = cap
+            cursors[run_id] = (seq, self.engine.snapshot(run_id))
         self.engine.clear_evicted()
         dashboard = self.dashboard()
         now = time.time()

@@ -13,6 +13,7 @@ refused (a typo would otherwise switch an alert off silently)::
     retry_cap = 300         # ... up to this
     give_up_after = 86400   # seconds after which an undelivered alert is dropped
     stall_horizon = 86400   # a run silent longer than stall_after + this is not alerted
+    end_grace = 10          # an end shown incomplete waits this long for the missing events
 
 Flags add to the file's webhooks and rules.
 """
@@ -37,6 +38,7 @@ _NUMBERS = {
     "retry_cap": (0.01, 86400),
     "give_up_after": (1, 30 * 86400),
     "stall_horizon": (0, 365 * 86400),
+    "end_grace": (0, 3600),
 }
 
 
@@ -52,6 +54,8 @@ class AlertSettings:
     retry_cap: float = 300.0
     give_up_after: float = 86400.0
     stall_horizon: float = 86400.0
+    end_grace: float = 10.0
+    """Seconds an end the relay shows ``incomplete`` waits for the missing events before alerting."""
 
     @classmethod
     def build(cls, webhooks: list[str], rules: list[str], file: str | None) -> AlertSettings | None:
