@@ -22,7 +22,8 @@ from websockets.sync.client import connect
 
 from fedrelay.emitters import Emitter
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
 RULES = ["--alert-rule", "eval_metrics.val_loss > 2", "--alert-rule", "no improvement of auroc for 3 rounds"]

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
-from tests.dashboard.conftest import CHROMIUM_ARGS, chromium_path  # noqa: E402
+from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
 from tests.support.relay_process import RelayProcess  # noqa: E402
 from tests.support.training import BackgroundProducer, centralized_run, federated_run  # noqa: E402
 

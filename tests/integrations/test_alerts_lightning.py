@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("pytorch_lightning")
-
 from fedrelay.demo.centralized import CentralizedConfig, run_centralized
 from fedrelay.emitters import Emitter
-from tests.support.relay_process import wait_until
+from tests.support.waiting import wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
 TINY = dict(image_size=16, n_train=160, n_test=80, batch_size=32)
