@@ -134,7 +134,7 @@ async def test_metrics_count_real_traffic(relay):
 
 
 async def test_runs_list_newest_first_with_status_from_events(relay):
-    assert relay.get_json("/api/runs") == (200, {"runs": []})
+    assert relay.get_json("/api/runs") == (200, {"runs": [], "next_cursor": None})
     await publish(relay, "a", [ev("run-a", 1, "training_start", experiment_name="exp", num_rounds=3)])
     await publish(relay, "b", [ev("run-b", 1, "training_start", training_mode="centralized", max_epochs=5)])
     await publish(relay, "c", [ev("run-c", 1, "training_start")])

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -147,9 +148,22 @@ def _http_base(url: str) -> str:
     return url
 
 
+def _every_run(base: str, token: str | None) -> list[dict[str, Any]]:
+    """Every run, newest first: ``/api/runs`` pages, following ``next_cursor`` until it is null."""
+    runs: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+        payload = _http_get(base + "/api/runs" + query, token)
+        runs.extend(payload["runs"])
+        cursor = payload.get("next_cursor")  # absent from relays before pagination
+        if not cursor:
+            return runs
+
+
 def _runs(args: argparse.Namespace) -> int:
     try:
-        payload = _http_get(_http_base(args.url) + "/api/runs", args.token)
+        runs = _every_run(_http_base(args.url), args.token)
     except urllib.error.HTTPError as exc:
         print(
             f"fedrelay runs: {args.url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
@@ -162,7 +176,6 @@ def _runs(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    runs = payload["runs"]
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0

@@ -18,11 +18,15 @@ from websockets.http11 import Response
 from .. import __version__
 from ..schemas.events import RUN_ID_RE
 from .access import presented_token, token_ok
+from .health_page import BadQuery, parse_query
+from .health_reader import HealthReader
 
 if TYPE_CHECKING:
     from .server import Relay
 
 MAX_EVENTS_PAGE = 10_000
+RUNS_PAGE = 100
+MAX_RUNS_PAGE = 1000
 MAX_RESPONSE_CHARS = 8 << 20
 """An events page stops early past this much JSON; ``next_since`` says where."""
 _STATIC_TYPES = {
@@ -67,6 +71,7 @@ class HttpApi:
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.health = HealthReader(relay.store)
 
     async def respond(self, path: str, query: dict[str, list[str]], headers: Headers) -> Response:
         if path == "/healthz":
@@ -102,8 +107,7 @@ class HttpApi:
         now = time.time()
         stall = self.relay.config.stall_after
         if parts == ["runs"]:
-            runs = sorted(hub.runs.values(), key=lambda r: r.created_at, reverse=True)
-            return json_response(200, {"runs": [r.summary(now, stall) for r in runs]})
+            return self._runs(query, now, stall)
         if len(parts) in (2, 3) and parts[0] == "runs":
             run_id = parts[1]
             if RUN_ID_RE.fullmatch(run_id) is None:
@@ -115,7 +119,50 @@ class HttpApi:
                 return json_response(200, run.summary(now, stall))
             if parts[2] == "events":
                 return await self._events(run_id, query)
+            if parts[2] == "clients":
+                try:
+                    health_query = parse_query(query)
+                except BadQuery as exc:
+                    return _error(400, str(exc))
+                body = await self.health.page(run_id, run.committed_seq, health_query)
+                return _response(200, body, "application/json")
         return _error(404, f"no API route {path[:100]}")
+
+    def _runs(self, query: dict[str, list[str]], now: float, stall: float) -> Response:
+        """Runs newest first, a page at a time: ``{"runs": [...], "next_cursor": C|null}``.
+
+        A minimal stand-in for branch i14's paged listing (same query and answer): ``limit``
+        (100, at most 1000), ``cursor``, ``status`` (comma-separated), ``mode``, ``q`` (run id or
+        experiment name, substring, any case), ``updated_since``.
+        """
+        limit = _int_param(query, "limit", RUNS_PAGE)
+        offset = _int_param(query, "cursor", 0)
+        if limit is None or offset is None or limit < 1:
+            return _error(400, "limit must be a whole number >= 1 and cursor one this relay handed out")
+        since_text = first_param(query, "updated_since")
+        try:
+            since = float(since_text) if since_text is not None else None
+        except ValueError:
+            return _error(400, "updated_since must be a time in seconds since the epoch")
+        statuses = set(filter(None, (first_param(query, "status") or "").split(",")))
+        mode = first_param(query, "mode")
+        text = (first_param(query, "q") or "").casefold()
+        runs = sorted(self.relay.hub.runs.values(), key=lambda r: r.created_at, reverse=True)
+        matched = []
+        for run in runs:
+            summary = run.summary(now, stall)
+            name = summary.get("experiment_name")
+            named = text in run.run_id.casefold() or (isinstance(name, str) and text in name.casefold())
+            if (
+                (not statuses or summary["status"] in statuses)
+                and (mode is None or summary.get("training_mode") == mode)
+                and (since is None or run.updated_at >= since)
+                and named
+            ):
+                matched.append(summary)
+        page = matched[offset : offset + min(limit, MAX_RUNS_PAGE)]
+        more = offset + len(page) < len(matched)
+        return json_response(200, {"runs": page, "next_cursor": str(offset + len(page)) if more else None})
 
     async def _events(self, run_id: str, query: dict[str, list[str]]) -> Response:
         since = _int_param(query, "since", 0)

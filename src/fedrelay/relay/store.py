@@ -96,6 +96,12 @@ SELECT seq, body FROM (
     FROM events WHERE run_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?
 ) WHERE upto_here - length(body) < ?
 """
+_READ_TYPES_PAGE = """
+SELECT seq, body FROM (
+    SELECT seq, body, sum(length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE run_id = ? AND seq > ? AND seq <= ? AND type IN ({}) ORDER BY seq LIMIT ?
+) WHERE upto_here - length(body) < ?
+"""
 _CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints, run off the writer's connection."""
 _WAL_RESTART_BYTES = 16 << 20
@@ -754,20 +760,31 @@ class EventStore:
     # -- reads -------------------------------------------------------------
 
     async def read(
-        self, run_id: str, after: int, upto: int, limit: int, max_chars: int = 4 << 20
+        self,
+        run_id: str,
+        after: int,
+        upto: int,
+        limit: int,
+        max_chars: int = 4 << 20,
+        types: tuple[str, ...] = (),
     ) -> list[tuple[int, str]]:
         """Stored events of a run with ``after < seq <= upto``, oldest first.
 
         ``upto`` is the run's committed seq: rows past it may belong to a
         commit in flight. At most ``limit`` rows, and no more rows than fit
-        in ``max_chars`` (but at least one).
+        in ``max_chars`` (but at least one). ``types``: only events of these
+        types (the others are skipped inside SQLite, never parsed).
         """
-        params = (run_id, after, upto, limit, max(1, max_chars))
+        sql = _READ_PAGE
+        params: tuple[Any, ...] = (run_id, after, upto, limit, max(1, max_chars))
+        if types:
+            sql = _READ_TYPES_PAGE.format(", ".join("?" * len(types)))
+            params = (run_id, after, upto, *types, limit, max(1, max_chars))
         if self._reader is not None:
-            async with self._reader.execute(_READ_PAGE, params) as cursor:
+            async with self._reader.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())  # type: ignore[arg-type]
         if self._db is not None and self.path == MEMORY:  # in memory: no disk to wait for
-            return self._db.execute(_READ_PAGE, params).fetchall()
+            return self._db.execute(sql, params).fetchall()
         raise StoreError("the event store is closed")
 
 
