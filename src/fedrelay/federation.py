@@ -401,7 +401,7 @@ class FederationHealth:
 
     def report(self, factor: float = DEFAULT_FACTOR, min_gap: float = DEFAULT_MIN_GAP) -> HealthReport:
         """Every round's cells and distribution, and every client's rates."""
-        rounds = [self._judge(number, factor, min_gap) for number in sorted(self.rounds)]
+        rounds = [self.judge_round(number, factor, min_gap) for number in sorted(self.rounds)]
         clients: dict[str, ClientHealth] = {}
         for rnd in rounds:
             for client_id, cell in rnd.cells.items():
@@ -416,7 +416,10 @@ class FederationHealth:
         ordered = [clients[key] for key in sorted(clients, key=natural_key)]
         return HealthReport(rounds, ordered, factor, min_gap, self.truncated)
 
-    def _judge(self, number: int, factor: float, min_gap: float) -> RoundHealth:
+    def judge_round(
+        self, number: int, factor: float = DEFAULT_FACTOR, min_gap: float = DEFAULT_MIN_GAP
+    ) -> RoundHealth:
+        """One round's cells and distribution (the round must be known: see ``rounds``)."""
         state = self.rounds[number]
         canonical = self.canonical
         finished: dict[str, float | None] = {}
