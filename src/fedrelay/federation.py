@@ -194,12 +194,17 @@ class HealthReport:
     truncated: bool
 
 
-def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key putting "2" before "10" (and "c2" before "c10")."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.findall(text))
+def natural_key(text: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Sort key putting "2" before "10" (and "c2" before "c10"); the text itself breaks ties
+    ("7" and "07"), so the order is total and the dashboard's (``naturalCompare``) is the same."""
+    parts = _CHUNKS.findall(text)
+    return tuple((0, int(part)) if part[0] in _ASCII_DIGITS else (1, part) for part in parts), text
 
 
-_DIGITS = re.compile(r"\d+|\D+")
+_CHUNKS = re.compile(r"[0-9]+|[^0-9]+")
+_ASCII_DIGITS = frozenset("0123456789")
+_SAFE_INTEGER = 2**53 - 1
+"""Ids and rounds beyond this lose digits in JavaScript: the dashboard could not agree on them."""
 
 
 def median(values: list[float]) -> float:
@@ -209,24 +214,32 @@ def median(values: list[float]) -> float:
     return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _id(value: Any) -> str | None:
-    """A client or node id as the emitters send them (a string or a whole number), as text."""
+def _whole(value: Any) -> int | None:
+    """A whole number as JSON gives it in Python (``3``) and in JavaScript (``3.0`` too)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, str):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+        return value
+    return None
+
+
+def _id(value: Any) -> str | None:
+    """A client or node id as the emitters send them (a string or a whole number), as text."""
+    if isinstance(value, str):
         text = value
     else:
-        return None
+        number = _whole(value)
+        if number is None:
+            return None
+        text = str(number)
     return text if 0 < len(text) <= MAX_ID_CHARS else None
 
 
 def _round_of(data: dict[str, Any]) -> int | None:
-    value = data.get("round")
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    return None
+    value = _whole(data.get("round"))
+    return value if value is not None and value >= 1 else None
 
 
 def _ids(value: Any) -> list[str]:
@@ -242,6 +255,8 @@ def _listed(data: dict[str, Any], kind: str) -> list[str]:
 
 def _duration(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 <= value <= MAX_DURATION:  # also: no float of 400 digits
         return None
     return float(value) if math.isfinite(value) and 0 <= value <= MAX_DURATION else None
 
@@ -272,8 +287,8 @@ class FederationHealth:
     def add(self, event: dict[str, Any]) -> None:
         """Take one event into account (any type; most change nothing)."""
         data = event.get("data")
-        seq = event.get("seq")
-        if isinstance(seq, int) and not isinstance(seq, bool) and seq > self.last_seq:
+        seq = _whole(event.get("seq"))
+        if seq is not None and seq > self.last_seq:
             self.last_seq = seq
         if not isinstance(data, dict):
             return
@@ -381,12 +396,11 @@ class FederationHealth:
                 detail = None
             else:
                 self._detail_chars += len(detail)
-        seq = event.get("seq")
         state.failed[raw] = Failure(
             reason=_text(message, MAX_REASON_CHARS) or "error",
             detail=detail,
             phase=_text(data.get("phase"), 32),
-            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+            seq=_whole(event.get("seq")),
             rank=rank,
         )
 
