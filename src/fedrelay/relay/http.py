@@ -136,9 +136,8 @@ class HttpApi:
         experiment name, substring, any case), ``updated_since``.
         """
         limit = _int_param(query, "limit", RUNS_PAGE)
-        offset = _int_param(query, "cursor", 0)
-        if limit is None or offset is None or limit < 1:
-            return _error(400, "limit must be a whole number >= 1 and cursor one this relay handed out")
+        if limit is None or limit < 1:
+            return _error(400, "limit must be a whole number >= 1")
         since_text = first_param(query, "updated_since")
         try:
             since = float(since_text) if since_text is not None else None
@@ -148,8 +147,17 @@ class HttpApi:
         mode = first_param(query, "mode")
         text = (first_param(query, "q") or "").casefold()
         runs = sorted(self.relay.hub.runs.values(), key=lambda r: r.created_at, reverse=True)
+        cursor = first_param(query, "cursor")  # the last run of the previous page: new runs shift nothing
+        if cursor is not None:
+            after = next((i for i, run in enumerate(runs) if run.run_id == cursor), None)
+            if after is None:
+                return _error(400, "cursor names a run this relay does not have; start without it")
+            runs = runs[after + 1 :]
+        limit = min(limit, MAX_RUNS_PAGE)
         matched = []
         for run in runs:
+            if len(matched) > limit:
+                break
             summary = run.summary(now, stall)
             name = summary.get("experiment_name")
             named = text in run.run_id.casefold() or (isinstance(name, str) and text in name.casefold())
@@ -160,9 +168,9 @@ class HttpApi:
                 and named
             ):
                 matched.append(summary)
-        page = matched[offset : offset + min(limit, MAX_RUNS_PAGE)]
-        more = offset + len(page) < len(matched)
-        return json_response(200, {"runs": page, "next_cursor": str(offset + len(page)) if more else None})
+        page = matched[:limit]
+        more = len(page) < len(matched)
+        return json_response(200, {"runs": page, "next_cursor": page[-1]["run_id"] if more else None})
 
     async def _events(self, run_id: str, query: dict[str, list[str]]) -> Response:
         since = _int_param(query, "since", 0)

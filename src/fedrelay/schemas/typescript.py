@@ -162,6 +162,7 @@ export function fetchRunsPage(options?: {
   status?: string | string[];
   mode?: "federated" | "centralized";
   q?: string;
+  updated_since?: number;
 }): Promise<RunsPage>;
 export function fetchClients(options: {
   url?: string;

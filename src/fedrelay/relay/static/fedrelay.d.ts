@@ -462,6 +462,7 @@ export function fetchRunsPage(options?: {
   status?: string | string[];
   mode?: "federated" | "centralized";
   q?: string;
+  updated_since?: number;
 }): Promise<RunsPage>;
 export function fetchClients(options: {
   url?: string;

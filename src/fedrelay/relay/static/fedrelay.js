@@ -53,12 +53,14 @@ export async function fetchRuns({ url, token } = {}) {
 
 /**
  * One page of GET /api/runs: `{runs, next_cursor}`, newest first. Filters: `status` (one or an
- * array), `mode` ("federated" | "centralized"), `q` (run id or experiment name, any case). A page
+ * array), `mode` ("federated" | "centralized"), `q` (run id or experiment name, any case),
+ * `updated_since` (seconds since the epoch, the relay's clock: runs with an event since). A page
  * may hold fewer runs than `limit`, even none, and still have a `next_cursor`: follow it until null.
  */
-export async function fetchRunsPage({ url, token, limit = 100, cursor, status, mode, q } = {}) {
+export async function fetchRunsPage({ url, token, limit = 100, cursor, status, mode, q, updated_since } = {}) {
   const query = new URLSearchParams({ limit: String(limit) });
   if (cursor) query.set("cursor", cursor);
+  if (updated_since !== undefined) query.set("updated_since", String(updated_since));
   if (status && status.length) query.set("status", [].concat(status).join(","));
   if (mode) query.set("mode", mode);
   if (q) query.set("q", q);
