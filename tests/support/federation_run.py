@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -198,6 +199,23 @@ async def publish(url: str, run: GeneratedRun, name: str = "generated", batch: i
     await producer.publish_all(run.events, batch=batch, timeout=600)
     if producer.errors:
         raise RuntimeError(f"the relay refused events: {producer.errors[:3]}")
+
+
+def publish_blocking(url: str, run: GeneratedRun, name: str = "generated", batch: int = 1000) -> None:
+    """:func:`publish` from synchronous code that may run inside an event loop (Playwright's)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(publish(url, run, name, batch))
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def main(argv: list[str]) -> int:

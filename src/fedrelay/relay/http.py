@@ -146,7 +146,8 @@ class HttpApi:
         statuses = set(filter(None, (first_param(query, "status") or "").split(",")))
         mode = first_param(query, "mode")
         text = (first_param(query, "q") or "").casefold()
-        runs = sorted(self.relay.hub.runs.values(), key=lambda r: r.created_at, reverse=True)
+        # Newest first; runs created in the same instant in reverse order of creation.
+        runs = sorted(reversed(self.relay.hub.runs.values()), key=lambda r: r.created_at, reverse=True)
         cursor = first_param(query, "cursor")  # the last run of the previous page: new runs shift nothing
         if cursor is not None:
             after = next((i for i, run in enumerate(runs) if run.run_id == cursor), None)

@@ -345,27 +345,41 @@ export class HealthView {
     return Object.fromEntries([...this.durationSeries].map(([name, points]) => [name, [...points.entries()].sort((a, b) => a[0] - b[0])]));
   }
 
-  /** For tests and the console: what the view shows. */
+  /** For tests and the console: what the view shows now (getters: always current). */
   testState() {
-    const health = this.health;
+    const view = this;
     return {
-      clients: this.rows.length,
-      rounds: this.judged.length,
-      factor: this.factor,
-      minGap: this.minGap,
-      rowIds: this.rows.map((r) => r.client_id),
-      visible: () => this.grid.visible(),
-      selected: this.selected,
-      roundShown: this.shownRound ? this.shownRound.round : null,
+      get clients() {
+        return view.rows.length;
+      },
+      get rounds() {
+        return view.judged.length;
+      },
+      get factor() {
+        return view.factor;
+      },
+      get minGap() {
+        return view.minGap;
+      },
+      get rowIds() {
+        return view.rows.map((r) => r.client_id);
+      },
+      get selected() {
+        return view.selected;
+      },
+      get roundShown() {
+        return view.shownRound ? view.shownRound.round : null;
+      },
+      visible: () => view.grid.visible(),
       cell: (clientId, round) => {
-        const cell = health && this.judgedRound(round)?.cells.get(String(clientId));
+        const cell = view.judgedRound(round)?.cells.get(String(clientId));
         return cell ? cellJson(cell) : null;
       },
       round: (round) => {
-        const r = this.judgedRound(round);
+        const r = view.judgedRound(round);
         return r && { median: r.median, threshold: r.threshold, criticalPath: r.criticalPath, stragglers: r.stragglers };
       },
-      reveal: (clientId, round) => this.grid.reveal(String(clientId), round),
+      reveal: (clientId, round) => view.grid.reveal(String(clientId), round),
     };
   }
 }

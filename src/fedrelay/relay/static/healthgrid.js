@@ -100,7 +100,7 @@ export class HealthGrid {
     return { clientId: this.rows[row].client_id, round: this.rounds[column] };
   }
 
-  /** Scrolls a cell into view; its centre in page coordinates (for tests and keyboard use), or null. */
+  /** Scrolls a cell into view; its centre in viewport coordinates (what a click needs), or null. */
   reveal(clientId, round) {
     const row = this.rows.findIndex((r) => r.client_id === clientId);
     const column = this.rounds.indexOf(round);
@@ -115,10 +115,14 @@ export class HealthGrid {
       v.scrollLeft = Math.max(0, left - LABEL_WIDTH - (v.clientWidth - LABEL_WIDTH) / 2);
     }
     this.draw();
-    const box = v.getBoundingClientRect();
+    let box = v.getBoundingClientRect();
+    if (box.top < 0 || box.bottom > window.innerHeight) {
+      v.scrollIntoView({ block: "center" });
+      box = v.getBoundingClientRect();
+    }
     return {
-      x: box.left + left - v.scrollLeft + this.cellWidth / 2 + window.scrollX,
-      y: box.top + top - v.scrollTop + ROW_HEIGHT / 2 + window.scrollY,
+      x: box.left + left - v.scrollLeft + this.cellWidth / 2,
+      y: box.top + top - v.scrollTop + ROW_HEIGHT / 2,
     };
   }
 
