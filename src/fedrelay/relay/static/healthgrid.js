@@ -42,6 +42,8 @@ export class HealthGrid {
     this.cellWidth = MAX_CELL;
     this.frame = null;
     this.draws = 0;
+    this.letters = new Map(); // client id -> its data-cells, until the data changes
+    this.drawTimes = []; // ms per draw, the latest few hundred (bench/dashboard_grid.py reads them)
 
     this.canvas = document.createElement("canvas");
     this.canvas.className = "hg-canvas";
@@ -84,6 +86,7 @@ export class HealthGrid {
     this.rows = rows;
     this.rounds = rounds;
     this.cellAt = cellAt;
+    this.letters.clear();
     this.draw();
   }
 
@@ -127,6 +130,13 @@ export class HealthGrid {
   }
 
   draw() {
+    const started = performance.now();
+    this.paint();
+    this.drawTimes.push(performance.now() - started);
+    if (this.drawTimes.length > 500) this.drawTimes.splice(0, 250);
+  }
+
+  paint() {
     this.frame = null;
     this.draws += 1;
     const v = this.viewport;
@@ -155,15 +165,21 @@ export class HealthGrid {
     const ctx = this.canvas.getContext("2d");
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, width, height);
+    // One path per colour: setting fillStyle is what costs, not the rectangles.
     const gap = cw >= 8 ? 1 : 0;
+    const paths = {};
+    for (const state of Object.keys(COLORS)) paths[state] = new Path2D();
     for (let i = firstRow; i < lastRow; i++) {
       const id = this.rows[i].client_id;
       const y = HEADER_HEIGHT + i * ROW_HEIGHT - top;
       for (let j = firstColumn; j < lastColumn; j++) {
         const cell = this.cellAt(id, j);
-        ctx.fillStyle = cell ? COLORS[cell.state] : COLORS.none;
-        ctx.fillRect(LABEL_WIDTH + j * cw - left, y + 2, cw - gap, ROW_HEIGHT - 4);
+        paths[cell ? cell.state : "none"].rect(LABEL_WIDTH + j * cw - left, y + 2, cw - gap, ROW_HEIGHT - 4);
       }
+    }
+    for (const [state, path] of Object.entries(paths)) {
+      ctx.fillStyle = COLORS[state];
+      ctx.fill(path);
     }
     if (this.selected) {
       const i = this.rows.findIndex((r) => r.client_id === this.selected.clientId);
@@ -213,12 +229,16 @@ export class HealthGrid {
       failed.textContent = percent(info.failure_rate);
       silent.textContent = percent(info.dropout_rate);
       slow.textContent = percent(info.straggler_rate);
-      let letters = "";
-      for (let j = 0; j < this.rounds.length; j++) {
-        const cell = this.cellAt(info.client_id, j);
-        letters += cell ? LETTERS[cell.state] : ".";
+      let letters = this.letters.get(info.client_id);
+      if (letters === undefined) {
+        letters = "";
+        for (let j = 0; j < this.rounds.length; j++) {
+          const cell = this.cellAt(info.client_id, j);
+          letters += cell ? LETTERS[cell.state] : ".";
+        }
+        this.letters.set(info.client_id, letters);
       }
-      row.dataset.cells = letters;
+      if (row.dataset.cells !== letters) row.dataset.cells = letters;
       row.classList.toggle("selected", this.selected?.clientId === info.client_id);
     }
   }
@@ -232,6 +252,7 @@ export class HealthGrid {
       firstRound: this.rounds[Math.floor(this.viewport.scrollLeft / this.cellWidth)] ?? null,
       cellWidth: this.cellWidth,
       draws: this.draws,
+      drawTimes: [...this.drawTimes],
     };
   }
 
