@@ -12,7 +12,9 @@ the run's page, per repeat:
   max), for a wheel-like step (90 px) and a fling (1,800 px, all rows new each frame);
 - one draw: what the grid's draw took (canvas and DOM rows, not the browser's layout and paint) in
   the fling's frames, mean and p95;
-- the most rows the DOM held.
+- the most rows the DOM held;
+- and, once, ``GET /api/runs/{id}/clients`` on that run: the first look (the relay folds the
+  whole run off its event loop), a second one (the fold kept), every page of the full report.
 
     python bench/dashboard_grid.py [--clients 1000] [--rounds 100] [--repeats 3] [--out FILE] [--json FILE]
 
@@ -82,6 +84,30 @@ def one_repeat(browser, relay: RelayProcess, run_id: str, events: int, clients: 
         page.close()
 
 
+def api_costs(relay: RelayProcess, run_id: str) -> dict:
+    """``GET /api/runs/{id}/clients``: the first look (the relay folds the whole run), the second
+    (its fold kept, nothing new), and every page of the full report."""
+
+    def timed(target: str) -> tuple[float, dict, int]:
+        started = time.perf_counter()
+        status, body = relay.get(target)
+        elapsed = time.perf_counter() - started
+        if status != 200:
+            raise RuntimeError(f"{target}: HTTP {status}")
+        return elapsed, json.loads(body), len(body)
+
+    first, page, size = timed(f"/api/runs/{run_id}/clients?cells=0")
+    again, _, _ = timed(f"/api/runs/{run_id}/clients?cells=0")
+    pages, total, largest, cursor = 0, 0.0, 0, None
+    while True:
+        elapsed, page, size = timed(f"/api/runs/{run_id}/clients" + (f"?cursor={cursor}" if cursor else ""))
+        pages, total, largest = pages + 1, total + elapsed, max(largest, size)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    return {"first_s": first, "again_s": again, "pages": pages, "all_pages_s": total, "largest_page": largest}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -118,6 +144,14 @@ def markdown(results: list[dict], info: dict) -> str:
     ]
     for name, values in rows:
         lines.append(f"| {name} | {median(values):,.1f} | {min(values):,.1f}-{max(values):,.1f} |")
+    api = info["api"]
+    lines += [
+        "",
+        f"`GET /api/runs/{{id}}/clients` on the same run (relay and bench on the same machine): first look "
+        f"(the relay reads and folds the whole run) **{api['first_s']:.2f} s**, a second look (its fold "
+        f"kept) {api['again_s'] * 1000:.0f} ms, every cell: {api['pages']} pages of at most "
+        f"{api['largest_page'] / 1024:.0f} KiB in {api['all_pages_s']:.2f} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             publish_blocking(relay.url, run)
             publish_s = time.perf_counter() - started
             print(f"published {len(run.events):,} events in {publish_s:.1f} s", file=sys.stderr)
+            api = api_costs(relay, "grid-bench")
+            print(f"api: {json.dumps(api)}", file=sys.stderr)
             results = []
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
@@ -161,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": len(run.cells),
         "publish_s": publish_s,
         "chromium": version,
+        "api": api,
     }
     text = markdown(results, info)
     print(text)

@@ -12,7 +12,9 @@ TOP_FAILING = 5
 
 
 def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
+    if value is None:
+        return "-"
+    return f"{value:.2f}s" if value >= 1 else f"{value * 1000:.1f}ms"
 
 
 def round_line(rnd: RoundHealth) -> str:

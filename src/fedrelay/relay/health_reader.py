@@ -5,7 +5,8 @@ store (the reader connection's thread; other types are skipped inside SQLite), f
 worker thread and judges them there. The last run's fold is kept, so the next page, or the next
 look at a live run, reads only what was stored since. One fold at a time (a lock): memory is one
 run's :class:`~fedrelay.federation.FederationHealth` (at most ``MAX_CELLS`` cells and
-``MAX_DETAIL_TOTAL`` characters of failure detail) plus the report being paged.
+``MAX_DETAIL_TOTAL`` characters of failure detail) plus its last report, kept while nothing new
+was stored and the straggler settings are the same, so that the next pages only encode.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
-from ..federation import FederationHealth
+from ..federation import FederationHealth, HealthReport
 from .health_page import HealthQuery, encode_page
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class HealthReader:
         self._lock = asyncio.Lock()
         self._kept: tuple[str, int, FederationHealth] | None = None
         """(run id, seq read up to, fold)."""
+        self._report: tuple[tuple[str, int, float, float], HealthReport] | None = None
+        """The last report, while its run, position and settings hold: pages after the first
+        only encode."""
         self.folds = 0
         """Folds started from seq 0 (for tests: a second page must not start over)."""
 
@@ -61,6 +65,9 @@ class HealthReader:
             self._kept = (run_id, position, health)
             return await asyncio.to_thread(self._encode, run_id, health, query, position)
 
-    @staticmethod
-    def _encode(run_id: str, health: FederationHealth, query: HealthQuery, position: int) -> bytes:
-        return encode_page(run_id, health.report(query.factor, query.min_gap), query, position)
+    def _encode(self, run_id: str, health: FederationHealth, query: HealthQuery, position: int) -> bytes:
+        key = (run_id, position, query.factor, query.min_gap)
+        if self._report is None or self._report[0] != key:
+            self._report = None  # free the old one first
+            self._report = (key, health.report(query.factor, query.min_gap))
+        return encode_page(run_id, self._report[1], query, position)

@@ -116,7 +116,7 @@ export class HealthView {
     });
     this.strip = h("canvas", { class: "duration-strip", dataset: { testid: "duration-strip" } });
     this.roundSummary = h("p", { class: "round-summary", dataset: { testid: "round-summary" } });
-    this.chartBox = h("div", { class: "charts" });
+    this.chartBox = h("div", { class: "charts single" });
     this.chart = new ChartGrid(this.chartBox, "round", "health:");
     this.section = h(
       "section",
