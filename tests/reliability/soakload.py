@@ -669,7 +669,7 @@ async def run_soak(cfg: SoakConfig, port: int, pid: int, log_path: Path) -> Soak
         stop.set()
         await asyncio.gather(*background)
 
-        status, body = await http_get(port, "/api/runs")
+        status, body = await http_get(port, "/api/runs?limit=1000")
         stored = {run["run_id"]: run["last_seq"] for run in json.loads(body)["runs"]} if status == 200 else {}
         for run_id, count in published.items():
             if stored.get(run_id) != count:

@@ -2164,7 +2164,12 @@ def check_http(target: str, status: int, headers: dict[str, str], body: bytes) -
     elif path == "/metrics":
         assert status == 200 and b"fedrelay_connections" in body
     elif path == "/api/runs":
-        assert status == 200 and KNOWN in [r["run_id"] for r in payload["runs"]]
+        limit = params["limit"][0] if params.get("limit") else None
+        if limit is not None and (whole(limit, 0) is None or int(limit) < 1):
+            assert status == 400, (status, params, payload)
+        else:  # paged: the run is on this page, or a next one is announced
+            assert status == 200 and set(payload) == {"runs", "next_cursor"}, (status, payload)
+            assert KNOWN in [r["run_id"] for r in payload["runs"]] or payload["next_cursor"] is not None
     elif path.startswith("/api/"):
         check_api(path, params, status, payload)
     elif path == "/":

@@ -7,6 +7,7 @@ one port serves both; anything here answers without opening a WebSocket.
 from __future__ import annotations
 
 import json
+import math
 import time
 from http import HTTPStatus
 from importlib import resources
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 MAX_EVENTS_PAGE = 10_000
 RUNS_PAGE = 100
 MAX_RUNS_PAGE = 1000
+RUN_STATUSES = frozenset({"running", "stalled", "inactive", "incomplete", "completed", "failed", "stopped"})
 MAX_RESPONSE_CHARS = 8 << 20
 """An events page stops early past this much JSON; ``next_since`` says where."""
 _STATIC_TYPES = {
@@ -142,10 +144,20 @@ class HttpApi:
         try:
             since = float(since_text) if since_text is not None else None
         except ValueError:
+            since = math.nan
+        if since is not None and not math.isfinite(since):
             return _error(400, "updated_since must be a time in seconds since the epoch")
-        statuses = set(filter(None, (first_param(query, "status") or "").split(",")))
+        status_text = first_param(query, "status")
+        statuses = {part.strip() for part in (status_text or "").split(",") if part.strip()}
+        if status_text is not None and (not statuses or not statuses <= RUN_STATUSES):
+            allowed = ", ".join(sorted(RUN_STATUSES))
+            return _error(400, f"status must be one or more of {allowed}, comma-separated")
         mode = first_param(query, "mode")
+        if mode not in (None, "federated", "centralized"):
+            return _error(400, "mode must be federated or centralized")
         text = (first_param(query, "q") or "").casefold()
+        if len(text) > 200:
+            return _error(400, "q may have at most 200 characters")
         # Newest first; runs created in the same instant in reverse order of creation.
         runs = sorted(reversed(self.relay.hub.runs.values()), key=lambda r: r.created_at, reverse=True)
         cursor = first_param(query, "cursor")  # the last run of the previous page: new runs shift nothing
