@@ -50,8 +50,11 @@ export class HealthGrid {
     this.canvas.dataset.testid = "health-canvas";
     this.rowsBox = document.createElement("div");
     this.rowsBox.className = "hg-rows";
+    this.rowsBox.style.width = `${LABEL_WIDTH}px`;
     this.corner = document.createElement("div");
     this.corner.className = "hg-corner hg-row";
+    this.corner.style.width = `${LABEL_WIDTH}px`;
+    this.corner.style.height = `${HEADER_HEIGHT}px`;
     for (const text of ["client", "failed", "silent", "slow"]) {
       const span = document.createElement("span");
       span.textContent = text;
@@ -211,6 +214,8 @@ export class HealthGrid {
     while (this.pool.length < needed) {
       const row = document.createElement("div");
       row.className = "hg-row";
+      row.style.width = `${LABEL_WIDTH}px`;
+      row.style.height = `${ROW_HEIGHT}px`;
       row.dataset.testid = "health-row";
       for (let k = 0; k < 4; k++) row.append(document.createElement("span"));
       row.firstChild.className = "mono";
