@@ -50,7 +50,7 @@ class HealthReader:
             if self._kept is not None and self._kept[0] == run_id and self._kept[1] <= committed_seq:
                 _, position, health = self._kept
             else:
-                self._kept = None  # free the previous run's fold before reading this one
+                self._kept = self._report = None  # free the previous run's fold before reading this one
                 position, health = 0, FederationHealth()
                 self.folds += 1
             while position < committed_seq:
