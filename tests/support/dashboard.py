@@ -26,9 +26,9 @@ def round_points(page: Any) -> dict[str, int]:
 
 
 def all_points(page: Any) -> dict[str, list]:
-    """Every chart's points, series by series, from the page's model."""
+    """Every metric chart's points (per round or epoch), series by series, from the page's model."""
     return page.evaluate(
-        f"() => Object.fromEntries(Object.keys({STATE}.charts).filter(k => !k.startsWith('client:'))"
+        f"() => Object.fromEntries(Object.keys({STATE}.charts).filter(k => /^(round|epoch):/.test(k))"
         f".map(k => [k, {STATE}.points(k)]))"
     )
 
