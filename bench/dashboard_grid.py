@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
-from tests.dashboard.conftest import CHROMIUM_ARGS, chromium_path  # noqa: E402
+from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
 from tests.support.federation_run import generated_run, publish_blocking  # noqa: E402
 from tests.support.health_page import STATE, frame_times  # noqa: E402
 from tests.support.relay_process import RelayProcess  # noqa: E402
