@@ -227,8 +227,15 @@ async def test_hello_reports_what_is_stored_not_what_is_queued(tmp_path):
         failing = lambda: relay.get("/healthz")[0] == 503  # noqa: E731
         await asyncio.to_thread(wait_until, failing, 60, what="a failing store")
         filling.cancel()
-        async with connect(f"{relay.url}/publish?producer=careful", compression=None) as conn:
-            hello = json.loads(await asyncio.wait_for(conn.recv(), 5))
+
+        async def hello_frame() -> dict | None:
+            """The next connection's hello; None while the relay still holds the cancelled one
+            (held by backpressure, it is not read: the relay's probe closes it within seconds)."""
+            async with connect(f"{relay.url}/publish?producer=careful", compression=None) as conn:
+                first = json.loads(await asyncio.wait_for(conn.recv(), 5))
+            return None if first.get("code") == "producer_in_use" else first
+
+        hello = await until(hello_frame, 30, interval=0.5, what="a hello for the producer's next connection")
         health = relay.get_json("/healthz")[1]
         stored = relay.get_json("/api/runs/hello")[1]["last_seq"]
     finally:

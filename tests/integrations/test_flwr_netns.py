@@ -195,7 +195,7 @@ def test_flwr_run_with_supernodes_in_their_own_namespaces_publishes_over_wss(lab
         return any(e["type"] == "training_end" for e in received(stream))
 
     try:
-        wait_until(ended, 60, 0.2, what="training_end at the subscriber")
+        wait_until(ended, 60, interval=0.2, what="training_end at the subscriber")
     except TimeoutError:
         spooled = sorted(str(p.relative_to(lab.root)) for p in lab.root.glob("spool-*/*/*.seg"))
         pytest.fail(

@@ -74,7 +74,7 @@ async def test_flwr_run_on_a_local_deployment_engine_streams_every_event_once(re
                 flower_env(home, FEDRELAY_SPOOL_DIR=str(tmp_path / f"spool-node{node}")),
             )  # fmt: skip
         write_connection(home, "local-deployment", f"127.0.0.1:{link_port}")
-        wait_until(lambda: listening("127.0.0.1", link_port), 60, 0.2, what=flower.log("superlink"))
+        wait_until(lambda: listening("127.0.0.1", link_port), 60, interval=0.2, what=flower.log("superlink"))
 
         async with Collector(relay.url, "run_id=*") as live:
             await asyncio.to_thread(  # the loop keeps reading the subscription meanwhile

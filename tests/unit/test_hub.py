@@ -112,6 +112,18 @@ def test_a_run_with_no_event_yet_is_waited_for_and_not_listed():
     assert hub.waiting == {}
 
 
+def test_a_run_first_named_by_a_holding_report_takes_its_waiting_subscribers_along():
+    """An emitter that held events before it reached the relay reports them (``holding``)
+    before sending any: that creates the run, and whoever waited for it must get its events."""
+    hub = Hub()
+    sub = Subscription(handle="early")
+    assert hub.subscribe(sub, "held", 0).last_seq == 0
+    assert hub.holding("em-1", {"held": (3, 3)}) == ["held"]
+    assert "held" in hub.runs and hub.waiting == {}
+    _, deliveries = publish(hub, "em-1", [ev("held", i) for i in (1, 2, 3)])
+    assert delivered_to(deliveries, sub) == [1, 2, 3]
+
+
 def test_since_past_the_committed_seq_waits_only_for_seqs_this_relay_handed_out():
     hub = Hub()
     publish(hub, "p", [ev("a", 1), ev("a", 2)])

@@ -357,10 +357,7 @@ class Hub:
                     accepted.too_large.append((position, refused))
                     continue
             if run is None:
-                run = self.runs[run_id] = Run(run_id, created_at=now)
-                waiting = self.waiting.pop(run_id, None)
-                if waiting:
-                    run.live |= waiting
+                run = self._new_run(run_id, now)
             run.last_seq = seq
             run.track(
                 event["type"],
@@ -387,6 +384,15 @@ class Hub:
 
     # -- what producers hold ------------------------------------------------
 
+    def _new_run(self, run_id: str, now: float) -> Run:
+        """A run seen for the first time (its first event, or a ``holding`` report naming it):
+        subscriptions waiting for it go live in the same step, so they miss nothing."""
+        run = self.runs[run_id] = Run(run_id, created_at=now)
+        waiting = self.waiting.pop(run_id, None)
+        if waiting:
+            run.live |= waiting
+        return run
+
     def holding(self, producer: str, runs: dict[str, tuple[int, int]]) -> list[str]:
         """``producer`` reports unacked events per run: ``(count, highest id)``.
 
@@ -402,7 +408,8 @@ class Hub:
             if run is None:
                 if position >= upto:
                     continue
-                run = self.runs[run_id] = Run(run_id, created_at=now, updated_at=now)
+                run = self._new_run(run_id, now)
+                run.updated_at = now
             if run.ledger.announce(producer, count, upto, position):
                 changed.append(run_id)
             if producer in run.ledger.holding:
