@@ -61,7 +61,7 @@ def open_run(page, relay, run_id: str, records: list[dict]) -> None:
     """The run's page, once it holds every stored record and the run is over."""
     page.goto(f"{relay.http}/#/runs/{run_id}")
     wait(
-        page, f"() => {STATE}.status === 'completed' && {LOGS} && {LOGS}.held === {len(records)}", timeout=60
+        page, f"() => {STATE}.status === 'completed' && {LOGS} && {LOGS}.shown === {len(records)}", timeout=60
     )
 
 
