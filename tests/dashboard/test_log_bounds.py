@@ -13,7 +13,7 @@ import pytest
 from tests.support.dashboard import STATE, wait
 from tests.support.log_records import TRACEBACK, flood, log_event
 from tests.support.seed_system import send_frames
-from tests.support.training import BackgroundProducer
+from tests.support.training import BackgroundProducer, federated_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -157,3 +157,36 @@ def test_the_text_held_is_bounded(relay, page):
     wait(page, f"() => {LOGS}.held === {fits} && {LOGS}.shown === {fits}")
     assert page.evaluate(f"() => {LOGS}.evicted") == count - fits
     assert shown_seqs(page) == list(range(count, count - fits, -1))
+
+
+def test_rows_in_view_stay_put_as_newer_records_arrive(relay, page):
+    publish(relay, flood("steady", 300), "first")
+    page.goto(f"{relay.http}/#/runs/steady")
+    wait(page, f"() => {LOGS} && {LOGS}.shown === 300", timeout=60)
+    page.get_by_test_id("log-list").evaluate("(list) => { list.scrollTop = 100 * 24; }")
+    wait(page, f"() => {LOGS}.top === 200")  # 300 newest first: the 101st row
+    publish(relay, flood("steady", 40, first_id=301), "second")
+    wait(page, f"() => {STATE}.lastSeq === 340 && {LOGS}.shown === 340")
+    assert page.evaluate(f"() => {LOGS}.top") == 200
+    assert str(200) in {r.get_attribute("data-seq") for r in page.locator("[data-testid=log-row]").all()}
+
+
+def test_a_failed_cells_logs_finds_its_records_in_the_relay_when_the_page_no_longer_holds_them(relay, page):
+    run = federated_run("evicted", rounds=3, clients=3, fail=(1, 2), logs=True)
+    run += flood("evicted", MAX_RECORDS, first_id=len(run) + 1)
+    publish(relay, run, "server")
+    page.goto(f"{relay.http}/#/runs/evicted")
+    wait(page, f"() => {STATE}.lastSeq === {len(run)} && {LOGS}.shown === {MAX_RECORDS}", timeout=60)
+    stored = stored_logs(relay, "evicted")
+    cell = [e["seq"] for e in reversed(stored) if e["data"].get("client_id") == 1 and e["data"]["round"] == 2]
+    failure = next(e for e in stored if e["data"]["level"] == "error" and e["data"].get("client_id") == 1)
+    assert failure["seq"] < stored[-MAX_RECORDS]["seq"]  # evicted from the page
+
+    point = page.evaluate(f"() => {STATE}.health.reveal('1', 2)")
+    page.mouse.click(point["x"], point["y"])
+    page.get_by_test_id("health-open-log").click()
+    wait(page, f"() => {LOGS}.older && {LOGS}.older.state === 'done'")
+    assert page.evaluate(f"() => {LOGS}.filter") == {
+        "source": "client", "client": "1", "round": 2, "minLevel": 0, "text": ""
+    }  # fmt: skip
+    assert shown_seqs(page) == cell and failure["seq"] in cell

@@ -342,6 +342,10 @@ export class LogPanel {
       get picked() {
         return panel.picked ? panel.picked.seq : null;
       },
+      /** The seq of the row at the top of the list's view. */
+      get top() {
+        return panel.topSeq;
+      },
       /** The records the filters let through, newest first (held ones, then older ones found). */
       records: () => panel.rows.map(plain),
       /** The rows in the DOM: seq and text, in display order. */
