@@ -80,7 +80,8 @@ export class LogPanel {
     );
     this.levelSelect.addEventListener("change", () => this.setFilter({ minLevel: Number(this.levelSelect.value) }));
     this.roundClear = h("button", { type: "button", class: "chip-x", title: "all rounds", dataset: { testid: "log-round-clear" }, onclick: () => this.setFilter({ round: null }) }, "×");
-    this.roundChip = h("span", { class: "chip", dataset: { testid: "log-round" }, hidden: true });
+    this.roundLabel = h("span");
+    this.roundChip = h("span", { class: "chip", dataset: { testid: "log-round" }, hidden: true }, this.roundLabel, this.roundClear);
     this.search = h("input", { type: "search", placeholder: "find text", dataset: { testid: "log-search" } });
     this.search.addEventListener("input", () => this.setFilter({ text: this.search.value }));
     this.counts = h("span", { class: "muted", dataset: { testid: "log-counts" } });
@@ -88,7 +89,12 @@ export class LogPanel {
     this.viewport = h("div", { class: "logs-viewport", dataset: { testid: "log-list" } }, this.spacer);
     this.viewport.addEventListener("scroll", () => this.drawSoon());
     this.empty = h("p", { class: "muted", dataset: { testid: "log-empty" }, hidden: true });
-    this.olderNote = h("div", { class: "muted small-note", dataset: { testid: "log-older" }, hidden: true });
+    // Updated in place (text, a label), never rebuilt: a live run renders 4 times a second, and a
+    // button replaced between a press and its release would lose the click.
+    this.olderText = h("span");
+    this.olderButton = h("button", { type: "button", dataset: { testid: "log-load-older" }, onclick: () => this.searchOlder() });
+    this.olderNote = h("div", { class: "muted small-note", dataset: { testid: "log-older" }, hidden: true }, this.olderText, " ", this.olderButton);
+    this.drawn = new Map(); // seq -> the row element drawn for it (kept while in view: a click lands)
     this.detail = h("div", { class: "log-detail", dataset: { testid: "log-detail" }, hidden: true });
     this.section = h(
       "section",
@@ -164,7 +170,7 @@ export class LogPanel {
     this.levelSelect.value = String(f.minLevel);
     if (this.search.value !== f.text) this.search.value = f.text;
     this.roundChip.hidden = f.round === null;
-    if (f.round !== null) this.roundChip.replaceChildren(`round ${f.round} `, this.roundClear);
+    if (f.round !== null) this.roundLabel.textContent = `round ${f.round} `;
   }
 
   renderOlder() {
@@ -172,19 +178,29 @@ export class LogPanel {
     const current = this.older && this.older.key === filterKey(this.filter) ? this.older : null;
     this.olderNote.hidden = !book.evicted;
     if (!book.evicted) return;
-    const button = (label) => h("button", { type: "button", dataset: { testid: "log-load-older" }, onclick: () => this.searchOlder() }, label);
-    const note = `${book.evicted} older record${book.evicted === 1 ? " is" : "s are"} not held in the page (it keeps the newest ${MAX_RECORDS.toLocaleString("en")}). `;
+    let text = `${book.evicted} older record${book.evicted === 1 ? " is" : "s are"} not held in the page (it keeps the newest ${MAX_RECORDS.toLocaleString("en")}). `;
+    let label = null;
     if (!current) {
-      this.olderNote.replaceChildren(note, button("find the older ones matching these filters"));
+      label = "find the older ones matching these filters";
     } else if (this.olderState === "searching") {
-      this.olderNote.replaceChildren(note, `Searching the relay: ${current.scanned} older records read, ${current.found.size} match…`);
+      text += `Searching the relay: ${current.scanned} older records read, ${current.found.size} match…`;
     } else if (this.olderState === "failed") {
-      this.olderNote.replaceChildren(note, `The search failed (${this.olderError}). `, button("try again"));
+      text += `The search failed (${this.olderError}).`;
+      label = "try again";
     } else {
+      const found = current.found.size;
       const more = current.more ? ` (and ${current.more} older matches not kept: narrow the filters)` : "";
-      const since = book.records.evictedUpto >= current.upto ? ["; more were evicted since: ", button("search again")] : ["."];
-      this.olderNote.replaceChildren(note, `Below the held records: ${current.found.size} older match${current.found.size === 1 ? "" : "es"} of ${current.scanned} read from the relay${more}`, ...since);
+      text += `Below the held records: ${found} older match${found === 1 ? "" : "es"} of ${current.scanned} read from the relay${more}`;
+      if (book.records.evictedUpto >= current.upto) {
+        text += "; more were evicted since.";
+        label = "search again";
+      } else {
+        text += ".";
+      }
     }
+    if (this.olderText.textContent !== text) this.olderText.textContent = text;
+    this.olderButton.hidden = label === null;
+    if (label !== null && this.olderButton.textContent !== label) this.olderButton.textContent = label;
   }
 
   /** Pages the run's older log records from the relay, keeping those matching the filters. */
@@ -215,7 +231,11 @@ export class LogPanel {
     if (this.frame === null) this.frame = requestAnimationFrame(() => this.draw());
   }
 
-  /** The rows in view (and a few more), from the filtered list. */
+  /**
+   * The rows in view (and a few more), from the filtered list. A row stays the same element while
+   * its record is in view (moved, never rebuilt), so a click or the keyboard focus survives the
+   * redraws of a live run.
+   */
   draw() {
     this.frame = null;
     const rows = this.rows;
@@ -226,22 +246,38 @@ export class LogPanel {
     const last = Math.min(rows.length, Math.ceil((top + height) / ROW_HEIGHT) + OVERSCAN);
     this.topIndex = Math.min(rows.length - 1, Math.floor(top / ROW_HEIGHT));
     this.topSeq = rows.length ? rows[this.topIndex].seq : null;
-    const heldOlder = this.older ? this.book.oldestSeq : 0;
-    this.spacer.replaceChildren(...rows.slice(first, last).map((r, i) => this.row(r, (first + i) * ROW_HEIGHT, r.seq < heldOlder)));
+    const heldFrom = this.older ? this.book.oldestSeq : 0;
+    const wanted = new Map();
+    for (let i = first; i < last; i++) wanted.set(rows[i].seq, i);
+    for (const [seq, el] of this.drawn) {
+      if (!wanted.has(seq) || rows[wanted.get(seq)] !== el.record) {
+        el.remove();
+        this.drawn.delete(seq);
+      }
+    }
+    for (const [seq, i] of wanted) {
+      let el = this.drawn.get(seq);
+      if (!el) {
+        el = this.row(rows[i]);
+        this.drawn.set(seq, el);
+        this.spacer.append(el);
+      }
+      const y = `${i * ROW_HEIGHT}px`;
+      if (el.style.top !== y) el.style.top = y;
+      el.dataset.index = String(i);
+      el.classList.toggle("older", seq < heldFrom);
+      el.classList.toggle("picked", this.picked !== null && this.picked.seq === seq);
+    }
     this.renderDetail();
   }
 
-  row(record, y, older) {
+  row(record) {
     let text = firstLine(record.message);
     if (record.exception) text += ` — ${lastLine(record.exception)}`;
-    const classes = ["log-row", `lv-${record.levelno >= 40 ? "error" : record.levelno >= 30 ? "warning" : "info"}`];
-    if (older) classes.push("older");
-    if (this.picked && this.picked.seq === record.seq) classes.push("picked");
     const el = h(
       "div",
       {
-        class: classes.join(" "),
-        style: `top:${y}px`,
+        class: `log-row lv-${record.levelno >= 40 ? "error" : record.levelno >= 30 ? "warning" : "info"}`,
         role: "button",
         tabindex: "0",
         title: record.exception ? "click for the message and its exception" : "click for the whole record",
@@ -256,6 +292,7 @@ export class LogPanel {
       h("span", { class: "mono muted lg" }, record.logger),
       h("span", { class: "msg" }, record.exception ? h("b", { class: "exc" }, "▸ ") : null, text),
     );
+    el.record = record;
     return el;
   }
 
@@ -348,8 +385,11 @@ export class LogPanel {
       },
       /** The records the filters let through, newest first (held ones, then older ones found). */
       records: () => panel.rows.map(plain),
-      /** The rows in the DOM: seq and text, in display order. */
-      visible: () => [...panel.spacer.children].map((row) => ({ seq: Number(row.dataset.seq), text: row.textContent })),
+      /** The rows in the DOM: seq and text, top to bottom. */
+      visible: () =>
+        [...panel.spacer.children]
+          .sort((a, b) => Number(a.dataset.index) - Number(b.dataset.index))
+          .map((row) => ({ seq: Number(row.dataset.seq), text: row.textContent })),
       /** Scrolls the list so that the row of `seq` is in view; returns its element's box centre. */
       reveal: (seq) => {
         const i = panel.rows.findIndex((r) => r.seq === seq);
