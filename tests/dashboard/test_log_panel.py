@@ -1,8 +1,8 @@
 """The run's log panel in real Chromium, on a real Flower simulation (Ray) whose ClientApps log a
 WARNING and an INFO line per train message and whose client 1 raises in round 1
 (``tests/support/flower_log_app.py``: 3 clients, 2 rounds). The simulation runs once for the
-module (about 13 s of the module's 20 s here); every test opens the page afresh and compares what the panel holds with the relay's
-stored ``log`` events."""
+module (about 13 s of the module's 20 s here); every test opens the page afresh and compares
+what the panel holds with the relay's stored ``log`` events."""
 
 from __future__ import annotations
 

@@ -132,7 +132,6 @@ export class LogPanel {
     if (this.section.hidden) return;
     this.syncControls();
     const held = book.filtered(this.filter);
-    const older = this.older && this.older.key === filterKey(this.filter) ? this.older.rows() : [];
     const key = `${book.version}|${filterKey(this.filter)}|${this.older ? this.older.found.size + this.olderState : ""}`;
     if (key !== this.rowsKey) {
       this.rowsKey = key;
@@ -141,11 +140,13 @@ export class LogPanel {
         const index = held.findIndex((r) => r.seq <= this.topSeq);
         if (index > this.topIndex) this.viewport.scrollTop += (index - this.topIndex) * ROW_HEIGHT;
       }
+      const older = this.older && this.older.key === filterKey(this.filter) ? this.older.rows() : [];
       this.rows = older.length ? [...held, ...older] : held;
     }
     const shown = this.rows.length;
     const total = book.held;
-    const parts = [`${shown} of ${total} record${total === 1 ? "" : "s"}${book.evicted ? " held" : ""}`];
+    const parts = [`${held.length} of ${total} record${total === 1 ? "" : "s"}${book.evicted ? " held" : ""}`];
+    if (shown > held.length) parts.push(`${shown - held.length} older from the relay`);
     if (book.producerDropped) parts.push(`${book.producerDropped} dropped by the producers' rate limits`);
     this.counts.textContent = parts.join(" · ");
     this.empty.hidden = shown > 0;
@@ -209,14 +210,18 @@ export class LogPanel {
     this.older = search;
     this.olderState = "searching";
     this.render();
+    const wanted = () => this.older === search && search.key === filterKey(this.filter); // else: abandoned
     try {
       let since = 0;
-      while (since !== null && this.older === search) {
+      while (since !== null && wanted()) {
         const page = await fetchEventsPage({ token: this.relay.token, runId: this.relay.runId, since, limit: PAGE, types: ["log"] });
         since = search.take(page);
         this.render();
       }
-      if (this.older === search) this.olderState = "done";
+      if (this.older === search) {
+        this.olderState = wanted() ? "done" : "idle";
+        if (!wanted()) this.older = null; // the filters changed: offer a search with the new ones
+      }
     } catch (error) {
       if (this.older === search) {
         this.olderState = "failed";
