@@ -356,6 +356,31 @@ async def test_events_are_paged_with_since_limit_and_next_since(relay):
     assert relay.get_json("/api/runs/pages/events?since=500")[1]["next_since"] == 500
 
 
+async def test_events_of_some_types_only(relay):
+    """``type=log``: the log panel pages a run's log records without reading its other events."""
+    events = [
+        ev("typed", i, "log", level="info", message=f"line {i}") if i % 3 == 0 else event("typed", i)
+        for i in range(1, 31)
+    ]
+    events.append(ev("typed", 31, "error", message="boom"))
+    await publish(relay, "typer", events)
+    logs = [e["id"] for e in events if e["type"] == "log"]  # one producer: seq == id
+
+    status, page = relay.get_json("/api/runs/typed/events?type=log&limit=4")
+    assert status == 200 and [e["seq"] for e in page["events"]] == logs[:4]
+    assert {e["type"] for e in page["events"]} == {"log"} and page["next_since"] == logs[3]
+    rest = relay.get_json(f"/api/runs/typed/events?type=log&since={page['next_since']}")[1]
+    assert [e["seq"] for e in rest["events"]] == logs[4:]
+    # Several types, comma-separated or repeated; a type the run never had is no error.
+    for query in ("type=log,error", "type=log&type=error", "type=error,log,round_metrics"):
+        page = relay.get_json(f"/api/runs/typed/events?{query}")[1]
+        assert [e["seq"] for e in page["events"]] == [*logs, 31], query
+    # Malformed: an empty name, a name over 128 characters, more than 16 names.
+    for query in ("type=", "type=log,", "type=" + "x" * 129, "type=" + ",".join(f"t{i}" for i in range(17))):
+        status, body = relay.get_json(f"/api/runs/typed/events?{query}")
+        assert status == 400 and "type" in body["detail"], query
+
+
 async def test_events_page_is_capped_at_10000(relay):
     total = 10_005
     await publish(relay, "bulk", [event("big", i) for i in range(1, total + 1)], batch=1000)

@@ -9,7 +9,8 @@ client failing in a round, the last round caught with a straggler), a centralize
 stops early, a generated federation of 200 clients x 40 rounds (failures, silent clients,
 stragglers) and a second federated run with other settings, then saves next to this script:
 federated.png and centralized.png (the run pages), health.png (the federation health view of the
-200-client run, a failed cell picked) and compare.png (the two federated runs side by side).
+200-client run, a failed cell picked), logs.png (the first run's log panel, opened from its failed
+cell on that client, the traceback shown) and compare.png (the two federated runs side by side).
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def shoot_health(page, url: str, last_seq: int, failed: tuple[int, str], path: P
     print(f"wrote {path}")
 
 
+def shoot_logs(page, url: str, last_seq: int, failed: tuple[int, int], path: Path) -> None:
+    """The log panel as a failed cell's "logs" opens it, the failing record picked."""
+    page.goto(url)
+    page.wait_for_function(f"() => window.fedrelayDashboard.lastSeq === {last_seq}", timeout=30_000)
+    client, rnd = failed
+    page.wait_for_function(
+        "() => window.fedrelayDashboard.health && window.fedrelayDashboard.health.rounds > 0"
+    )
+    page.wait_for_timeout(700)
+    point = page.evaluate("([c, r]) => window.fedrelayDashboard.health.reveal(c, r)", [str(client), rnd])
+    page.mouse.click(point["x"], point["y"])
+    page.get_by_test_id("health-open-log").click()
+    page.get_by_test_id("log-round-clear").click()  # the client's records of every round
+    page.wait_for_function("() => window.fedrelayDashboard.logs.filter.round === null")
+    error = page.evaluate("() => window.fedrelayDashboard.logs.records().find(r => r.level === 'error').seq")
+    page.evaluate("(seq) => window.fedrelayDashboard.logs.reveal(seq)", error)
+    page.locator(f"[data-testid=log-row][data-seq='{error}']").click()
+    page.mouse.move(0, 0)  # no row under the pointer (its hover colour)
+    page.wait_for_timeout(300)
+    page.get_by_test_id("log-panel").screenshot(path=str(path))
+    print(f"wrote {path}")
+
+
 def shoot_compare(page, url: str, path: Path) -> None:
     page.goto(url)
     page.wait_for_function(
@@ -69,7 +93,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         relay = RelayProcess(Path(tmp) / "relay.db").start()
         try:
-            fed = federated_run("flwr-8121", rounds=20, clients=12, fail=(7, 9), partial_rounds=17, seed=3)
+            fed = federated_run(
+                "flwr-8121", rounds=20, clients=12, fail=(7, 9), partial_rounds=17, seed=3, logs=True
+            )
             cen = centralized_run("lightning-0412", max_epochs=40, stop_at=27, patience=5, seed=5)
             other = federated_run("flwr-8122", rounds=20, clients=12, seed=4)
             other[0]["data"]["config"] = {"strategy": "FedProx", "lr": 0.02, "proximal_mu": 0.1}
@@ -93,6 +119,7 @@ def main() -> int:
                 page.wait_for_selector("[data-testid=run-row]")
                 shoot(page, f"{relay.http}/#/runs/flwr-8121", len(fed), HERE / "federated.png")
                 shoot(page, f"{relay.http}/#/runs/lightning-0412", len(cen), HERE / "centralized.png")
+                shoot_logs(page, f"{relay.http}/#/runs/flwr-8121", len(fed), (7, 9), HERE / "logs.png")
                 shoot_health(
                     page, f"{relay.http}/#/runs/flwr-9001", len(health.events), failed, HERE / "health.png"
                 )

@@ -97,8 +97,9 @@ def test_a_failed_client_and_a_straggler_show_where_they_happened(flower, page):
     assert "injected failure on client 1" in page.get_by_test_id("health-reason").inner_text()
     assert "RuntimeError" in page.get_by_test_id("health-failure-detail").inner_text()
 
-    # The detail's button (the hook for a log panel) shows that client's events of that round.
-    page.get_by_test_id("health-open-log").click()
+    # The detail's "events" button shows that client's events of that round in the event log
+    # (its "logs" button opens the log panel: tests/dashboard/test_log_panel.py).
+    page.get_by_test_id("health-open-events").click()
     wait(page, f"() => {STATE}.logFilter && {STATE}.logFilter.clientId === '1'")
     log = page.get_by_test_id("event-log").inner_text()
     assert "injected failure on client 1" in log

@@ -62,9 +62,12 @@ def federated_run(
     fail: tuple[int, int] | None = None,
     partial_rounds: int | None = None,
     start: datetime | None = None,
+    logs: bool = False,
 ) -> list[dict[str, Any]]:
     """A Flower run: ``fail`` = (client, round) raises; ``partial_rounds`` stops mid-way through
-    that round with one straggler still training (for a live-looking screenshot)."""
+    that round with one straggler still training (for a live-looking screenshot); ``logs``: the
+    ``log`` records ``forward_logs`` would add (Flower's round lines, a line per client and
+    round, a few warnings, the failing client's traceback)."""
     rng = random.Random(seed)
     clock = _Clock(start, 0.4)
     out: list[dict[str, Any]] = []
@@ -102,8 +105,29 @@ def federated_run(
             "server_metrics": _clf_metrics(rng, 0.0),
         },
     )
+
+    def log(
+        level: tuple[str, int], logger: str, message: str, rnd: int, client: int | None = None, **extra: Any
+    ) -> None:
+        if not logs:
+            return
+        data = {
+            "level": level[0],
+            "levelno": level[1],
+            "logger": logger,
+            "message": message,
+            "round": rnd,
+            **extra,
+        }
+        if client is not None:
+            data["client_id"] = client
+        add("log", data, "server" if client is None else "client", client)
+
+    info, warning, error = ("info", 20), ("warning", 30), ("error", 40)
     last = partial_rounds or rounds
     for rnd in range(1, last + 1):
+        log(info, "flwr", f"[ROUND {rnd}/{rounds}]", rnd)
+        log(info, "flwr", f"configure_train: strategy sampled {clients} nodes (out of {clients})", rnd)
         t = rnd / rounds
         ids = list(range(clients))
         add(
@@ -116,9 +140,21 @@ def federated_run(
         for c in ids:
             base = {"round": rnd, "client_id": c, "phase": "train"}
             add("client_progress", {**base, "status": "started"}, "client", c)
+            log(info, "pneumonia.client", f"client {c}: {250 + 7 * c} images, batch size 32", rnd, c)
+            if (c + rnd) % 7 == 0:
+                log(warning, "pneumonia.data", f"client {c}: {3 + c % 4} images unreadable, skipped", rnd, c)
             if straggler == c:
                 continue
             if fail == (c, rnd):
+                log(
+                    error, "fedrelay", "train failed: RuntimeError: CUDA out of memory", rnd, c,
+                    exception="Traceback (most recent call last):\n"
+                    '  File "/app/pneumonia/client.py", line 88, in train\n'
+                    "    loss = model.training_step(batch)\n"
+                    '  File "/app/pneumonia/model.py", line 41, in training_step\n'
+                    "    logits = self.net(x)\n"
+                    "RuntimeError: CUDA out of memory. Tried to allocate 512.00 MiB",
+                )  # fmt: skip
                 add(
                     "error",
                     {**base, "message": "train failed: RuntimeError: CUDA out of memory"},

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 MAX_EVENTS_PAGE = 10_000
 MAX_RESPONSE_BYTES = 4 << 20
 """An events page stops early past this many bytes of events; ``next_since`` says where."""
+MAX_TYPES = 16
+"""``type`` values one events request may name."""
 API_READS_PER_ADDRESS = 8
 """API requests of one client address from request to close (its answer written or dropped):
 what a client that never reads its answers can hold is this many pages."""
@@ -172,6 +174,11 @@ class HttpApi:
         if since is None or limit is None or limit < 1:
             return _error(400, "since and limit must be whole numbers (since >= 0, limit >= 1)")
         limit = min(limit, MAX_EVENTS_PAGE)
+        types = _types_param(query)
+        if types is None:
+            return _error(
+                400, f"type: at most {MAX_TYPES} event types of 1-128 characters, comma-separated or repeated"
+            )
         run = self.relay.hub.runs[run_id]
         rows = await self.relay.store.read(
             run_id,
@@ -181,6 +188,7 @@ class HttpApi:
             MAX_RESPONSE_BYTES,
             queue=API,
             wanted=lambda: not conn.transport.is_closing(),
+            types=types,
         )
         if rows is None:  # the client left while the read waited for its turn
             self.relay.metrics.store_reads.labels(API, "skipped").inc()
@@ -225,6 +233,16 @@ def whole_number(text: str) -> int | None:
     if not text.isascii() or not text.isdigit() or len(text) > 18:
         return None
     return int(text)
+
+
+def _types_param(query: dict[str, list[str]]) -> tuple[str, ...] | None:
+    """``type=log`` or ``type=error,log`` (or repeated): only those events, the others skipped
+    inside SQLite. Any type a run may hold (the root path stores types fedrelay does not know);
+    () without the parameter, None when malformed."""
+    names = [name for value in query.get("type", []) for name in value.split(",")]
+    if len(names) > MAX_TYPES or any(not 1 <= len(name) <= 128 for name in names):
+        return None
+    return tuple(dict.fromkeys(names))
 
 
 def _int_param(query: dict[str, list[str]], key: str, default: int) -> int | None:

@@ -4,7 +4,7 @@
 //
 // window.fedrelayDashboard is the page's state for tests and the console (docs/dashboard.md):
 // view, runs, runId, mode, status, lastSeq, round, epoch, clients, charts (points per chart),
-// stats (events, duplicates, holes, gaps), connects, health, and points("round:loss").
+// stats (events, duplicates, holes, gaps), connects, health, logs (the log panel), and points("round:loss").
 
 import { compareHref, comparedRuns, mountCompare } from "./compare.js";
 import { mountRun } from "./run.js";

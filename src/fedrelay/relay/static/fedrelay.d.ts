@@ -507,12 +507,21 @@ export function fetchClients(options: {
   cells?: boolean;
 }): Promise<ClientsPage>;
 export function fetchRun(options: { url?: string; token?: string; runId: string }): Promise<RunSummary>;
+export function fetchEventsPage(options: {
+  url?: string;
+  token?: string;
+  runId: string;
+  since?: number;
+  limit?: number;
+  types?: string[] | string;
+}): Promise<{ events: StoredEvent[]; next_since: number }>;
 export function fetchEvents(options: {
   url?: string;
   token?: string;
   runId: string;
   since?: number;
   limit?: number;
+  types?: string[] | string;
 }): Promise<StoredEvent[]>;
 export function wsBase(url?: string): string;
 export function httpBase(url?: string): string;

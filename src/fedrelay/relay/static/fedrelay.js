@@ -83,12 +83,22 @@ export async function fetchRun({ url, token, runId }) {
   return getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}`, token);
 }
 
-/** Every stored event of a run after `since`, paging /api/runs/{id}/events. */
-export async function fetchEvents({ url, token, runId, since = 0, limit = 5000 }) {
+/**
+ * One page of GET /api/runs/{runId}/events: `{events, next_since}`, the stored events after `since`
+ * in seq order (at most `limit`, fewer past 4 MiB); `types` (e.g. ["log"]): only those types.
+ */
+export async function fetchEventsPage({ url, token, runId, since = 0, limit = 1000, types }) {
+  const query = new URLSearchParams({ since: String(since), limit: String(limit) });
+  if (types && types.length) query.set("type", [].concat(types).join(","));
+  const page = await getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/events?${query}`, token);
+  return { events: page.events, next_since: page.next_since };
+}
+
+/** Every stored event of a run after `since` (of `types` only, when given), paging /api/runs/{id}/events. */
+export async function fetchEvents({ url, token, runId, since = 0, limit = 5000, types }) {
   const events = [];
   for (;;) {
-    const path = `${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/events?since=${since}&limit=${limit}`;
-    const page = await getJson(path, token);
+    const page = await fetchEventsPage({ url, token, runId, since, limit, types });
     if (!page.events.length) return events;
     events.push(...page.events);
     since = page.next_since;

@@ -5,8 +5,9 @@
 // It draws from the run model's FederationHealth (federation.js), which folds events as they
 // arrive; render() does nothing when neither the data nor the settings changed.
 //
-// Hook for a log panel: `onOpenLog(clientId, round)` is called by the detail's "events" button
-// (run.js sets it; data-testid="health-open-log").
+// A cell's detail links to the run's log panel, `onOpenLog(clientId, round)` (its "logs" button,
+// data-testid="health-open-log"), and to its events in the event log, `onOpenEvents(clientId,
+// round)` ("events", data-testid="health-open-events"); run.js sets both.
 
 import { ChartGrid } from "./charts.js";
 import { h } from "./dom.js";
@@ -48,6 +49,7 @@ export class HealthView {
     this.selected = null; // {clientId, round|null}
     this.roundShown = null; // null: the latest round
     this.onOpenLog = null;
+    this.onOpenEvents = null;
     this.health = null;
     this.key = "";
     this.rows = [];
@@ -246,12 +248,20 @@ export class HealthView {
         const where = [f.phase && `phase ${f.phase}`, f.seq !== null && `event #${f.seq}`].filter(Boolean).join(" · ");
         if (where) parts.push(h("div", { class: "muted small" }, where));
       }
+      const links = [];
       if (this.onOpenLog) {
-        parts.push(
+        links.push(
           h("button", { type: "button", dataset: { testid: "health-open-log" }, onclick: () => this.onOpenLog(sel.clientId, sel.round) },
-            `events of client ${sel.clientId} in round ${sel.round}`),
+            `logs of client ${sel.clientId} in round ${sel.round}`),
         );
       }
+      if (this.onOpenEvents) {
+        links.push(
+          h("button", { type: "button", dataset: { testid: "health-open-events" }, onclick: () => this.onOpenEvents(sel.clientId, sel.round) },
+            `its events in round ${sel.round}`),
+        );
+      }
+      if (links.length) parts.push(h("div", { class: "links" }, ...links));
     }
     this.detail.replaceChildren(h("strong", {}, title), ...parts);
   }

@@ -8,6 +8,7 @@
 // the kind it expects and ignores the rest.
 
 import { FederationHealth } from "./federation.js";
+import { LogBook } from "./logbook.js";
 
 const PREFERRED = ["loss", "accuracy", "acc", "precision", "recall", "f1", "auroc", "auc"];
 const PHASE_PREFIX = /^(train|training|fit|val|valid|validation|eval|evaluate|test)[_/.-]/i;
@@ -156,7 +157,8 @@ export class RunModel {
     this.clientMetrics = new Map(); // "phase: key" -> ClientMetric
     this.errors = 0;
     this.lastError = null;
-    this.log = [];
+    this.log = []; // the event log: the latest events but `log` records, which go to `logs`
+    this.logs = new LogBook();
     this.federation = new FederationHealth(); // who took part in each round, and how it went
     this.startData = null;
   }
@@ -178,6 +180,7 @@ export class RunModel {
     const handler = Object.hasOwn(HANDLERS, event.type) ? HANDLERS[event.type] : otherEvent;
     handler(this, data, at, event);
     this.federation.add(event);
+    if (event.type === "log") return true; // in the log panel: thousands of them would flood the event log
     this.log.push(event);
     if (this.log.length > LOG_SIZE * 2) this.log.splice(0, this.log.length - LOG_SIZE);
     return true;
@@ -329,6 +332,9 @@ const HANDLERS = {
     model.epoch = Math.max(model.epoch, data.epoch);
     const phase = text(data.phase) && data.phase !== "train" ? data.phase : null;
     model.epochCharts.addAll(data.metrics, data.epoch, (key) => (phase && !PHASE_PREFIX.test(key) ? `${phase}_${key}` : key));
+  },
+  log(model, data, at, event) {
+    model.logs.add(event);
   },
   early_stopping(model, data) {
     model.earlyStopping = { ...data };

@@ -9,6 +9,7 @@ import { CentralizedView } from "./centralized.js";
 import { badge, fmtDuration, fmtNumber, fmtTime, h, progress, throttle } from "./dom.js";
 import { FederatedView } from "./federated.js";
 import { fetchRun, subscribe } from "./fedrelay.js";
+import { LogPanel } from "./logpanel.js";
 import { RunModel } from "./model.js";
 
 const RENDER_EVERY_MS = 250;
@@ -75,6 +76,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
   const incomplete = h("div", { class: "banner incomplete", dataset: { testid: "incomplete" }, hidden: true });
   const summary = h("dl", { class: "summary", dataset: { testid: "summary" }, hidden: true });
   const body = h("div");
+  const logsBox = h("div");
   const log = h("tbody");
   const logFilterNote = h("p", { class: "muted small", dataset: { testid: "log-filter" }, hidden: true });
   const connection = h("span", { class: "conn", dataset: { testid: "connection" } }, "connecting");
@@ -87,6 +89,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
     banner,
     summary,
     body,
+    logsBox,
     h(
       "section",
       {},
@@ -102,6 +105,8 @@ export function mountRun(root, { runId, token, state, backHref }) {
   );
 
   let view = null;
+  const logPanel = new LogPanel(logsBox, model.logs, { runId, token });
+  const logTestState = logPanel.testState();
   let logFilter = null; // {clientId, round}: the event log shows only that client's events of that round
   let connects = 0;
   let timer = null;
@@ -123,12 +128,14 @@ export function mountRun(root, { runId, token, state, backHref }) {
     return relayRun ? relayRun.status : model.status;
   }
 
-  /**
-   * The health view's "events of this client in this round": filters the event log to them.
-   * The hook for a fuller log panel (issue 17): replace this function; the view calls it with a
-   * client id and a round, and data-testid="health-open-log" is its button.
-   */
+  /** The health view's "logs" of a cell (data-testid="health-open-log"): the log panel, filtered to them. */
   function openLog(clientId, round) {
+    logPanel.openFor(clientId, round);
+    render();
+  }
+
+  /** The health view's "events" of a cell (data-testid="health-open-events"): the event log, filtered to them. */
+  function openEvents(clientId, round) {
     logFilter = { clientId: String(clientId), round };
     render();
     log.closest("section")?.scrollIntoView({ block: "start" });
@@ -138,7 +145,10 @@ export function mountRun(root, { runId, token, state, backHref }) {
     if (view || !model.mode) return;
     view = model.mode === "centralized" ? new CentralizedView(body) : new FederatedView(body);
     view.onChange = render;
-    if (view.health) view.health.onOpenLog = openLog;
+    if (view.health) {
+      view.health.onOpenLog = openLog;
+      view.health.onOpenEvents = openEvents;
+    }
   }
 
   function shownEvents() {
@@ -187,6 +197,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
     summary.hidden = !model.summary && !model.lastError;
     if (!summary.hidden) summary.replaceChildren(...summaryItems(model, shownStatus()).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
     view?.render(model, now);
+    logPanel.render();
     logFilterNote.hidden = !logFilter;
     if (logFilter) {
       logFilterNote.replaceChildren(
@@ -233,6 +244,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
     state.drawn = (id) => view?.drawn(id) ?? null;
     state.health = view?.health ? view.health.testState() : null;
     state.logFilter = logFilter;
+    state.logs = logTestState;
   }
 
   function schedule() {
