@@ -7,6 +7,9 @@
 // the last seq of every run and, after a relay restart, a network drop or a
 // "slow consumer" close (1013), reconnects with backoff and resumes from there.
 // A run that has not started yet is waited for by the relay: no polling.
+// Given several addresses of one relay (url: a list, or comma-separated), it
+// moves to the next when a connection cannot be made or is lost, and resumes
+// there from the same seqs (the nodes of one relay agree on them).
 // Types: fedrelay.d.ts (generated from the relay's pydantic schema).
 
 /** @typedef {import("./fedrelay.d.ts").Event} Event */
@@ -15,6 +18,56 @@
 const SLOW_CONSUMER = 1013;
 const PING_EVERY_MS = 15000;
 const PING_TIMEOUT_MS = 10000;
+const ASK_ELSEWHERE = new Set([502, 503, 504]); // "not this node, not now": the next address
+
+/** The addresses in `url`: a list, or one string with several comma-separated; each once, in order. */
+export function relayUrls(url) {
+  const out = [];
+  for (const item of Array.isArray(url) ? url : url == null ? [] : [url]) {
+    for (const part of String(item).split(",")) {
+      const address = part.trim();
+      if (address && !out.includes(address)) out.push(address);
+    }
+  }
+  return out;
+}
+
+/**
+ * Which address to use, as fedrelay/failover.py decides for the Python clients: the first at
+ * start; kept while it works (a switch costs a catch-up); after a failure the next, round robin;
+ * backoff counted in rounds of the list, so one address behaves as it always did.
+ * `undefined` stands for the page's own origin when no address is given.
+ */
+function failover(url) {
+  const urls = relayUrls(url);
+  if (!urls.length) urls.push(undefined);
+  let index = 0;
+  let misses = 0;
+  let unreached = 0;
+  return {
+    get current() {
+      return urls[index];
+    },
+    get allFailed() {
+      return unreached >= urls.length;
+    },
+    /** Failures in a row since the last connection that made progress. */
+    get misses() {
+      return misses;
+    },
+    connected() {
+      unreached = 0;
+    },
+    /** Move to the next address; the milliseconds to wait before connecting to it. */
+    failed(progress = false) {
+      if (progress) misses = 0;
+      misses += 1;
+      unreached += 1;
+      index = (index + 1) % urls.length;
+      return backoff(Math.ceil(misses / urls.length) - 1);
+    },
+  };
+}
 
 /** The relay's WebSocket base (ws://host:port) for a URL or the page's own origin. */
 export function wsBase(url) {
@@ -33,19 +86,37 @@ function withToken(path, token) {
   return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
 }
 
-async function getJson(url, token) {
-  const response = await fetch(withToken(url, token), { cache: "no-store" });
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-  return response.json();
+/** GET `path` from the current address of `relays`, else the next ones (once round the list). */
+async function getJson(relays, path, token) {
+  for (;;) {
+    const url = `${httpBase(relays.current)}${path}`;
+    let response;
+    try {
+      response = await fetch(withToken(url, token), { cache: "no-store" });
+    } catch (error) {
+      relays.failed();
+      if (relays.allFailed) throw error;
+      continue;
+    }
+    if (response.ok) {
+      relays.connected();
+      return response.json();
+    }
+    if (ASK_ELSEWHERE.has(response.status)) relays.failed();
+    if (!ASK_ELSEWHERE.has(response.status) || relays.allFailed) {
+      throw new Error(`${url}: HTTP ${response.status}`);
+    }
+  }
 }
 
 /** GET /api/runs: every run the relay knows, newest first (following `next_cursor` page by page). */
 export async function fetchRuns({ url, token } = {}) {
+  const relays = failover(url);
   const runs = [];
   let cursor = null;
   do {
     const query = "?limit=1000" + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
-    const page = await getJson(`${httpBase(url)}/api/runs${query}`, token);
+    const page = await getJson(relays, `/api/runs${query}`, token);
     runs.push(...page.runs);
     cursor = page.next_cursor;
   } while (cursor);
@@ -54,15 +125,16 @@ export async function fetchRuns({ url, token } = {}) {
 
 /** GET /api/runs/{runId}: one run's summary. */
 export async function fetchRun({ url, token, runId }) {
-  return getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}`, token);
+  return getJson(failover(url), `/api/runs/${encodeURIComponent(runId)}`, token);
 }
 
 /** Every stored event of a run after `since`, paging /api/runs/{id}/events. */
 export async function fetchEvents({ url, token, runId, since = 0, limit = 5000 }) {
+  const relays = failover(url);
   const events = [];
   for (;;) {
-    const path = `${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/events?since=${since}&limit=${limit}`;
-    const page = await getJson(path, token);
+    const path = `/api/runs/${encodeURIComponent(runId)}/events?since=${since}&limit=${limit}`;
+    const page = await getJson(relays, path, token);
     if (!page.events.length) return events;
     events.push(...page.events);
     since = page.next_since;
@@ -73,7 +145,8 @@ export async function fetchEvents({ url, token, runId, since = 0, limit = 5000 }
  * Follow runs live, resuming from the last seq after any disconnect.
  *
  * @param {object} options
- * @param {string} [options.url] relay address (ws://, http:// or a page URL); default: this page's origin
+ * @param {string|string[]} [options.url] relay address (ws://, http:// or a page URL), or several nodes
+ *   of one relay (a list, or comma-separated), tried in order; default: this page's origin
  * @param {string[]|string} options.runIds run ids to follow, or "*" for every run (live only, no backlog)
  * @param {number|Object<string, number>} [options.since] last seq already seen (per run, or one for all); 0 = from the start
  * @param {string} [options.token] the relay's subscribe token, if it has one
@@ -81,8 +154,9 @@ export async function fetchEvents({ url, token, runId, since = 0, limit = 5000 }
  * @param {(frame: RelayControl) => void} [options.onControl] control frames (subscribed, error, ...)
  * @param {(gap: {run_id: string, since: number, resume_from: number}) => void} [options.onGap] history lost
  * @param {(state: "connecting"|"open"|"closed", detail: object) => void} [options.onStatus] connection state
+ *   (detail.url: the address)
  * @returns {{close(): void, lastSeq(runId: string): number, follow(runId: string, since?: number): void,
- *            unfollow(runId: string): void, readonly connects: number}}
+ *            unfollow(runId: string): void, readonly connects: number, readonly url: string}}
  */
 export function subscribe(options) {
   const { url, token, onEvent, onControl, onGap, onStatus } = options;
@@ -93,9 +167,10 @@ export function subscribe(options) {
     const since = typeof options.since === "object" ? options.since?.[runId] : options.since;
     cursors.set(runId, since || 0);
   }
+  const relays = failover(url);
   let ws = null;
   let closed = false;
-  let attempt = 0;
+  let progressed = false; // events arrived on this connection: the backoff starts over
   let connects = 0;
   let retryTimer = null;
   let pingTimer = null;
@@ -124,12 +199,12 @@ export function subscribe(options) {
     lastFrameAt = Date.now();
     const frame = JSON.parse(message.data);
     if (Array.isArray(frame)) {
-      attempt = 0;
+      progressed = true;
       frame.forEach(deliver);
       return;
     }
     if (frame.op === undefined) {
-      attempt = 0;
+      progressed = true;
       deliver(frame);
       return;
     }
@@ -142,13 +217,16 @@ export function subscribe(options) {
 
   function connect() {
     if (closed) return;
-    status("connecting", { attempt });
-    const socket = new WebSocket(withToken(`${wsBase(url)}/subscribe`, token));
+    const address = wsBase(relays.current);
+    status("connecting", { attempt: relays.misses, url: address });
+    const socket = new WebSocket(withToken(`${address}/subscribe`, token));
     ws = socket;
+    progressed = false;
     socket.onopen = () => {
       connects += 1;
+      relays.connected();
       lastFrameAt = Date.now();
-      status("open", { connects });
+      status("open", { connects, url: address });
       if (all) send({ op: "subscribe", run_id: "*" });
       for (const runId of runs) join(runId);
       pingTimer = setInterval(keepAlive, PING_EVERY_MS);
@@ -164,10 +242,10 @@ export function subscribe(options) {
     ws = null;
     clearInterval(pingTimer);
     socket?.close();
-    status("closed", { code, reason });
+    status("closed", { code, reason, url: wsBase(relays.current) });
     if (closed) return;
-    // A slow-consumer cut is not a failure of the relay: come back at once.
-    const delay = code === SLOW_CONSUMER ? 50 : backoff(attempt++);
+    // A slow-consumer cut is not a failure of the node: come back to it at once.
+    const delay = code === SLOW_CONSUMER ? 50 : relays.failed(progressed);
     retryTimer = setTimeout(connect, delay);
   }
 
@@ -197,6 +275,10 @@ export function subscribe(options) {
     },
     get connects() {
       return connects;
+    },
+    /** The address in use, or tried next. */
+    get url() {
+      return wsBase(relays.current);
     },
   };
 }
