@@ -13,6 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from fedrelay.bridge.feed import Feed, FeedConnection
 from tests.support.node import node_command
@@ -84,23 +85,26 @@ def finish(first: RelayProcess, streaming: BackgroundProducer) -> RelayProcess:
 def test_tail_moves_to_the_next_address_when_its_relay_is_killed_and_resumes_from_its_last_seq(tmp_path):
     first, second, events, streaming = two_relays_with_one_history(tmp_path, "moved")
     back = None
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "fedrelay", "tail", "moved", "--url", first.url, "--url", second.url,
+         "--until-end", "--plain"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    readers = ThreadPoolExecutor(2)  # communicate() would lose what readline() buffered
     try:
-        tail = subprocess.Popen(
-            [sys.executable, "-m", "fedrelay", "tail", "moved", "--url", first.url, "--url", second.url,
-             "--until-end", "--plain"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert tail.stdout is not None
+        assert tail.stdout is not None and tail.stderr is not None
         lines = [tail.stdout.readline() for _ in range(20)]  # the run is still streaming into first
         first.kill()
-        out, err = tail.communicate(timeout=60)
-        assert tail.returncode == 0, err
-        assert seqs_printed("".join(lines) + out) == list(range(1, len(events) + 1)), (
-            "each seq once, in order"
-        )
-        assert f"connection lost to {first.url}/subscribe; resuming on {second.url}/subscribe" in err
+        out, err = readers.submit(tail.stdout.read), readers.submit(tail.stderr.read)
+        printed = "".join(lines) + out.result(60)
+        assert tail.wait(10) == 0, err.result(10)
+        assert seqs_printed(printed) == list(range(1, len(events) + 1)), "each seq once, in order"
+        moved = f"connection lost to {first.url}/subscribe; resuming on {second.url}/subscribe"
+        assert moved in err.result(10)
         back = finish(first, streaming)
     finally:
+        tail.kill()
+        readers.shutdown(wait=False)
         for proc in (first, second, back):
             if proc is not None:
                 proc.stop()
