@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.no_skips import pytest_make_collect_report, pytest_runtest_makereport
 from tests.support.relay_process import RelayProcess
+
+__all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: a skip is a failure
 
 
 @pytest.fixture
@@ -26,3 +29,11 @@ def relay_factory(tmp_path):
     yield make
     for proc in started:
         proc.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The random order's seed at the end of every run, ``-q`` too (pytest-randomly prints it in
+    the header only): a failure that depends on the order replays with it (docs/testing.md)."""
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"random test order: -p randomly --randomly-seed={seed} replays it")

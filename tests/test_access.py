@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support.metrics import scrape
+from tests.support.metrics import metric
 from tests.support.relay_process import RelayProcess
 
 P = "pub-tok-3f9a1c7e55d2"
@@ -73,10 +73,6 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 def with_token(path: str, token: str) -> str:
     return f"{path}{'&' if '?' in path else '?'}token={token}"
-
-
-def metric(relay: RelayProcess, name: str) -> float:
-    return scrape(relay).get(name, 0.0)
 
 
 # -- the token matrix ----------------------------------------------------------

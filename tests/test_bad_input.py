@@ -17,12 +17,13 @@ import uuid
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
+from tests.support.clients import Collector, ResendingProducer, event, recv_json, wait_for_control
+from tests.support.metrics import metric
 from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until
 
 MAX_FRAME = 4096
 MAX_EVENTS = 20
@@ -64,18 +65,7 @@ def tag() -> str:
 
 def rejected(relay: RelayProcess, code: str) -> float:
     """fedrelay_rejected_total{code=...} as the relay reports it."""
-    status, body = relay.get("/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        if family.name == "fedrelay_rejected":
-            for sample in family.samples:
-                if sample.name == "fedrelay_rejected_total" and sample.labels.get("code") == code:
-                    return sample.value
-    return 0.0
-
-
-async def recv_json(conn: ClientConnection, timeout: float = 5.0) -> Any:
-    return json.loads(await asyncio.wait_for(conn.recv(), timeout))
+    return metric(relay, f'fedrelay_rejected_total{{code="{code}"}}')
 
 
 async def frames_until_ack(conn: ClientConnection, upto: int, timeout: float = 10.0) -> list[dict]:
@@ -526,26 +516,31 @@ ROOT_CASES = [
 
 @pytest.mark.parametrize(("frame", "code", "detail"), ROOT_CASES)
 async def test_bad_root_frame_gets_legacy_error_and_connection_stays_open(relay, frame, code, detail):
-    async with good_stream(relay) as stream:
-        run = stream.run
-        async with connect(relay.url + "/", compression=None) as conn:
-            root = RootClient(conn)
+    # The root connection is open before the good run starts and stays open after it ended:
+    # it must see the whole run live, its own bad frame in the middle costing it nothing.
+    async with connect(relay.url + "/", compression=None) as conn:
+        root = RootClient(conn)
+
+        def good_seqs() -> list[int]:
+            return [f["data"]["seq"] for f in root.frames if f.get("data", {}).get("run_id") == run]
+
+        async with good_stream(relay) as stream:
+            run = stream.run
             await conn.send(frame)
-            await until(lambda: root.of_type("error"), timeout=5)
+            await until(lambda: root.of_type("error"), timeout=5, what="the legacy error")
             error = root.of_type("error")[0]
             assert set(error) == {"type", "data"}
             assert error["data"]["code"] == code, error
             assert re.search(detail, error["data"]["detail"]), error
             await conn.send(json.dumps({"type": "ping"}))
-            await until(lambda: root.of_type("pong"), timeout=5)
+            await until(lambda: root.of_type("pong"), timeout=5, what="the pong")
             side = f"root-{tag()}"
             await conn.send(json.dumps({"type": "custom", "data": {"run_id": side, "n": 1}}))
-            await until(lambda: relay.get(f"/api/runs/{side}")[0] == 200, timeout=5)
-        await asyncio.wait_for(root.task, 5)
-        # What the root connection saw of the good run is a gap-free live stretch.
-        seqs = [f["data"]["seq"] for f in root.frames if f.get("data", {}).get("run_id") == run]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)) if seqs else [])
+            await until(lambda: relay.get(f"/api/runs/{side}")[0] == 200, timeout=5, what="the side run")
+        await until(lambda: len(good_seqs()) >= N_GOOD, timeout=10, what="the good run at the root")
+        assert good_seqs() == list(range(1, N_GOOD + 1))
         assert len(root.of_type("error")) == 1
+    await asyncio.wait_for(root.task, 5)
     status, page = relay.get_json(f"/api/runs/{side}/events")
     assert status == 200
     assert [(e["type"], e["data"]) for e in page["events"]] == [("custom", {"run_id": side, "n": 1})]

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from tests.support.clients import ResendingProducer, event
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.waiting import wait_until
 
 
 def fedrelay(

@@ -18,17 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from fedrelay.bridge.feed import Feed, FeedConnection
 from tests.support.node import node_command
 from tests.support.relay_process import RelayProcess, free_port
+from tests.support.stored import stored_events
 from tests.support.training import BackgroundProducer, federated_run
 
 
 def dead_url() -> str:
     return f"ws://127.0.0.1:{free_port()}"
-
-
-def stored(relay: RelayProcess, run_id: str) -> list[dict]:
-    status, body = relay.get_json(f"/api/runs/{run_id}/events?since=0&limit=10000")
-    assert status == 200, body
-    return body["events"]
 
 
 def fedrelay(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,7 +39,7 @@ def seqs_printed(stdout: str) -> list[int]:
 def test_tail_export_and_runs_read_through_the_second_address_when_the_first_is_down(relay, tmp_path):
     events = federated_run("second-up", rounds=3, clients=2)
     BackgroundProducer(relay.url, events, pace=0, batch=100).start().join()
-    expected = stored(relay, "second-up")
+    expected = stored_events(relay, "second-up")
     dead = dead_url()
 
     tail = fedrelay("tail", "second-up", "--url", f"{dead},{relay.url}", "--once")

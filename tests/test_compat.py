@@ -9,18 +9,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
-from tests.support.relay_process import wait_until
+from tests.support.clients import Collector, ResendingProducer, event, recv_json, wait_for_control
+from tests.support.waiting import wait_until
 
 
 async def legacy_send(url: str, message: dict) -> None:
     """The hand-rolled sender: a new connection per message."""
     async with connect(url + "/") as conn:
         await conn.send(json.dumps(message))
-
-
-async def recv_json(conn, timeout: float = 5.0):
-    return json.loads(await asyncio.wait_for(conn.recv(), timeout))
 
 
 async def test_legacy_trainer_to_legacy_frontend_round_trip(relay):

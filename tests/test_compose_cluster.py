@@ -21,9 +21,10 @@ from websockets.sync.client import connect
 
 from fedrelay.emitters import Emitter
 from fedrelay.follow import Follower
-from tests.emitters.conftest import stored_events
 from tests.support.haproxy import CONFIG, HaproxyProcess, haproxy_binary, render
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 HEALTHCHECK = [

@@ -7,19 +7,10 @@ import json
 
 from websockets.asyncio.client import connect
 
-from tests.support.clients import ResendingProducer, ResumingSubscriber, event, until
+from tests.support.clients import ResendingProducer, ResumingSubscriber, event
 from tests.support.relay_process import RelayProcess
-
-
-def stored_events(relay: RelayProcess, run_id: str) -> list[dict]:
-    events, since = [], 0
-    while True:
-        status, page = relay.get_json(f"/api/runs/{run_id}/events?since={since}&limit=10000")
-        assert status == 200
-        if not page["events"]:
-            return events
-        events.extend(page["events"])
-        since = page["next_since"]
+from tests.support.stored import stored_events
+from tests.support.waiting import until
 
 
 async def test_sigkill_and_restart_loses_and_duplicates_nothing(tmp_path):

@@ -23,15 +23,11 @@ import signal
 
 from websockets.asyncio.client import connect
 
-from tests.support.clients import Collector, ResendingProducer, event, until
-from tests.support.relay_process import RelayProcess, wait_until
-from tests.test_slow_consumer import (
-    kernel_send_buffer_max,
-    metrics,
-    send_handshake,
-    tiny_receive_socket,
-    wait_for_metric,
-)
+from tests.support.clients import Collector, ResendingProducer, event
+from tests.support.metrics import scrape, wait_for_metric
+from tests.support.relay_process import RelayProcess
+from tests.support.sockets import kernel_send_buffer_max, send_handshake, tiny_receive_socket
+from tests.support.waiting import until, wait_until
 
 
 async def publish_raw(url: str, producer: str, frames: list[str], upto: int) -> list[dict]:
@@ -164,7 +160,7 @@ async def test_catch_up_to_a_reader_that_never_reads_is_cut(relay_factory):
         async with Collector(relay.url, "run_id=big&since=0") as c:
             await c.wait_for(count, timeout=60)
             assert c.seqs() == list(range(1, count + 1))
-        assert (await metrics(relay))["fedrelay_slow_consumers_total"] == 1
+        assert (await asyncio.to_thread(scrape, relay))["fedrelay_slow_consumers_total"] == 1
     finally:
         sock.close()
 

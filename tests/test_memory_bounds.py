@@ -21,28 +21,19 @@ from websockets.asyncio.client import connect
 
 from fedrelay.relay.connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX
 from fedrelay.relay.http import API_READS_PER_ADDRESS, MAX_RESPONSE_BYTES
-from tests.reliability.test_security import metrics as metrics_from_another_address
-from tests.reliability.test_security import read_response, request, status_of
 from tests.support.clients import ResendingProducer, event
 from tests.support.memory import memory_kib, peak_growth_mib
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.metrics import scrape, wait_for_metric
+from tests.support.raw_http import OTHER, raw_exchange, request, scrape_from_other, status_of
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import until, wait_until
 from tests.support.wsframes import open_deflating
-from tests.test_slow_consumer import metrics, wait_for_metric
 
 MIB = 1 << 20
 SLACK_MIB = 32
 """Allocator and interpreter noise on top of a bound (the relay idles at ~50 MiB)."""
-OTHER = "127.0.0.2"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def until_true(check, timeout: float) -> None:
-    async def poll() -> None:
-        while not await check():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def settle_rss(relay: RelayProcess) -> int:
@@ -122,12 +113,12 @@ async def test_deflated_frames_inflate_at_most_to_the_frame_limit_and_the_read_a
             sock.sendall(b"".join(deflate.frame(b" " * 4 * FRAME) for _ in range(FRAMES_EACH)))
 
         async def handled() -> bool:  # every bomber closed, or (as before the fix) every frame refused
-            figures = await metrics(relay)
+            figures = scrape(relay)
             still_open = sum(v for k, v in figures.items() if k.startswith("fedrelay_connections{"))
             refused = figures.get('fedrelay_rejected_total{code="too_large"}', 0)
             return still_open == 0 or refused >= BOMBERS * FRAMES_EACH
 
-        await until_true(handled, 60)
+        await until(handled, 60, interval=0.05, what="every unread answer handled")
         past_limit = peak_growth_mib(relay.proc.pid, before)
         print(
             f"peak RSS growth {at_limit:.1f} MiB at the limit, {past_limit:.1f} past it (bound {bound_mib})"
@@ -177,7 +168,7 @@ async def test_request_headers_are_capped_in_bytes(relay_factory):
         bound_mib = HANDSHAKES_PER_ADDRESS * 2 * REQUEST_BYTES_MAX / MIB + SLACK_MIB
         print(f"200 requests of 1 MiB of headers: peak RSS growth {growth:.1f} MiB; bound {bound_mib}")
         assert growth < bound_mib
-        figures = await metrics(relay)
+        figures = scrape(relay)
         assert figures['fedrelay_handshakes_refused_total{reason="request_too_large"}'] == 200
     finally:
         for sock in socks:
@@ -185,18 +176,13 @@ async def test_request_headers_are_capped_in_bytes(relay_factory):
                 sock.close()
     # A complete request past the cap is answered 431, one under it as usual.
     large = request("/healthz", *[f"X-Pad-{i}: {'a' * 8000}" for i in range(5)])
-    assert status_of(await asyncio.to_thread(raw, relay.port, large)) == 431
+    assert status_of(await asyncio.to_thread(raw_exchange, relay.port, large)) == 431
     assert (
-        status_of(await asyncio.to_thread(raw, relay.port, request("/healthz", "X-Pad: " + "a" * 8000)))
+        status_of(
+            await asyncio.to_thread(raw_exchange, relay.port, request("/healthz", "X-Pad: " + "a" * 8000))
+        )
         == 200
     )
-
-
-def raw(port: int, data: bytes, source: str = "127.0.0.1") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(data)
-        return read_response(sock)
 
 
 async def test_unfinished_handshakes_per_address_are_capped(relay_factory):
@@ -209,8 +195,8 @@ async def test_unfinished_handshakes_per_address_are_capped(relay_factory):
         lambda: [unfinished(relay.port, head) for _ in range(HANDSHAKES_PER_ADDRESS + extra)]
     )
     try:
-        assert status_of(await asyncio.to_thread(raw, relay.port, request("/healthz"), OTHER)) == 200
-        figures = await asyncio.to_thread(metrics_from_another_address, relay)
+        assert status_of(await asyncio.to_thread(raw_exchange, relay.port, request("/healthz"), OTHER)) == 200
+        figures = await asyncio.to_thread(scrape_from_other, relay)
         assert figures.get('fedrelay_handshakes_refused_total{reason="handshake_flood"}', 0) >= extra
     finally:
         for sock in socks:
@@ -219,7 +205,7 @@ async def test_unfinished_handshakes_per_address_are_capped(relay_factory):
 
     def answered() -> bool:
         try:
-            return status_of(raw(relay.port, request("/healthz"))) == 200
+            return status_of(raw_exchange(relay.port, request("/healthz"))) == 200
         except OSError:  # reset at accept while the relay still counts the closed ones
             return False
 
@@ -265,12 +251,12 @@ async def test_api_pages_are_capped_in_bytes_and_unread_answers_per_address(rela
         bound_mib = API_READS_PER_ADDRESS * 3 * MAX_RESPONSE_BYTES / MIB + SLACK_MIB
         print(f"60 unread event pages: peak RSS growth {growth:.1f} MiB; bound {bound_mib}")
         assert growth < bound_mib
-        busy = await asyncio.to_thread(raw, relay.port, target)
+        busy = await asyncio.to_thread(raw_exchange, relay.port, target)
         assert status_of(busy) == 503 and b"Retry-After: 1" in busy
-        assert status_of(await asyncio.to_thread(raw, relay.port, target, OTHER)) == 200
+        assert status_of(await asyncio.to_thread(raw_exchange, relay.port, target, OTHER)) == 200
     finally:
         for sock in socks:
             sock.close()
     # Closed, the slots come back.
-    served = lambda: status_of(raw(relay.port, target)) == 200  # noqa: E731
+    served = lambda: status_of(raw_exchange(relay.port, target)) == 200  # noqa: E731
     await asyncio.to_thread(wait_until, served, 10, what="the API slots to come back")

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tests.reliability.test_security import read_response, request, status_of
 from tests.support.clients import Collector, ResendingProducer, event
-from tests.test_slow_consumer import metrics, wait_for_metric
+from tests.support.metrics import scrape, wait_for_metric
+from tests.support.raw_http import read_response, request, status_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -55,7 +55,7 @@ async def test_reads_for_clients_already_gone_are_skipped(relay_factory):
     assert sub.seqs() == list(range(1, SMALL + 1))
 
     async def burst_handled() -> float:
-        figures = await metrics(relay)
+        figures = scrape(relay)
         done = figures.get('fedrelay_store_reads_total{outcome="done",queue="api"}', 0)
         skipped = figures.get('fedrelay_store_reads_total{outcome="skipped",queue="api"}', 0)
         return done + skipped
@@ -65,7 +65,7 @@ async def test_reads_for_clients_already_gone_are_skipped(relay_factory):
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(all_handled(), 60)
-    figures = await metrics(relay)
+    figures = scrape(relay)
     skipped = figures['fedrelay_store_reads_total{outcome="skipped",queue="api"}']
     print(f"{count} requests from clients gone at once: {int(skipped)} reads skipped")
     assert skipped >= count * 0.9

@@ -25,7 +25,8 @@ from websockets.asyncio.client import connect
 
 from fedrelay.emitters import Emitter
 from tests.support.clients import event
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.waiting import wait_until
 
 RUN = "fl-outage"
 CLIENTS = 2

@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 
 from tests.support.clients import Collector
 from tests.support.node import node_command
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
 from tests.support.seed_system import (
     Frame,
     as_browser_sees,
@@ -27,6 +27,7 @@ from tests.support.seed_system import (
     federated_run,
     send_frames,
 )
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

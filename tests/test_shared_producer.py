@@ -24,8 +24,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.support.clients import event
+from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
-from tests.test_slow_consumer import metrics, send_handshake
+from tests.support.sockets import send_handshake
 
 pytestmark = pytest.mark.timeout(60)
 OTHER = "127.0.0.2"
@@ -81,7 +82,7 @@ async def test_a_second_live_connection_under_a_name_is_refused(relay_factory):
     hello = json.loads(await again.recv())
     assert hello["op"] == "hello" and hello["last_id"] == 1
     await again.close()
-    figures = await metrics(relay)
+    figures = scrape(relay)
     assert figures['fedrelay_producer_refusals_total{reason="producer_in_use"}'] == 1
     warning = [line for line in relay.log().splitlines() if "in use" in line]
     assert len(warning) == 1 and "127.0.0.1" in warning[0] and OTHER in warning[0], warning
@@ -152,7 +153,7 @@ async def test_an_id_stored_with_another_body_is_a_conflict(tmp_path):
         frames, code = await replies_until_close(conn)
         assert code == 4409 and frames == [frames[0]] and frames[0]["code"] == "producer_conflict"
         assert frames[0]["id"] == 3
-        figures = await metrics(relay)
+        figures = scrape(relay)
         assert figures['fedrelay_producer_refusals_total{reason="producer_conflict"}'] == 1
     finally:
         relay.stop()

@@ -11,85 +11,18 @@ certainly cut in the middle of the stream.
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
-from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess
+from tests.support.clients import Collector, ResendingProducer, wait_for_control
+from tests.support.metrics import scrape, wait_for_metric
+from tests.support.slow_stream import BATCH, padded, seqs_in, stream_size
+from tests.support.sockets import send_handshake, tiny_receive_socket
+from tests.support.waiting import until
 
 MAX_QUEUE = 65536
-PAD = 4000
-"""Bytes of padding per event: about 4.1 KB each on the wire."""
-BATCH = 10
-"""Events per producer frame: about 41 KB, well under MAX_QUEUE per delivery."""
-
-
-def kernel_send_buffer_max() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
-    except (OSError, ValueError, IndexError):
-        return 4 << 20
-
-
-def stream_size() -> int:
-    """Events whose total is twice what the kernel can hold for one socket, plus some."""
-    return (2 * kernel_send_buffer_max() + (1 << 20)) // (PAD + 100)
-
-
-async def metrics(relay: RelayProcess) -> dict[str, float]:
-    """The relay's /metrics samples, fetched off the event loop."""
-    return await asyncio.to_thread(scrape, relay)
-
-
-async def wait_for_metric(relay: RelayProcess, name: str, at_least: float, timeout: float = 15.0) -> float:
-    async def poll() -> float:
-        while True:
-            try:
-                value = (await metrics(relay)).get(name, 0.0)
-            except OSError:  # a busy relay can be slow to answer; the deadline still holds
-                value = 0.0
-            if value >= at_least:
-                return value
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), timeout)
-
-
-def tiny_receive_socket(port: int) -> socket.socket:
-    """A connected TCP socket whose receive window is as small as the kernel allows."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-def send_handshake(sock: socket.socket, port: int, target: str) -> None:
-    """A WebSocket upgrade request written by hand: the client never reads after it."""
-    sock.sendall(
-        (
-            f"GET {target} HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-
-
-def padded(run: str, i: int) -> dict:
-    return event(run, i, pad="p" * PAD)
-
-
-def seqs_in(frame: str | bytes) -> list[int]:
-    msg = json.loads(frame)
-    if isinstance(msg, list):
-        return [e["seq"] for e in msg]
-    return [msg["seq"]] if "seq" in msg else []
 
 
 async def test_subscriber_that_stops_reading_is_cut_and_resumes_without_gap(relay_factory):
@@ -148,7 +81,7 @@ async def test_subscriber_that_stops_reading_is_cut_and_resumes_without_gap(rela
         assert resumed.seqs() == list(range(last + 1, total + 1))
         assert resumed.closed is None
     # Only the client that stopped reading was ever cut.
-    assert (await metrics(relay))["fedrelay_slow_consumers_total"] == 1
+    assert (await asyncio.to_thread(scrape, relay))["fedrelay_slow_consumers_total"] == 1
     assert "cut slow consumer" in relay.log()
 
 
@@ -170,7 +103,7 @@ async def test_raw_socket_that_never_reads_is_cut_while_the_stream_goes_on(relay
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
     try:
-        before = await metrics(relay)
+        before = await asyncio.to_thread(scrape, relay)
         assert before['fedrelay_connections{endpoint="subscribe"}'] == 1
         query = "run_id=raw&since=0"
         async with Collector(relay.url, query) as a, Collector(relay.url, query) as b:
@@ -182,7 +115,7 @@ async def test_raw_socket_that_never_reads_is_cut_while_the_stream_goes_on(relay
             for sub in (a, b):
                 assert sub.seqs() == list(range(1, total + 1))
                 assert sub.closed is None
-            after = await metrics(relay)
+            after = await asyncio.to_thread(scrape, relay)
             assert after["fedrelay_events_in_total"] == total
             assert after["fedrelay_slow_consumers_total"] == 1  # the raw socket, not a or b
         assert producer.acked == total

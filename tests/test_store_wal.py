@@ -97,8 +97,10 @@ async def test_wal_starts_over_while_catch_up_reads_never_stop(tmp_path):
         seq, generations = await commit_until_the_wal_started_over(store, tmp_path / "events.db-wal", 2)
     finally:
         reading = False
-        await asyncio.gather(*readers, return_exceptions=True)
+        outcomes = await asyncio.gather(*readers, return_exceptions=True)
         left = await store.close()
+    failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert not failed, f"catch-up reads failed: {failed!r}"
     assert pages > 10
     assert len(generations) >= 3, f"the WAL never started over: generations {sorted(generations)}"
     assert store.escalated_checkpoints >= 1

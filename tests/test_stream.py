@@ -7,7 +7,8 @@ import json
 
 from websockets.asyncio.client import connect
 
-from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
+from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
+from tests.support.waiting import until
 
 
 async def test_backlog_then_live_while_publishing_at_full_speed(relay):

@@ -10,28 +10,39 @@ import io
 import json
 import math
 import os
+import pty
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from rich.console import Console
 
-from fedrelay.tail import LiveView
-from tests.support.clients import ResendingProducer, until
+from fedrelay.tail import REDRAW_EVERY, LiveView
+from tests.support.clients import ResendingProducer
 from tests.support.clients import event as make_event
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
+from tests.support.relay_process import RelayProcess
 from tests.support.seed_system import centralized_run as seed_centralized_run
 from tests.support.seed_system import send_frames
+from tests.support.stored import stored_events
 from tests.support.training import BackgroundProducer, centralized_run, federated_run
+from tests.support.waiting import until, wait_until
 
-
-def stored(relay: RelayProcess, run_id: str) -> list[dict]:
-    status, body = relay.get_json(f"/api/runs/{run_id}/events?since=0&limit=10000")
-    assert status == 200, body
-    return body["events"]
+TAIL = [
+    sys.executable,
+    "-c",
+    "import sys, fedrelay.follow; fedrelay.follow.CLOSE_TIMEOUT = 600.0; "
+    "from fedrelay.tail import main; sys.exit(main())",
+]
+"""``fedrelay tail`` with a closing handshake that may wait 600 s instead of 2 s: an exit that
+waits for it cannot pass for a prompt one, so "exits promptly" is a generous timeout
+(PROMPTLY) rather than a wall-clock limit that the 2 s wait fits under."""
+PROMPTLY = 60.0
+"""Seconds an exit may take (it takes well under one); the bugs it guards against take 600 s or
+never end."""
 
 
 def cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -55,7 +66,7 @@ class Tail:
 
     def __init__(self, *args: str, reading: bool = True) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedrelay.tail", *args],
+            [*TAIL, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -104,7 +115,7 @@ def test_tail_follows_a_run_across_a_relay_restart(relay_factory, tmp_path):
     code, err = tail.wait(60)
 
     assert code == 0, err
-    last = len(stored(restarted, run_id))
+    last = len(stored_events(restarted, run_id))
     assert last == len(events)
     assert tail.seqs() == list(range(1, last + 1)), "every seq once, in order, across the restart"
     assert "resuming" in err
@@ -182,7 +193,7 @@ def test_tail_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, children):
         tail.proc.send_signal(signal.SIGINT)
     finally:
         tail.reading.set()
-    code, err = tail.exit_within(5, "fedrelay tail did not exit within 5 s of Ctrl-C during a catch-up")
+    code, err = tail.exit_within(PROMPTLY, "fedrelay tail did not exit after Ctrl-C during a catch-up")
 
     assert code == 130, err
     assert "Traceback" not in err, err
@@ -206,7 +217,7 @@ def test_tail_until_end_exits_promptly_with_events_still_in_flight(relay, childr
         )
     finally:
         tail.reading.set()
-    code, err = tail.exit_within(5, "fedrelay tail --until-end did not exit within 5 s with events in flight")
+    code, err = tail.exit_within(PROMPTLY, "fedrelay tail --until-end did not exit with events in flight")
 
     assert code == 0, err
     assert tail.seqs() == list(range(1, end + 1)) and tail.lines[-1].startswith(f"#{end} training_end")
@@ -216,11 +227,10 @@ def test_tail_until_end_exits_promptly_with_events_still_in_flight(relay, childr
 def test_live_view_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, children):
     """The same on a terminal, in the rich view. It also redrew once per event (~4 ms each), so
     Ctrl-C first waited for the ~1,200 events of the frame in hand: ~4.5 s, then the 10 s close."""
-    pty = pytest.importorskip("pty")
     publish(relay, [make_event("big", i) for i in range(1, 100_001)])
     master, child = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedrelay.tail", "big", "--url", relay.url],
+        [*TAIL, "big", "--url", relay.url],
         stdin=child,
         stdout=child,
         stderr=child,
@@ -240,7 +250,7 @@ def test_live_view_exits_promptly_on_ctrl_c_during_a_large_catch_up(relay, child
     try:
         wait_until(lambda: b"recent events" in screen, timeout=30, what="the live view")
         proc.send_signal(signal.SIGINT)
-        code = exit_code_within(proc, 5, "the live view did not exit within 5 s of Ctrl-C during a catch-up")
+        code = exit_code_within(proc, PROMPTLY, "the live view did not exit after Ctrl-C during a catch-up")
         assert code == 130, bytes(screen[-2000:]).decode(errors="replace")
         assert b"Traceback" not in screen
     finally:
@@ -252,17 +262,21 @@ def test_live_view_draws_a_burst_of_events_a_few_times_then_the_last_state():
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     view = LiveView(with_run=False, console=console)
 
-    async def burst() -> int:
+    async def burst() -> tuple[int, float]:
         with view:
+            started = time.monotonic()
             for i in range(1, 5_001):
                 view.apply({"run_id": "r", "seq": i, "type": "round_end", "data": {"round": i}})
                 view.changed()
+            took = time.monotonic() - started
             drawn = view.redraws
-            await until(lambda: "seq 5000" in console.file.getvalue(), timeout=5)
-        return drawn
+            await until(lambda: "seq 5000" in console.file.getvalue(), timeout=5, what="the last state")
+        return drawn, took
 
-    drawn = asyncio.run(burst())
-    assert 1 <= drawn < 100, "once every REDRAW_EVERY seconds, not once per event"
+    drawn, took = asyncio.run(burst())
+    # At most one redraw per REDRAW_EVERY of the burst's own duration (plus the first): however
+    # slow the machine, that bound grows with it; once per event it is 5,000.
+    assert 1 <= drawn <= 2 + took / REDRAW_EVERY, (drawn, took)
 
 
 def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
@@ -270,7 +284,7 @@ def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
     and reconnect forever, one event (and one "connection lost" note) per attempt."""
     publish(relay, [make_event("piped", i) for i in range(1, 5_001)])  # more than a pipe buffer holds
     tail = subprocess.Popen(
-        [sys.executable, "-m", "fedrelay.tail", "piped", "--url", relay.url],
+        [*TAIL, "piped", "--url", relay.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -279,7 +293,9 @@ def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
     assert tail.stdout is not None and tail.stderr is not None
     first = [tail.stdout.readline() for _ in range(3)]
     tail.stdout.close()  # as head does after three lines
-    code = exit_code_within(tail, 5, "fedrelay tail kept running after the reader of its output went away")
+    code = exit_code_within(
+        tail, PROMPTLY, "fedrelay tail kept running after the reader of its output went away"
+    )
 
     assert [line.split()[0] for line in first] == ["#1", "#2", "#3"]
     err = tail.stderr.read()
@@ -291,7 +307,7 @@ def test_tail_exits_when_the_reader_of_its_output_goes_away(relay, children):
 def test_export_files_round_trip(relay, tmp_path):
     events = federated_run("export-run", rounds=3, clients=3, fail=(1, 2))
     BackgroundProducer(relay.url, events, pace=0, batch=100).start().join()
-    expected = stored(relay, "export-run")
+    expected = stored_events(relay, "export-run")
     assert len(expected) == len(events)
 
     jsonl = tmp_path / "run.jsonl"
@@ -326,15 +342,8 @@ def test_tail_and_export_present_the_subscribe_token(relay_factory, tmp_path):
     denied = cli("export", "tok", "--url", relay.url)
     assert denied.returncode == 1 and "401" in denied.stderr
     exported = cli("export", "tok", "--url", relay.url, "--token", "s3cret")
-    assert exported.returncode == 0 and len(exported.stdout.splitlines()) == len(stored_with(relay, "tok"))
-
-
-def stored_with(relay: RelayProcess, run_id: str) -> list[dict]:
-    status, body = relay.get_json(
-        f"/api/runs/{run_id}/events?since=0&limit=10000", headers={"Authorization": "Bearer s3cret"}
-    )
-    assert status == 200
-    return body["events"]
+    stored = stored_events(relay, "tok", headers={"Authorization": "Bearer s3cret"})
+    assert exported.returncode == 0 and len(exported.stdout.splitlines()) == len(stored)
 
 
 def _leaves(value, prefix):
@@ -363,7 +372,7 @@ def test_export_of_a_run_from_the_root_path(relay, tmp_path):
     """The seed system's centralized run, sent on ``/``, exports like any other run."""
     frames = seed_centralized_run(7)
     asyncio.run(send_frames(relay.url + "/", frames))
-    expected = wait_until(lambda: len(stored(relay, "7")) == len(frames) and stored(relay, "7"))
+    expected = wait_until(lambda: len(stored_events(relay, "7")) == len(frames) and stored_events(relay, "7"))
     out = tmp_path / "seed.csv"
     result = cli("export", "7", "--format", "csv", "--out", str(out), "--url", relay.url)
     assert result.returncode == 0, result.stderr

@@ -22,7 +22,8 @@ from websockets.exceptions import InvalidMessage
 
 from tests.support.clients import event
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.waiting import wait_until
 
 PUBLISH, SUBSCRIBE = "pub-tok3n", "sub-tok3n"
 
@@ -164,7 +165,8 @@ def test_unusable_certificate_or_key_stops_the_relay_at_start_naming_the_file(ca
 
 async def test_a_subscriber_that_stops_reading_over_tls_is_cut_like_any_other(tls_files, tmp_path):
     """The send queue bound holds under TLS too: the encrypted transport reports what waits."""
-    from tests.test_slow_consumer import BATCH, padded, send_handshake, stream_size, tiny_receive_socket
+    from tests.support.slow_stream import BATCH, padded, stream_size
+    from tests.support.sockets import send_handshake, tiny_receive_socket
 
     relay = RelayProcess(
         tmp_path / "slow.db",

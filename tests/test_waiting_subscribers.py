@@ -20,7 +20,7 @@ from fedrelay.follow import Follower
 from tests.support.clients import Collector, ResendingProducer, event, until, wait_for_control
 from tests.support.metrics import scrape
 from tests.support.node import node_command
-from tests.support.relay_process import wait_until
+from tests.support.waiting import wait_until
 
 N = 25
 QUIET = 1.5

@@ -22,7 +22,8 @@ from websockets.exceptions import ConnectionClosed
 from fedrelay.relay.server import HARD_QUEUE_FACTOR
 from tests.support.clients import Collector, ResendingProducer, event, until
 from tests.support.memory import memory_kib, peak_growth_mib
-from tests.test_slow_consumer import metrics, send_handshake, tiny_receive_socket, wait_for_metric
+from tests.support.metrics import scrape, wait_for_metric
+from tests.support.sockets import send_handshake, tiny_receive_socket
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -93,7 +94,7 @@ async def test_a_burst_after_a_write_stall_cuts_only_the_subscriber_that_does_no
             released = asyncio.create_task(locker.stdout.readline())
             burst_events = 0  # the most events waiting for the lock: what commits at once after it
             while not released.done():
-                figures = await metrics(relay)
+                figures = scrape(relay)
                 burst_events = max(burst_events, int(figures["fedrelay_store_lag_events"]))
                 await asyncio.sleep(0.05)
             assert released.result() == b"released\n"
@@ -119,7 +120,7 @@ async def test_a_burst_after_a_write_stall_cuts_only_the_subscriber_that_does_no
             assert root.seqs == list(range(root.seqs[0], total + 1))
             # The one that never reads was cut, and it alone.
             await wait_for_metric(relay, "fedrelay_slow_consumers_total", 1)
-            assert (await metrics(relay))["fedrelay_slow_consumers_total"] == 1
+            assert (scrape(relay))["fedrelay_slow_consumers_total"] == 1
             growth = peak_growth_mib(relay.proc.pid, rss_before)
             bound = 4 * HARD_QUEUE_FACTOR * limit / (1 << 20) + 64
             print(f"burst of {burst_events} events (~{burst_events * 4.1 / 1000:.0f} MB) after {STALL} s;")

@@ -90,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
             certfile=args.certfile,
             keyfile=args.keyfile,
             stall_after=args.stall_after,
+            alert_webhook=args.alert_webhook or None,
+            alert_rule=args.alert_rule or None,
+            alerts=args.alerts,
             compression=True if args.compression else None,
             log_level=args.log_level,
             log_format=args.log_format,
@@ -320,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--keyfile", help="PEM private key of --certfile, unencrypted (FEDRELAY_KEYFILE)")
     serve.add_argument("--stall-after", type=float, help="seconds of silence before 'stalled' (300)")
+    serve.add_argument(
+        "--alert-webhook",
+        action="append",
+        metavar="URL",
+        help="POST an alert here when a run fails, stalls or ends, or a rule holds; repeatable "
+        "(FEDRELAY_ALERT_WEBHOOK, comma-separated, keeps the URL out of ps; docs/alerts.md)",
+    )
+    serve.add_argument(
+        "--alert-rule",
+        action="append",
+        metavar="RULE",
+        help="alert when a metric rule holds, e.g. 'eval_metrics.val_loss > 2' or "
+        "'no improvement of auroc for 10 rounds'; repeatable",
+    )
+    serve.add_argument(
+        "--alerts", metavar="FILE", help="alerts file (TOML): webhooks, rules, delivery options"
+    )
     serve.add_argument("--compression", action="store_true", help="enable permessage-deflate")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from .clients_summary import round_line, top_failing_line
+from .federation import DEFAULT_FACTOR, DEFAULT_MIN_GAP, FederationHealth
 from .follow import DEFAULT_URL, Follower, RelayRefused, relay_urls
 from .tls import resolve_ca_file
 
@@ -133,11 +135,46 @@ class LogFilter:
         return client is not None and str(client) == self.client
 
 
+class ClientsWatch:
+    """``--clients``: one run's federation health, folded as events arrive, judged when shown."""
+
+    SHOWN_ROUNDS = 5
+    TOP_EVERY = 1.0
+    """Seconds between recomputing the top failing clients in the live view (it judges every round)."""
+
+    def __init__(self, factor: float, min_gap: float) -> None:
+        self.health = FederationHealth()
+        self.factor = factor
+        self.min_gap = min_gap
+        self.ended = False
+        self._top: tuple[float, str] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.health.add(event)
+        self.ended = self.ended or event.get("type") == "training_end"
+
+    def round_line(self, number: int) -> str | None:
+        if number not in self.health.rounds:
+            return None
+        return round_line(self.health.judge_round(number, self.factor, self.min_gap))
+
+    def recent_lines(self) -> list[str]:
+        numbers = sorted(self.health.rounds)[-self.SHOWN_ROUNDS :]
+        return [line for line in map(self.round_line, numbers) if line]
+
+    def top_line(self, fresh: bool = True) -> str:
+        now = time.monotonic()
+        if fresh or self._top is None or now - self._top[0] > self.TOP_EVERY:
+            self._top = (now, top_failing_line(self.health.report(self.factor, self.min_gap)))
+        return self._top[1]
+
+
 class RunState:
     """What the live view shows of one run, folded from its events."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, clients: ClientsWatch | None = None) -> None:
         self.run_id = run_id
+        self.watch = clients
         self.mode: str | None = None
         self.name: str | None = None
         self.status = "running"
@@ -147,6 +184,8 @@ class RunState:
         self.last_seq = 0
 
     def apply(self, event: dict[str, Any]) -> None:
+        if self.watch is not None:
+            self.watch.add(event)
         d = event.get("data") or {}
         kind = event.get("type")
         self.last_seq = event.get("seq") or self.last_seq
@@ -184,11 +223,15 @@ catch-up of 100,000 events took minutes, and Ctrl-C waited for the ~1,200 of a f
 class LiveView:
     """The rich terminal view: one panel per run (the latest few), recent events below."""
 
-    def __init__(self, with_run: bool, console: Any = None) -> None:
+    def __init__(
+        self, with_run: bool, console: Any = None, clients: tuple[float, float] | None = None
+    ) -> None:
         from rich.console import Console
         from rich.live import Live
 
         self.with_run = with_run
+        self.clients = clients
+        """``--clients``: (straggler factor, min gap in seconds); None: no clients panel."""
         self.runs: dict[str, RunState] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=12)
         self.logs: deque[dict[str, Any]] = deque(maxlen=10)
@@ -210,7 +253,11 @@ class LiveView:
 
     def apply(self, event: dict[str, Any]) -> None:
         run_id = event.get("run_id", "?")
-        self.runs.setdefault(run_id, RunState(run_id)).apply(event)
+        state = self.runs.get(run_id)
+        if state is None:
+            watch = ClientsWatch(*self.clients) if self.clients else None
+            state = self.runs[run_id] = RunState(run_id, watch)
+        state.apply(event)
         (self.logs if event.get("type") == "log" else self.recent).append(event)
 
     def refresh(self) -> None:
@@ -253,7 +300,14 @@ class LiveView:
                 metrics.add_row(name, _fmt(value))
             where = f"{state.mode or '?'}, {state.run_id}, seq {state.last_seq}"
             title = f"{state.name or state.run_id} [dim]({where})"
-            panels.append(Panel(Group(bar, metrics), title=title, title_align="left"))
+            parts: list[Any] = [bar, metrics]
+            if state.watch is not None and state.watch.health.rounds:
+                clients = Table("clients", box=None, show_header=True, header_style="dim")
+                for line in state.watch.recent_lines():
+                    clients.add_row(line)
+                clients.add_row(state.watch.top_line(fresh=False))
+                parts.append(clients)
+            panels.append(Panel(Group(*parts), title=title, title_align="left"))
         events = Table(box=None, header_style="dim", title="recent events", title_justify="left")
         events.add_column("seq", justify="right")
         events.add_column("type")
@@ -317,6 +371,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="only log records of this level and above (implies --logs)",
     )
     tail.add_argument("--client", help="only log records of this client id (implies --logs)")
+    tail.add_argument(
+        "--clients",
+        action="store_true",
+        help="federation health: per round finished / failed / silent clients, median duration, "
+        "stragglers and critical path; the clients failing most",
+    )
+    tail.add_argument(
+        "--straggler-factor",
+        type=float,
+        default=DEFAULT_FACTOR,
+        help=f"--clients: a straggler takes over this many times its round's median ({DEFAULT_FACTOR:g})",
+    )
+    tail.add_argument(
+        "--straggler-min-seconds",
+        type=float,
+        default=DEFAULT_MIN_GAP,
+        help=f"--clients: ...and at least this many seconds more ({DEFAULT_MIN_GAP:g})",
+    )
     tail.set_defaults(func=run)
     return tail
 
@@ -329,16 +401,42 @@ def run(args: argparse.Namespace) -> int:
     urls = relay_urls(args.url)
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     runs: list[str] | str = "*" if args.all else [args.run_id]
+    if not (math.isfinite(args.straggler_factor) and args.straggler_factor >= 1):
+        print("fedrelay tail: --straggler-factor must be a number >= 1", file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.straggler_min_seconds) and args.straggler_min_seconds >= 0):
+        print("fedrelay tail: --straggler-min-seconds must be a number >= 0", file=sys.stderr)
+        return 2
     plain = args.plain or not sys.stdout.isatty()
-    view = None if plain else LiveView(with_run=args.all)
+    clients = (args.straggler_factor, args.straggler_min_seconds) if args.clients else None
+    view = None if plain else LiveView(with_run=args.all, clients=clients)
     target: dict[str, int | None] = {"last_seq": None}
     logs = LogFilter(args.logs, args.level, args.client)
+    watches: dict[str, ClientsWatch] = {}
+    """Plain lines with --clients: each run's health."""
+
+    def clients_lines(event: dict[str, Any]) -> None:
+        run_id = str(event.get("run_id"))
+        watch = watches.get(run_id)
+        if watch is None:
+            watch = watches[run_id] = ClientsWatch(*clients)  # type: ignore[misc]
+        watch.add(event)
+        prefix = f"{run_id} clients " if args.all else "clients "
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        if event.get("type") == "round_end" and isinstance(data.get("round"), int):
+            line = watch.round_line(data["round"])
+            if line:
+                print(prefix + line, flush=True)
+        elif event.get("type") == "training_end" and watch.health.rounds:
+            print(prefix + watch.top_line(), flush=True)
 
     def on_event(event: dict[str, Any]) -> bool:
         if not logs.wants(event):
             pass
         elif view is None:
             print(plain_line(event, args.all), flush=True)
+            if clients is not None:
+                clients_lines(event)
         else:
             view.apply(event)
             view.changed()
@@ -372,6 +470,11 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if view is None:
             asyncio.run(follower.run())
+            for run_id, watch in watches.items():  # a run that has not ended: where it stands
+                if not watch.ended and watch.health.rounds:
+                    prefix = f"{run_id} clients " if args.all else "clients "
+                    for line in [*watch.recent_lines(), watch.top_line()]:
+                        print(prefix + line, flush=True)
         else:
             with view:
                 asyncio.run(follower.run())

@@ -18,9 +18,8 @@ import pytest
 
 from fedrelay.bridge.mlflow_map import translate
 from fedrelay.bridge.mlflow_sink import MlflowSink
-from tests.emitters.conftest import stored_events
-from tests.integrations.helpers import demo_env
 from tests.support.clients import ResendingProducer
+from tests.support.demo import demo_env
 from tests.support.mlflow_bridge import (
     BridgeProcess,
     MlflowServer,
@@ -28,8 +27,9 @@ from tests.support.mlflow_bridge import (
     find_runs,
     recorded_series,
 )
-from tests.support.relay_process import wait_until
+from tests.support.stored import stored_events
 from tests.support.training import centralized_run, federated_run
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 

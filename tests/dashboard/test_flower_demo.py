@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.dashboard.test_dashboard import STATE, all_points, round_points, wait
+from tests.support.dashboard import STATE, all_points, round_points, wait
+from tests.support.stored import stored_events
 from tests.support.training import expected_points
 
 ROUNDS, CLIENTS = 3, 4
@@ -47,9 +48,7 @@ def test_dashboard_follows_a_real_flower_demo_run(relay, page, tmp_path):
         log.close()
 
     run_id = page.evaluate(f"() => {STATE}.runId")
-    status, body = relay.get_json(f"/api/runs/{run_id}/events?since=0&limit=10000")
-    assert status == 200
-    events = body["events"]
+    events = stored_events(relay, run_id)
     wait(page, f"() => {STATE}.lastSeq === {len(events)} && {STATE}.status === 'completed'")
     wait(page, f"() => {STATE}.charts['round:auroc'] === {expected_points(events)['round:auroc']}")
     assert round_points(page) == expected_points(events)

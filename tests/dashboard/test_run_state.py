@@ -7,9 +7,8 @@ import asyncio
 import threading
 
 from tests.support.clients import ResendingProducer
+from tests.support.dashboard import STATE, all_points, wait
 from tests.support.training import federated_run
-
-from .test_dashboard import STATE, all_points, wait
 
 ROUNDS, CLIENTS = 4, 3
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.dashboard.test_dashboard import STATE, wait
 from tests.support.clients import ResendingProducer, event
+from tests.support.dashboard import STATE, wait
 from tests.support.metrics import scrape
-from tests.support.relay_process import wait_until
 from tests.support.seed_system import centralized_run, federated_run, send_frames
+from tests.support.waiting import wait_until
 
 
 def run_async(coro) -> None:

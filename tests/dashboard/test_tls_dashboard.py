@@ -15,11 +15,10 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
+from tests.support.browser import CHROMIUM_ARGS, chromium_path
+from tests.support.dashboard import STATE, wait
 from tests.support.relay_process import RelayProcess
 from tests.support.training import federated_run
-
-from .conftest import CHROMIUM_ARGS, chromium_path
-from .test_dashboard import STATE, wait
 
 
 @pytest.fixture(scope="module")

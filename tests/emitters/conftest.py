@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 
 from fedrelay.emitters import Emitter
-from tests.support.relay_process import RelayProcess
 
 
 @pytest.fixture(autouse=True)
@@ -35,22 +34,3 @@ def make_emitter(tmp_path):
     yield make
     for emitter in made:
         emitter.close(timeout=1)
-
-
-def stored_events(relay: RelayProcess, run_id: str) -> list[dict]:
-    """Every event the relay stored for ``run_id``, in seq order."""
-    events: list[dict] = []
-    since = 0
-    while True:
-        status, page = relay.get_json(f"/api/runs/{run_id}/events?since={since}&limit=1000")
-        if status == 404:
-            return events
-        assert status == 200, page
-        if not page["events"]:
-            return events
-        events.extend(page["events"])
-        since = page["next_since"]
-
-
-def spooled_count(spool_dir) -> int:
-    return sum(int(p.stem.rsplit("-", 1)[1]) for p in spool_dir.glob("*/*.seg"))

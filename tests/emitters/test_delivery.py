@@ -6,8 +6,9 @@ import math
 import threading
 from datetime import datetime
 
-from tests.emitters.conftest import stored_events
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 
 def test_events_arrive_in_order_exactly_once_with_ids_and_timestamps(relay, make_emitter):

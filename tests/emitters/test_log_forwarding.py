@@ -12,8 +12,8 @@ import pytest
 
 from fedrelay.emitters import forward_logs, logs
 from fedrelay.emitters.logs import LogSource, log_source
-from tests.emitters.conftest import stored_events
-from tests.support.relay_process import wait_until
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 log = logging.getLogger("test.logs.app")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.emitters.conftest import spooled_count, stored_events
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 
 def run_sync(*args: str) -> subprocess.CompletedProcess[str]:

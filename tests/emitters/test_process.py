@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from fedrelay.emitters import get_emitter, shared
-from tests.emitters.conftest import stored_events
+from tests.support.stored import stored_events
 
 
 @pytest.fixture

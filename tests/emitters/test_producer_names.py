@@ -11,7 +11,8 @@ from websockets.sync.client import connect
 from fedrelay.emitters import Emitter
 from fedrelay.emitters.sync import sync_spool
 from tests.support.publish_peer import PublishPeer
-from tests.support.relay_process import free_port, wait_until
+from tests.support.relay_process import free_port
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -16,9 +16,11 @@ import textwrap
 
 import pytest
 
-from tests.emitters.conftest import spooled_count, stored_events
 from tests.support.blackhole import Blackhole
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 CHILD = textwrap.dedent(
     """

@@ -17,8 +17,10 @@ import threading
 
 from fedrelay.emitters import Emitter
 from fedrelay.emitters.config import default_spool_dir
-from tests.emitters.conftest import spooled_count, stored_events
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 
 def dead_url() -> str:

@@ -16,8 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.emitters.conftest import stored_events
-from tests.support.relay_process import wait_until
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 EMITTER = textwrap.dedent(
     """

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import textwrap
 import threading
-import time
+
+import pytest
 
 from fedrelay.emitters.sync import sync_spool
-from tests.emitters.conftest import spooled_count, stored_events
 from tests.support.cutting_proxy import CuttingProxy
-from tests.support.relay_process import RelayProcess, free_port, wait_until
+from tests.support.relay_process import RelayProcess, free_port
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
+from tests.support.waiting import wait_until
 
 
 def segment_ids(path) -> set[int]:
@@ -77,21 +81,46 @@ def test_sync_skips_an_empty_segment_and_delivers_the_rest(tmp_path, make_emitte
         relay.stop()
 
 
-def test_backs_off_when_sessions_keep_failing(relay, make_emitter):
-    """Every connection is cut right after the relay's hello (a flaky proxy): no reconnect spin."""
-    proxy = CuttingProxy(relay.port)
+MAX_BACKOFF = 1.6
+"""Large enough that the schedule doubles four times before the cap: 0.1, 0.2, 0.4, 0.8, 1.6 s."""
+
+
+def backoff_floor(failures: int) -> float:
+    """The shortest wait after ``failures`` failures in a row that docs/emitters.md allows:
+    min(max_backoff, 0.1 * 2**(failures - 1)), jittered by a factor in [0.5, 1.0]."""
+    return 0.5 * min(MAX_BACKOFF, 0.1 * 2 ** (failures - 1))
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param("accept", id="connections-fail"),
+        pytest.param("hello", id="sessions-fail"),
+    ],
+)
+def test_reconnects_back_off_on_the_documented_schedule(relay, make_emitter, cut):
+    """Every connection is cut: at once (the relay looks down), or right after the relay's hello
+    (a flaky proxy). The gap before each new attempt is at least the schedule's lower bound for
+    that many failures in a row, so it grows until the cap: no reconnect spin, and no backoff
+    capped short of the schedule. Only lower bounds are checked: load only lengthens gaps.
+
+    The one event is one the relay refuses (``round`` is not an integer): nothing is stored, so
+    no ``hello`` reports progress and every session counts as one more failure in a row."""
+    proxy = CuttingProxy(relay.port, cut=cut)
+    attempts = 6
     try:
-        em = make_emitter(proxy.url, run_id="spin", max_backoff=0.5)
-        em.emit("status", {"message": "x"})
-        wait_until(lambda: em.stats["reconnects"] >= 2, 10, what="two failed sessions")
-        started = time.monotonic()
-        wait_until(lambda: em.stats["reconnects"] >= 5, 10, what="three more sessions")
-        # the backoffs after the 2nd, 3rd and 4th failure in a row: at least 0.1 + 0.2 + 0.25 s;
-        # without backoff, a few ms
-        assert time.monotonic() - started >= 0.3
-        assert proxy.cuts >= 5
+        em = make_emitter(proxy.url, run_id="spin", max_backoff=MAX_BACKOFF)
+        em.emit("round_end", {"round": "not a number"})
+        wait_until(lambda: len(proxy.accepted) >= attempts, 30, what=f"{attempts} connection attempts")
     finally:
         proxy.close()
+    times = proxy.accepted[:attempts]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    floors = [backoff_floor(n) for n in range(1, attempts)]
+    short = [(n, round(gap, 3), floor) for n, (gap, floor) in enumerate(zip(gaps, floors, strict=True), 1)]
+    assert all(gap >= floor for _, gap, floor in short), f"(failures, gap s, floor s): {short}"
+    assert proxy.cuts >= attempts - 1  # each attempt before the last was cut
+    assert relay.get("/api/runs/spin")[0] == 404  # refused, so nothing counted as progress
 
 
 CRASHING_PRODUCER = textwrap.dedent(

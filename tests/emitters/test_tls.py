@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from tests.emitters.conftest import spooled_count, stored_events
-from tests.support.relay_process import wait_until
+from tests.support.spool import spooled_count
+from tests.support.stored import stored_events
 from tests.support.tls_proxy import TlsProxy
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import sqlite3
 
 import pytest
 
-from tests.support.clients import Collector, until
+from tests.support.clients import Collector
+from tests.support.demo import TINY, run_demo
 from tests.support.relay_process import free_port
-
-from .helpers import TINY, assert_gap_free, of_type, run_demo, run_status, stored_events
+from tests.support.stored import assert_gap_free, of_type, run_status, stored_events
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
 

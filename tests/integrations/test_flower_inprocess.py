@@ -11,18 +11,15 @@ import sys
 import textwrap
 from typing import Any
 
+import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
-flwr = pytest.importorskip("flwr")
-
-import numpy as np  # noqa: E402
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-
-from fedrelay.emitters import shared  # noqa: E402
-from fedrelay.emitters.flower import (  # noqa: E402
+from fedrelay.emitters import shared
+from fedrelay.emitters.flower import (
     REPLY_RECORD,
     client_mod,
     emitter_for,
@@ -30,9 +27,9 @@ from fedrelay.emitters.flower import (  # noqa: E402
     relay_setting,
     report_epoch,
 )
-from tests.support.relay_process import free_port, wait_until  # noqa: E402
-
-from .helpers import of_type, stored_events  # noqa: E402
+from tests.support.relay_process import free_port
+from tests.support.stored import of_type, stored_events
+from tests.support.waiting import wait_until
 
 RUN_ID = 77
 NODES = {101: 0, 202: 1}
@@ -252,7 +249,7 @@ def test_the_run_config_url_may_list_several_nodes_of_one_relay(relay):
 def test_report_epoch_counts_from_one_and_warns_once_about_zero(relay, caplog):
     caplog.set_level(logging.WARNING, logger="flwr.fedrelay")
     context = Context(RUN_ID, 101, {"partition-id": 0}, RecordDict(), {"fedrelay-url": relay.url})
-    msg = Message(RecordDict({"config": flwr.app.ConfigRecord({"server-round": 3})}), 101, "train")
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), 101, "train")
     for epoch in (0, 1, 0):
         report_epoch(context, msg, epoch, {"loss": 0.1})
     warnings = [r for r in caplog.records if "epoch 0" in r.getMessage()]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import demo_env, of_type, stored_events
+from tests.support.demo import demo_env
+from tests.support.stored import of_type, stored_events
 
 pytestmark = pytest.mark.timeout(300)
 

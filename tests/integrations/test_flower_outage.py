@@ -16,21 +16,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.clients import ResumingSubscriber, until
+from tests.support.clients import ResumingSubscriber
+from tests.support.demo import TINY, final_metrics, run_demo, run_demo_without_relay, run_sync
 from tests.support.relay_process import RelayProcess, free_port
-
-from .helpers import (
-    TINY,
-    assert_gap_free,
-    final_metrics,
-    of_type,
-    run_demo,
-    run_demo_without_relay,
-    run_status,
-    run_sync,
-    spooled_count,
-    stored_events,
-)
+from tests.support.spool import spooled_count
+from tests.support.stored import assert_gap_free, of_type, run_status, stored_events
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,16 +32,6 @@ PER_CLIENT_ROUND = 5
 TOTAL = 3 + ROUNDS * (2 + CLIENTS * PER_CLIENT_ROUND)
 """training_start, status (round 0 evaluation), training_end, and per round round_start, round_end
 and the clients' events."""
-
-
-async def poll(predicate, timeout: float, interval: float = 0.05) -> None:
-    """Await a condition that costs an HTTP call, checking every ``interval`` seconds."""
-
-    async def wait() -> None:
-        while not predicate():
-            await asyncio.sleep(interval)
-
-    await asyncio.wait_for(wait(), timeout)
 
 
 def assert_complete_run(events: list[dict[str, Any]]) -> str:
@@ -149,7 +130,7 @@ async def test_relay_sigkilled_after_round_one_and_restarted_subscriber_sees_eac
         def runs() -> list[dict[str, Any]]:
             return relay.get_json("/api/runs")[1]["runs"]
 
-        await poll(lambda: demo.done() or runs(), timeout=120)
+        await until(lambda: demo.done() or runs(), timeout=120, interval=0.05, what="the run to start")
         assert not demo.done(), await demo
         (run,) = runs()
         live = ResumingSubscriber(relay.url, run["run_id"])

@@ -38,7 +38,7 @@ from tests.support.flower_deployment import (
     write_connection,
 )
 from tests.support.netns import HUB_ADDRESS, Hosts
-from tests.support.relay_process import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -29,7 +29,8 @@ from tests.support.flower_deployment import (
     run_config_args,
     write_connection,
 )
-from tests.support.relay_process import free_port, wait_until
+from tests.support.relay_process import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(420)
 

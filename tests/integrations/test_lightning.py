@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("pytorch_lightning")
-
 from fedrelay.demo.centralized import CentralizedConfig, run_centralized
 from fedrelay.emitters import Emitter
-from tests.support.relay_process import wait_until
-
-from .helpers import assert_gap_free, of_type, run_status, stored_events
+from tests.support.stored import assert_gap_free, of_type, run_status, stored_events
+from tests.support.waiting import wait_until
 
 TINY = dict(image_size=16, n_train=160, n_test=80, batch_size=32)
 

@@ -1,4 +1,4 @@
-"""Fast checks without Ray or a relay: demo metrics and partitions, the strategy wrapper's plumbing."""
+"""Fast checks without Ray: demo metrics and partitions, the strategy wrapper (into a real relay)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 from fedrelay.demo.data import partition, synthetic
 from fedrelay.demo.metrics import auroc, binary_metrics
+from fedrelay.emitters import Emitter
+from tests.support.stored import stored_events
 
 
 def test_auroc_matches_pairwise_definition_with_ties():
@@ -54,26 +56,6 @@ def test_partitions_cover_every_sample_once(scheme):
 
 # --------------------------------------------------------------------------- the strategy wrapper
 
-flwr = pytest.importorskip("flwr")
-
-
-class Recorder:
-    """Stands in for an Emitter: records what would be sent."""
-
-    run_id = "recorded"
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict, dict]] = []
-
-    def emit(self, kind, data=None, **source):
-        self.events.append((kind, data or {}, source))
-
-    def flush(self, timeout=5.0):
-        return True
-
-    def settle(self, timeout=2.0):
-        return True
-
 
 @pytest.fixture
 def task_identity():
@@ -96,7 +78,7 @@ def test_metrics_of_keeps_finite_scalars_only():
     assert metrics_of(None) == {}
 
 
-def test_failing_start_streams_error_and_failed_end_and_restores_the_strategy(task_identity):
+def test_failing_start_streams_error_and_failed_end_and_restores_the_strategy(task_identity, relay, tmp_path):
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import FedAvg
 
@@ -113,21 +95,31 @@ def test_failing_start_streams_error_and_failed_end_and_restores_the_strategy(ta
             raise ConnectionError("superlink went away")
 
     inner = FedAvg(min_available_nodes=2)
-    recorder = Recorder()
-    strategy = instrument(inner, emitter=recorder, run_id="r1", monitor="loss")
-    assert strategy.fraction_train == inner.fraction_train  # attributes fall through
-    with pytest.raises(ConnectionError, match="superlink went away"):
-        strategy.start(BrokenGrid(), ArrayRecord(), num_rounds=2)
-    kinds = [k for k, _, _ in recorder.events]
+    # A real emitter and a real relay: what the wrapper emits must pass the relay's validation,
+    # or it is refused and missing below.
+    emitter = Emitter(relay.url, spool_dir=tmp_path / "spool")
+    try:
+        strategy = instrument(inner, emitter=emitter, run_id="r1", monitor="loss")
+        assert strategy.fraction_train == inner.fraction_train  # attributes fall through
+        with pytest.raises(ConnectionError, match="superlink went away"):
+            strategy.start(BrokenGrid(), ArrayRecord(), num_rounds=2)
+        assert emitter.flush(10), emitter.stats
+        stats = emitter.stats
+    finally:
+        emitter.close(timeout=5)
+    assert (stats["invalid"], stats["refused"]) == (0, 0), stats
+    events = stored_events(relay, "r1")
+    kinds = [e["type"] for e in events]
     assert kinds == ["training_start", "round_start", "error", "training_end"]
-    start, begin, error, end = (d for _, d, _ in recorder.events)
+    start, begin, error, end = (e["data"] for e in events)
     assert start["num_rounds"] == 2 and start["num_clients"] == 2 and start["config"]["strategy"] == "FedAvg"
     assert begin["round"] == 1 and begin["total_rounds"] == 2
     assert sorted(begin["participating_nodes"]) == ["11", "12"]  # sampled in random order
     assert begin["participating_clients"] == 2  # no reply yet: client ids unknown, only how many
     assert error["message"] == "ConnectionError: superlink went away" and error["round"] == 1
     assert end["status"] == "failed" and end["rounds_completed"] == 0
-    assert all(src == {"run_id": "r1", "role": "server"} for _, _, src in recorder.events)
+    assert start["training_mode"] == "federated"
+    assert all(e["source"]["role"] == "server" for e in events)
     # The wrapped strategy is left as it was: no instance attributes shadow its methods.
     assert not {"configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"} & set(
         vars(inner)

@@ -16,6 +16,7 @@ import argparse
 import json
 import mmap
 import os
+import select
 import struct
 import sys
 import time
@@ -73,6 +74,13 @@ class Progress:
         os.close(self._fd)
 
 
+def stdin_closed() -> bool:
+    """Whether the test closed our stdin (checked without blocking)."""
+    if select.select([sys.stdin], [], [], 0)[0]:
+        return sys.stdin.read(1) == ""
+    return False
+
+
 def produce(argv: list[str]) -> int:
     """Emit ``count`` events as fast as allowed, recording progress; flush and report at the end."""
     parser = argparse.ArgumentParser()
@@ -87,6 +95,11 @@ def produce(argv: list[str]) -> int:
     parser.add_argument("--persist-every", type=int, default=0)
     parser.add_argument("--flush-timeout", type=float, default=60.0)
     parser.add_argument("--hold", action="store_true", help="after the report, wait for stdin to close")
+    parser.add_argument(
+        "--until-stdin-closes",
+        action="store_true",
+        help="after COUNT events, go on until stdin is closed (the test ends the stream when it wants)",
+    )
     args = parser.parse_args(argv)
 
     from fedrelay.emitters import Emitter
@@ -98,7 +111,9 @@ def produce(argv: list[str]) -> int:
     print(json.dumps({"producer": em.producer}), flush=True)
     progress.set("ready", 1)
     started = time.monotonic()
-    for i in range(1, args.count + 1):
+    i = 0
+    while i < args.count or (args.until_stdin_closes and not stdin_closed()):
+        i += 1
         em.emit("status", payload(args.p, i), role="trainer")
         progress.set("emitted", i)
         if args.persist_every and i % args.persist_every == 0 and em.persist(10.0):
@@ -111,7 +126,7 @@ def produce(argv: list[str]) -> int:
                     time.sleep(ahead)  # pacing the stream, not waiting for a condition
     flushed = em.flush(args.flush_timeout)
     progress.set("acked", em.stats["acked"])
-    print(json.dumps({"flushed": flushed, "stats": em.stats}), flush=True)
+    print(json.dumps({"flushed": flushed, "emitted": i, "stats": em.stats}), flush=True)
     if args.hold:
         sys.stdin.read()  # alive until the test kills it or closes stdin
     em.close(5.0)
@@ -268,21 +283,6 @@ def _sample_disorder(seqs: list[Any]) -> str:
         if not (isinstance(a, int) and isinstance(b, int) and b == a + 1):
             return f"at index {n}: {seqs[max(0, n - 2) : n + 3]}"
     return f"first {seqs[:1]}, length {len(seqs)}"
-
-
-def read_all(relay: Any, run_id: str) -> list[Event]:
-    """Every stored event of a run, paging through ``/api/runs/{run}/events``."""
-    events: list[Event] = []
-    since = 0
-    while True:
-        status, page = relay.get_json(f"/api/runs/{run_id}/events?since={since}&limit=10000")
-        if status == 404 and not events:
-            return events  # nothing stored yet
-        assert status == 200, page
-        if not page["events"]:
-            return events
-        events.extend(page["events"])
-        since = page["next_since"]
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ from typing import Any
 from bench.producer import Producer, event
 from bench.rawws import RawSubscriber, close_all
 
+from tests.support.metrics import parse
+from tests.support.waiting import until
+
 HOST = "127.0.0.1"
 SEQ_RE = re.compile(rb'"seq": ?(\d+)')
 SENT_NS_RE = re.compile(rb'"sent_ns": ?(\d+)')
@@ -276,23 +279,20 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
 
 
 async def metric(port: int, name: str) -> float:
-    """One unlabelled sample of the relay's /metrics."""
+    """One sample of the relay's /metrics, by its full key."""
     status, body = await http_get(port, "/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return parse(body.decode()).get(name, 0.0)
 
 
-async def poll(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
-    """Await ``predicate()`` truthy, polling; False at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
+async def settled(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> bool:
+    """Whether ``predicate`` came true in time: the soak reports what did not settle among its
+    problems (with the figures) rather than stopping at the first."""
+    try:
+        await until(predicate, timeout, interval=interval, what=what)
+    except TimeoutError:
+        return False
     return True
 
 
@@ -546,8 +546,7 @@ async def create_runs(port: int, pid: int, prefix: str, published: dict[str, int
     status, _ = await http_get(port, f"/api/runs/{next(iter(published))}/events?since=0&limit=1")
     if status != 200:
         raise RuntimeError(f"events API answered {status}")
-    if not await poll(lambda: socket_fds(pid) <= sockets_idle, 10):
-        raise RuntimeError("the setup connection's socket stayed open in the relay")
+    await until(lambda: socket_fds(pid) <= sockets_idle, 10, interval=0.1, what="the setup socket to close")
     return fd_count(pid)
 
 
@@ -654,17 +653,20 @@ async def run_soak(cfg: SoakConfig, port: int, pid: int, log_path: Path) -> Soak
                 problems.append(f"{producer.name}: acked {producer.acked} of {producer.sent}")
             if producer.error_count or producer.close_info:
                 problems.append(f"{producer.name}: errors {producer.errors[:2]} {producer.close_info}")
-        await poll(
+        await settled(  # a subscriber left behind is counted by check_streams below
             lambda: all(s.last_seq >= published[s.run_id] or s.closed.done() for s in normal),
             cfg.drain_timeout_s,
+            "every normal subscriber at its run's last seq",
         )
         drain_s = time.monotonic() - drain_started
         # Slow consumers: each named in a cut, then its connection ends (close frame or abort).
-        if not await poll(lambda: all(s.cut_logged for s in slow), cfg.drain_timeout_s):
+        if not await settled(lambda: all(s.cut_logged for s in slow), cfg.drain_timeout_s, "slow ones cut"):
             problems.append(
                 f"slow consumers not cut: {[(s.role, s.local_port) for s in slow if not s.cut_logged]}"
             )
-        if not await poll(lambda: all(s.closed.done() for s in slow if s.cut_logged), 15):
+        if not await settled(
+            lambda: all(s.closed.done() for s in slow if s.cut_logged), 15, "cut ones closed"
+        ):
             problems.append("a cut slow consumer's connection stayed open")
         stop.set()
         await asyncio.gather(*background)
@@ -688,7 +690,7 @@ async def run_soak(cfg: SoakConfig, port: int, pid: int, log_path: Path) -> Soak
             await producer.close()
 
     # Everything closed: the relay's fds go back to the idle count (closes are asynchronous).
-    await poll(lambda: fd_count(pid) <= fds_idle, 10, interval=0.2)
+    await settled(lambda: fd_count(pid) <= fds_idle, 10, "fds back to idle", interval=0.2)  # checked next
     fds_end = fd_count(pid)
     if fds_end > fds_idle + FD_MARGIN:
         problems.append(f"fd leak: {fds_end} open after the soak, {fds_idle} idle before")

@@ -2,8 +2,10 @@
 
 One relay process serves the module. All along, a steady producer publishes numbered events
 to run ``steady`` and a subscriber follows them (:class:`SteadyStream`, on a thread and event
-loop of its own, so the fuzz cannot pause it); the last test checks that every event arrived
-exactly once, in seq order, unchanged.
+loop of its own, so the fuzz cannot pause it). After every test, whatever the order, the relay
+is healthy, holds the fds, threads and connections it held before the fuzz, and the steady
+stream still flows; once the module's last test has run, the ``env`` fixture checks that every
+steady event arrived exactly once, in seq order, unchanged (so no test depends on running last).
 
 Each hypothesis example opens a connection, sends its hostile input, then a *sentinel* (a valid
 event, stored after anything the input got stored) and a *marker* (a frame whose reply is
@@ -50,8 +52,10 @@ from fedrelay.schemas.compat import root_run_name
 from fedrelay.schemas.events import EVENT_TYPES, RUN_ID_RE
 from tests.reliability.report import record, scale
 from tests.support.metrics import scrape
-from tests.support.relay_process import RelayProcess, wait_until
-from tests.test_slow_consumer import send_handshake
+from tests.support.relay_process import RelayProcess
+from tests.support.sockets import send_handshake
+from tests.support.stored import stored_events
+from tests.support.waiting import until, wait_until
 
 MAX_FRAME = 64 * 1024
 """--max-frame-bytes: small, so that too_large and 1009 cost little to reach."""
@@ -800,11 +804,13 @@ class RawChannel:
             pass
 
     def finish(self) -> None:
-        """Close as a polite client does: close frame, then wait for the relay's side to go."""
-        with contextlib.suppress(OSError, AssertionError):
+        """Close as a polite client does: close frame, then wait for the relay's side to go (it
+        may have closed already; a relay that never closes TCP fails at the socket timeout)."""
+        try:
             self.send_frame(8, struct.pack("!H", 1000))
             self.wait_closed()
-        self.sock.close()
+        finally:
+            self.sock.close()
 
 
 ChannelFactory = Callable[[str], contextlib.AbstractContextManager[Channel]]
@@ -944,13 +950,16 @@ class SteadyStream:
 
     @staticmethod
     async def _until(predicate: Callable[[], bool], task: asyncio.Task[None], what: str) -> None:
-        deadline = time.monotonic() + TIMEOUT * 3
-        while not predicate():
+        """Await ``predicate``, failing at once if the connection ``task`` reads has ended."""
+
+        def holds() -> bool:
+            if predicate():
+                return True
             if task.done():
                 raise AssertionError(f"steady stream: connection ended before {what}: {task.exception()!r}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"steady stream: timed out waiting for {what}")
-            await asyncio.sleep(0.005)
+            return False
+
+        await until(holds, TIMEOUT * 3, what=f"steady stream: {what}")
 
 
 @dataclass(frozen=True)
@@ -1008,13 +1017,10 @@ class Env:
     def raw(self, path: str) -> contextlib.AbstractContextManager[Channel]:
         return raw_channel(self.relay.port, path)
 
-    def events_of(self, run: str, since: int = 0) -> list[dict[str, Any]] | None:
-        status, body = self.relay.get(f"/api/runs/{run}/events?since={since}&limit=10000")
+    def events_of(self, run: str, since: int = 0) -> list[dict[str, Any]]:
+        """The run's stored events after ``since`` (none for a run the relay does not know)."""
         self.tally["http_checks"] += 1
-        if status == 404:
-            return None
-        assert status == 200, (status, body[:300])
-        return json.loads(body)["events"]
+        return stored_events(self.relay, run, since=since)
 
     def stored_before_sentinel(self, run: str, is_sentinel: Callable[[dict[str, Any]], bool]) -> list[dict]:
         """The run's events up to the sentinel sent after the input: all that input got stored."""
@@ -1041,8 +1047,10 @@ def raw_channel(port: int, path: str) -> Iterator[Channel]:
     ch = RawChannel(port, path)
     try:
         yield ch
-    finally:
-        ch.finish()
+    except BaseException:
+        ch.sock.close()  # the example failed already: its error is the one to report
+        raise
+    ch.finish()
 
 
 def assert_alive(env: Env) -> None:
@@ -1053,7 +1061,8 @@ def assert_alive(env: Env) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """One relay for the module, a run of known length, and the steady stream under way."""
+    """One relay for the module, a run of known length, and the steady stream under way; once the
+    module's last test has run (whichever it is), the steady stream must be whole."""
     started = time.monotonic()
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20_000))  # read back events nested ~1000 deep
@@ -1074,21 +1083,26 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             'fedrelay_connections{endpoint="subscribe"}': 1.0,
         }
         wait_until(lambda: connection_gauges(relay) == want, TIMEOUT, what="only the steady connections open")
-        gauges = want
-        yield Env(relay, steady, usage(relay.proc.pid), gauges, started)
+        env = Env(relay, steady, usage(relay.proc.pid), want, started)
+        yield env
+        check_the_steady_stream(env)
     finally:
-        with contextlib.suppress(Exception):
-            steady.stop()
-        relay.stop()
-        sys.setrecursionlimit(limit)
+        try:
+            steady.stop()  # at once if the check above stopped it already
+        finally:
+            relay.stop()
+            sys.setrecursionlimit(limit)
 
 
 @pytest.fixture(autouse=True)
 def relay_survives(env: Env) -> Iterator[None]:
-    """Every test starts and ends with the relay alive and healthy."""
+    """Every test starts and ends with the relay alive and healthy; after it, the relay holds
+    what it held before the fuzz, and the steady stream still flows."""
     assert_alive(env)
     yield
     assert_alive(env)
+    assert_nothing_leaked(env)
+    assert_the_steady_stream_flows(env)
 
 
 # -- checks shared by the properties ----------------------------------------------
@@ -2004,7 +2018,7 @@ def root_example(env: Env, run: str, case: RootCase, open_channel: ChannelFactor
     env.last_root_run = run
     elsewhere: list[dict] = []
     if target not in (None, run):
-        elsewhere = env.events_of(target, env.root_seen[target]) or []
+        elsewhere = env.events_of(target, env.root_seen[target])
         env.root_seen[target] += len(elsewhere)
     stored = stored_here + elsewhere
     if case.outcome == "pong" or (case.outcome == "pong_or_refused" and pongs):
@@ -2304,11 +2318,11 @@ def test_malformed_http_requests_are_refused_without_a_5xx(env: Env) -> None:
     run()
 
 
-# -- the end: no leak, and the steady stream whole ---------------------------------
+# -- after every test, and at the end: no leak, and the steady stream whole ------------
 
 
-def test_fds_threads_and_connections_return_to_their_start(env: Env) -> None:
-    """Once the fuzzing connections are closed, the relay holds what it held before them."""
+def assert_nothing_leaked(env: Env) -> None:
+    """Once a test's connections are closed, the relay holds what it held before the fuzz."""
     pid = env.relay.proc.pid if env.relay.proc else 0
     base = env.baseline
 
@@ -2329,7 +2343,15 @@ def test_fds_threads_and_connections_return_to_their_start(env: Env) -> None:
     env.tally["threads_before"], env.tally["threads_after"] = base.threads, now.threads
 
 
-def test_the_steady_stream_got_every_event_exactly_once(env: Env) -> None:
+def assert_the_steady_stream_flows(env: Env) -> None:
+    """The steady stream delivers new events after this test's fuzz: it overlapped the test."""
+    steady = env.steady
+    assert steady.failure is None, repr(steady.failure)
+    seen = len(steady.received)
+    wait_until(lambda: len(steady.received) > seen, TIMEOUT, what="the steady stream to deliver again")
+
+
+def check_the_steady_stream(env: Env) -> None:
     """All through the fuzz, run ``steady`` lost nothing, duplicated nothing, reordered nothing."""
     steady = env.steady
     steady.stop()
@@ -2346,7 +2368,7 @@ def test_the_steady_stream_got_every_event_exactly_once(env: Env) -> None:
         or comparable(e, drop_timestamp=False) != sent[e["id"] - 1]
         or e.get("producer") != STEADY_PRODUCER
     )
-    stored = page_all(env, STEADY)
+    stored = stored_events(env.relay, STEADY)
     stored_mismatched = len(stored) != len(sent) or any(
         comparable(e, drop_timestamp=False) != s or e["seq"] != s["id"]
         for e, s in zip(stored, sent, strict=False)
@@ -2380,19 +2402,7 @@ def test_the_steady_stream_got_every_event_exactly_once(env: Env) -> None:
     record("fuzz", **figures)
     assert steady.failure is None, repr(steady.failure)
     assert steady.producer_replies == [], steady.producer_replies[:5]
-    assert len(sent) >= 50, "the steady stream hardly ran: it did not overlap the fuzz"
     assert (lost, duplicated, out_of_order, mismatched) == (0, 0, 0, 0)
     assert seqs == list(range(1, len(sent) + 1))
     assert [c["op"] for c in steady.controls] == ["subscribed", "pong"], steady.controls
     assert not stored_mismatched, "the store does not hold exactly what was sent"
-
-
-def page_all(env: Env, run: str) -> list[dict[str, Any]]:
-    """Every stored event of a run, page by page."""
-    out: list[dict[str, Any]] = []
-    while True:
-        status, page = env.relay.get_json(f"/api/runs/{run}/events?since={len(out)}&limit=10000")
-        assert status == 200, page
-        out.extend(page["events"])
-        if not page["events"]:
-            return out

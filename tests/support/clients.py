@@ -10,11 +10,18 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.support.waiting import until
+
 
 def event(run_id: str, i: int, kind: str = "client_progress", **data: Any) -> dict[str, Any]:
     payload = {"round": 1, "client_id": "c1", "local_epoch": i, "metrics": {"loss": 1.0 / (i + 1)}}
     payload.update(data)
     return {"type": kind, "run_id": run_id, "id": i, "data": payload}
+
+
+async def recv_json(conn: ClientConnection, timeout: float = 5.0) -> Any:
+    """The next frame on ``conn``, parsed; a relay that says nothing for ``timeout`` s fails."""
+    return json.loads(await asyncio.wait_for(conn.recv(), timeout))
 
 
 def events_in(frame: str) -> list[dict[str, Any]]:
@@ -64,34 +71,25 @@ class Collector:
         return [e["seq"] for e in self.events if run_id is None or e["run_id"] == run_id]
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> None:
-        async def reached() -> None:
-            while len(self.events) < count:
-                if self._task is not None and self._task.done():
-                    raise AssertionError(f"subscriber closed after {len(self.events)} events: {self.closed}")
-                await asyncio.sleep(0.01)
+        """Await ``count`` events; a subscription the relay closed meanwhile fails at once."""
 
-        await asyncio.wait_for(reached(), timeout)
+        def reached() -> bool:
+            if len(self.events) >= count:
+                return True
+            if self._task is not None and self._task.done():
+                raise AssertionError(f"subscriber closed after {len(self.events)} events: {self.closed}")
+            return False
 
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    """Await a condition on test state, polling the event loop, with a timeout."""
-
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
+        await until(reached, timeout, interval=0.01, what=f"{count} events at {self.url}")
 
 
 async def wait_for_control(collector: Collector, op: str, timeout: float = 10.0) -> dict[str, Any]:
-    async def found() -> dict[str, Any]:
-        while True:
-            for msg in collector.controls:
-                if msg.get("op") == op:
-                    return msg
-            await asyncio.sleep(0.01)
+    """The first control frame with this ``op`` the collector received."""
 
-    return await asyncio.wait_for(found(), timeout)
+    def found() -> dict[str, Any] | None:
+        return next((msg for msg in collector.controls if msg.get("op") == op), None)
+
+    return await until(found, timeout, interval=0.01, what=f"a {op!r} frame at {collector.url}")
 
 
 class ResumingSubscriber:

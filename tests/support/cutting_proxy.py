@@ -1,22 +1,31 @@
-"""A TCP proxy in front of a real relay that cuts every connection once the relay's
-``hello`` has passed: the network fault of a flaky load balancer, which no relay
-setting produces, for testing how producers behave when every session dies."""
+"""A TCP proxy in front of a real relay that cuts every connection: right after accepting it
+(the relay looks down: every connection attempt fails), or once the relay's ``hello`` has
+passed (a flaky load balancer: every session dies). No relay setting produces these network
+faults; they test how producers behave when nothing they do gets through.
+
+The time of every accepted connection is kept, so a test can check the gaps a client leaves
+between its attempts."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
+from typing import Literal
 
 HELLO = b'"op":"hello"'
 
 
 class CuttingProxy:
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, cut: Literal["hello", "accept"] = "hello") -> None:
         self.upstream_port = upstream_port
+        self.cut = cut
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cuts = 0
+        self.accepted: list[float] = []
+        """``time.monotonic()`` of each connection accepted, in order."""
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -35,6 +44,11 @@ class CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
+            if self.cut == "accept":
+                self.cuts += 1
+                _close(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
             except OSError:
@@ -55,8 +69,12 @@ class CuttingProxy:
                         break
         except OSError:
             pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
+        _close(source)
+        _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()

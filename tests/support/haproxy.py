@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.relay_process import free_port, wait_until
+from tests.support.relay_process import free_port
+from tests.support.waiting import wait_until
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
 

@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tests.support.relay_process import free_port, wait_until
+from tests.support.relay_process import free_port
+from tests.support.waiting import wait_until
 
 
 class MlflowServer:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
+from .alerts.settings import AlertSettings
 from .store import MEMORY
 
 
@@ -67,6 +68,13 @@ class RelayConfig:
     ping_timeout: float = 20.0
     compression: bool = False
     """permessage-deflate: saves bandwidth, costs CPU per subscriber."""
+    alert_webhook: list[str] = field(default_factory=list)
+    """Webhook URLs alerts are POSTed to (docs/alerts.md). They hold secrets: prefer
+    ``FEDRELAY_ALERT_WEBHOOK`` (comma-separated) or the alerts file to a flag ``ps`` shows."""
+    alert_rule: list[str] = field(default_factory=list)
+    """Rules on metrics, e.g. ``eval_metrics.val_loss > 2`` (docs/alerts.md has the syntax)."""
+    alerts: str | None = None
+    """A TOML file with webhooks, rules and delivery options; flags add to it."""
     log_level: str = "info"
     log_format: str = "text"
 
@@ -106,6 +114,10 @@ class RelayConfig:
                 raise ValueError(f"--{flag} is empty; leave it out to run without a token")
         if self.keyfile is not None and self.certfile is None:
             raise ValueError("--keyfile / FEDRELAY_KEYFILE needs --certfile / FEDRELAY_CERTFILE too")
+        self.alerting: AlertSettings | None = AlertSettings.build(
+            self.alert_webhook, self.alert_rule, self.alerts
+        )
+        """The alert settings, checked here (a bad rule or URL fails the start); None: no alerts."""
 
     @property
     def in_memory(self) -> bool:

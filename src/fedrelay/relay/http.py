@@ -18,8 +18,10 @@ from websockets.http11 import Response
 
 from .. import __version__
 from ..schemas.events import RUN_ID_RE
+from . import health_page
 from .access import presented_token, token_ok
 from .connection import RelayConnection
+from .health_reader import HealthReader
 from .runs_listing import BadQuery, RunOrder, page, parse_query
 from .store_reads import API
 
@@ -75,6 +77,7 @@ class HttpApi:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self._run_order = RunOrder(relay.hub.runs)
+        self.health = HealthReader(relay.store)
 
     async def respond(
         self, conn: ServerConnection, path: str, query: dict[str, list[str]], headers: Headers
@@ -154,6 +157,13 @@ class HttpApi:
                 return json_response(200, run.summary(now, stall))
             if parts[2] == "events":
                 return await self._events(conn, run_id, query)
+            if parts[2] == "clients":
+                try:
+                    health_query = health_page.parse_query(query)
+                except health_page.BadQuery as exc:
+                    return _error(400, str(exc))
+                body = await self.health.page(run_id, run.committed_seq, health_query)
+                return _response(200, body, "application/json")
         return _error(404, f"no API route {path[:100]}")
 
     async def _events(self, conn: ServerConnection, run_id: str, query: dict[str, list[str]]) -> Response:

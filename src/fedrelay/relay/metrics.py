@@ -62,6 +62,33 @@ class RelayMetrics:
             "Producer positions forgotten after --forget-producers-after of idleness",
             registry=r,
         )
+        # Alerts (docs/alerts.md): by the webhook's host, never its URL (the path is a secret).
+        self.alerts_fired = Counter(
+            "fedrelay_alerts_fired", "Alert conditions this relay claimed, by kind", ["alert"], registry=r
+        )
+        self.alerts_repeated = Counter(
+            "fedrelay_alerts_repeated",
+            "Alert conditions found again that were claimed before (after a restart, or by another relay)",
+            registry=r,
+        )
+        self.alerts_sent = Counter(
+            "fedrelay_alerts_sent", "Alerts a webhook accepted (2xx)", ["webhook"], registry=r
+        )
+        self.alert_attempts_failed = Counter(
+            "fedrelay_alert_attempts_failed",
+            "Failed alert deliveries (each retried later, or dropped), by reason",
+            ["webhook", "reason"],
+            registry=r,
+        )
+        self.alerts_dropped = Counter(
+            "fedrelay_alerts_dropped",
+            "Alerts never delivered: queue_full, expired (give_up_after), rejected (3xx/4xx), backlog",
+            ["webhook", "reason"],
+            registry=r,
+        )
+        self.alerts_queued = Gauge(
+            "fedrelay_alerts_queued", "Alerts waiting for delivery", ["webhook"], registry=r
+        )
 
     def bind(
         self,

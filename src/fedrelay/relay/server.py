@@ -48,6 +48,8 @@ from .access import (
     presented_tokens,
     rebinding_suspect,
 )
+from .alerts.outbox import MemoryAlertLog, SqliteAlertLog
+from .alerts.service import AlertService
 from .config import RelayConfig
 from .connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX, RelayConnection
 from .fanout import Frame, queued_bytes
@@ -121,6 +123,15 @@ class Relay:
             forget_producers_after=config.forget_producers_after,
         )
         self.http = HttpApi(self)
+        self.alerts: AlertService | None = None
+        if config.alerting is not None:
+            self.alerts = AlertService(
+                config.alerting,
+                alert_log=MemoryAlertLog() if config.in_memory else SqliteAlertLog(config.db),
+                metrics=self.metrics,
+                stall_after=config.stall_after,
+                dashboard=lambda: self.http_url,
+            )
         self.started_at = time.time()
         self._server: Server | None = None
         self.hosts: list[str] = list(config.host)
@@ -161,6 +172,8 @@ class Relay:
         for name, last_id in restored.producers.items():
             self.hub.restore_producer(name, last_id)
         self.store.save_runs(self.hub.settle_restored())
+        if self.alerts is not None:  # before listening: what the last relay did not evaluate
+            await self.alerts.open(self.hub.runs, self.store.read)
         self.metrics.producers_forgotten.inc(restored.forgotten)
         self.metrics.bind(
             store_lag=lambda: self.store.lag,
@@ -190,6 +203,8 @@ class Relay:
             **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
+        if self.alerts is not None:
+            self.alerts.start(self.hub.runs)
         log.info(
             "relay listening on %s (store %s, %d runs restored)",
             " and ".join(_ws_url(host, self.port, secure=cfg.tls) for host in self.hosts),
@@ -252,6 +267,8 @@ class Relay:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         left = await self.store.close()
+        if self.alerts is not None:  # after the last commits: their alerts are claimed too
+            await self.alerts.stop()
         if left:
             log.error("relay stopped; %d accepted events were not stored", left)
         else:
@@ -1055,6 +1072,8 @@ class Relay:
         deliveries = self.hub.committed(batch)
         if deliveries:
             self._deliver(deliveries)
+        if self.alerts is not None:
+            self.alerts.committed(batch, self.hub.runs)
 
     def _deliver(self, deliveries: Iterable[Delivery]) -> None:
         frames: dict[int, list[Frame]] = {}

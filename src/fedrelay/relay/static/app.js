@@ -1,16 +1,18 @@
-// app.js: the dashboard's entry point. Routes between the runs list (#/)
-// and a run (#/runs/RUN_ID), and forwards ?token= to every relay call.
+// app.js: the dashboard's entry point. Routes between the runs list (#/), a run
+// (#/runs/RUN_ID) and runs side by side (#/compare?runs=A,B), and forwards ?token= to every
+// relay call.
 //
-// window.fedrelayDashboard is the page's state for tests and the console:
-// view, runs, runId, mode, status, lastSeq, round, epoch, clients, charts
-// (points per chart), stats (events, duplicates, holes, gaps), connects,
-// and points("round:loss") for the points themselves.
+// window.fedrelayDashboard is the page's state for tests and the console (docs/dashboard.md):
+// view, runs, runId, mode, status, lastSeq, round, epoch, clients, charts (points per chart),
+// stats (events, duplicates, holes, gaps), connects, health, and points("round:loss").
 
+import { compareHref, comparedRuns, mountCompare } from "./compare.js";
 import { mountRun } from "./run.js";
 import { mountRuns } from "./runs.js";
 
 const token = new URLSearchParams(location.search).get("token") || undefined;
 const root = document.getElementById("app");
+const runHref = (runId) => `#/runs/${encodeURIComponent(runId)}`;
 let unmount = () => {};
 
 function route() {
@@ -22,10 +24,14 @@ function route() {
     const runId = decodeURIComponent(match[1]);
     document.title = `${runId} · fedrelay`;
     unmount = mountRun(root, { runId, token, state, backHref: "#/" });
+  } else if (location.hash.startsWith("#/compare")) {
+    const runIds = comparedRuns(location.hash);
+    document.title = `${runIds.join(" vs ")} · fedrelay`;
+    unmount = mountCompare(root, { runIds, token, state, backHref: "#/", runHref });
   } else {
     document.title = "fedrelay";
     state.view = "runs";
-    unmount = mountRuns(root, { token, state, href: (runId) => `#/runs/${encodeURIComponent(runId)}` });
+    unmount = mountRuns(root, { token, state, href: runHref, compareHref });
   }
 }
 

@@ -5,6 +5,7 @@
 import { ChartGrid } from "./charts.js";
 import { ClientsTable, naturalSort } from "./clients.js";
 import { h } from "./dom.js";
+import { HealthView } from "./health.js";
 
 const MAX_CLIENT_SERIES = 6;
 const BAND = { dash: [4, 4], width: 1, stroke: "#94a3b8" };
@@ -38,6 +39,9 @@ export class FederatedView {
     parent.append(
       h("section", {}, h("h3", {}, "Aggregated metrics per round"), this.roundsBox,
         h("p", { class: "muted", dataset: { testid: "no-round-metrics" } }, "")),
+    );
+    this.health = new HealthView(parent);
+    parent.append(
       h(
         "section",
         { class: "clients" },
@@ -77,6 +81,7 @@ export class FederatedView {
     }
     if (this.metric) this.renderClientChart(model.clientMetrics.get(this.metric));
     this.table.update(model, now, this.picked);
+    this.health.render(model.federation);
   }
 
   renderClientChart(metric) {
@@ -102,10 +107,14 @@ export class FederatedView {
   }
 
   counts() {
-    return { ...this.rounds.counts(), ...this.clientChart.counts() };
+    return { ...this.rounds.counts(), ...this.clientChart.counts(), ...this.health.counts() };
   }
 
   drawn(id) {
-    return this.rounds.drawn(id) ?? this.clientChart.drawn(id);
+    return this.rounds.drawn(id) ?? this.clientChart.drawn(id) ?? this.health.drawn(id);
+  }
+
+  points(id) {
+    return this.health.points(id);
   }
 }

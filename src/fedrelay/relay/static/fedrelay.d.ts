@@ -429,8 +429,96 @@ export interface RunSummary {
   [key: string]: unknown;
 }
 
+/** One page of `GET /api/runs`: follow `next_cursor` until it is null. */
+export interface RunsPage {
+  runs: RunSummary[];
+  next_cursor: string | null;
+}
+
+/** A client's state in one round of `GET /api/runs/{id}/clients` (not sampled: no cell). */
+export type CellState = "finished" | "straggler" | "failed" | "silent" | "running";
+
+export interface HealthCell {
+  state: CellState;
+  /** Seconds, as the ClientApp mod measured the train message (receipt to reply). */
+  duration?: number;
+  /** Failed: the error event's message, its detail (e.g. a traceback's end), phase and seq. */
+  reason?: string;
+  detail?: string;
+  phase?: string;
+  seq?: number;
+}
+
+export interface RoundHealth {
+  round: number;
+  closed: boolean;
+  sampled: number;
+  finished: number;
+  straggler: number;
+  failed: number;
+  silent: number;
+  running: number;
+  median: number | null;
+  /** Durations above this are stragglers. */
+  threshold: number | null;
+  critical_path: { client_id: string; duration: number } | null;
+  /** At most 50 ids; `num_stragglers` counts them all. */
+  stragglers: string[];
+  num_stragglers: number;
+  /** Absent with `cells: false`; a round split over pages continues on the next one. */
+  cells?: { [clientId: string]: HealthCell };
+}
+
+export interface ClientHealth {
+  client_id: string;
+  sampled: number;
+  finished: number;
+  straggler: number;
+  failed: number;
+  silent: number;
+  running: number;
+  /** Over the sampled rounds that are over; null when there is none. */
+  dropout_rate: number | null;
+  failure_rate: number | null;
+  straggler_rate: number | null;
+  mean_duration: number | null;
+}
+
+/** One page of `GET /api/runs/{id}/clients`: follow `next_cursor` until it is null. */
+export interface ClientsPage {
+  run_id: string;
+  last_seq: number;
+  straggler_factor: number;
+  straggler_min_seconds: number;
+  num_clients: number;
+  num_rounds: number;
+  truncated: boolean;
+  clients: ClientHealth[];
+  rounds: RoundHealth[];
+  next_cursor: string | null;
+}
+
 export function subscribe(options: SubscribeOptions): Subscription;
 export function fetchRuns(options?: { url?: RelayAddress; token?: string }): Promise<RunSummary[]>;
+export function fetchRunsPage(options?: {
+  url?: RelayAddress;
+  token?: string;
+  limit?: number;
+  cursor?: string | null;
+  status?: string | string[];
+  mode?: "federated" | "centralized";
+  q?: string;
+  updated_since?: number;
+}): Promise<RunsPage>;
+export function fetchClients(options: {
+  url?: RelayAddress;
+  token?: string;
+  runId: string;
+  cursor?: string | null;
+  factor?: number;
+  minGap?: number;
+  cells?: boolean;
+}): Promise<ClientsPage>;
 export function fetchRun(options: { url?: RelayAddress; token?: string; runId: string }): Promise<RunSummary>;
 export function fetchEvents(options: {
   url?: RelayAddress;

@@ -115,12 +115,42 @@ export async function fetchRuns({ url, token } = {}) {
   const runs = [];
   let cursor = null;
   do {
-    const query = "?limit=1000" + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
-    const page = await getJson(relays, `/api/runs${query}`, token);
+    const page = await runsPage(relays, token, { limit: 1000, cursor });
     runs.push(...page.runs);
     cursor = page.next_cursor;
   } while (cursor);
   return runs;
+}
+
+/**
+ * One page of GET /api/runs: `{runs, next_cursor}`, newest first. Filters: `status` (one or an
+ * array), `mode` ("federated" | "centralized"), `q` (run id or experiment name, any case),
+ * `updated_since` (seconds since the epoch, the relay's clock: runs with an event since). A page
+ * may hold fewer runs than `limit`, even none, and still have a `next_cursor`: follow it until null.
+ */
+export async function fetchRunsPage({ url, token, ...options } = {}) {
+  return runsPage(failover(url), token, options);
+}
+
+async function runsPage(relays, token, { limit = 100, cursor, status, mode, q, updated_since } = {}) {
+  const query = new URLSearchParams({ limit: String(limit) });
+  if (cursor) query.set("cursor", cursor);
+  if (updated_since !== undefined) query.set("updated_since", String(updated_since));
+  if (status && status.length) query.set("status", [].concat(status).join(","));
+  if (mode) query.set("mode", mode);
+  if (q) query.set("q", q);
+  const page = await getJson(relays, `/api/runs?${query}`, token);
+  return { runs: page.runs, next_cursor: page.next_cursor ?? null };
+}
+
+/** GET /api/runs/{runId}/clients: one page of the run's federation health (see docs/protocol.md). */
+export async function fetchClients({ url, token, runId, cursor, factor, minGap, cells = true }) {
+  const query = new URLSearchParams();
+  if (cursor) query.set("cursor", cursor);
+  if (factor !== undefined) query.set("factor", String(factor));
+  if (minGap !== undefined) query.set("min_gap", String(minGap));
+  if (!cells) query.set("cells", "0");
+  return getJson(failover(url), `/api/runs/${encodeURIComponent(runId)}/clients?${query}`, token);
 }
 
 /** GET /api/runs/{runId}: one run's summary. */

@@ -7,6 +7,8 @@
 // metrics may hold a timestamp text): each handler takes only the values of
 // the kind it expects and ignores the rest.
 
+import { FederationHealth } from "./federation.js";
+
 const PREFERRED = ["loss", "accuracy", "acc", "precision", "recall", "f1", "auroc", "auc"];
 const PHASE_PREFIX = /^(train|training|fit|val|valid|validation|eval|evaluate|test)[_/.-]/i;
 const COUNT_KEYS = /^(num[-_ ]?examples|num[-_ ]?samples|examples|samples|epoch|(global[-_ ]?)?step|round)$/i;
@@ -155,6 +157,8 @@ export class RunModel {
     this.errors = 0;
     this.lastError = null;
     this.log = [];
+    this.federation = new FederationHealth(); // who took part in each round, and how it went
+    this.startData = null;
   }
 
   /** Fold one event in; an event at or below the last seq is counted and ignored. */
@@ -173,6 +177,7 @@ export class RunModel {
     const data = isObject(event.data) ? event.data : {};
     const handler = Object.hasOwn(HANDLERS, event.type) ? HANDLERS[event.type] : otherEvent;
     handler(this, data, at, event);
+    this.federation.add(event);
     this.log.push(event);
     if (this.log.length > LOG_SIZE * 2) this.log.splice(0, this.log.length - LOG_SIZE);
     return true;
@@ -245,6 +250,7 @@ function otherEvent(model, data, at, event) {
 
 const HANDLERS = {
   training_start(model, data, at) {
+    model.startData = data; // its settings, for the side-by-side comparison
     model.mode = text(data.training_mode) || model.mode;
     model.experiment = text(data.experiment_name) || model.experiment;
     model.totalRounds = isCount(data.num_rounds) ? data.num_rounds : model.totalRounds;

@@ -76,6 +76,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
   const summary = h("dl", { class: "summary", dataset: { testid: "summary" }, hidden: true });
   const body = h("div");
   const log = h("tbody");
+  const logFilterNote = h("p", { class: "muted small", dataset: { testid: "log-filter" }, hidden: true });
   const connection = h("span", { class: "conn", dataset: { testid: "connection" } }, "connecting");
   root.replaceChildren(
     h("p", {}, h("a", { href: backHref, dataset: { testid: "back" } }, "← all runs"), " ", connection),
@@ -90,6 +91,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
       "section",
       {},
       h("h3", {}, "Events"),
+      logFilterNote,
       h(
         "div",
         { class: "log-box" },
@@ -100,6 +102,7 @@ export function mountRun(root, { runId, token, state, backHref }) {
   );
 
   let view = null;
+  let logFilter = null; // {clientId, round}: the event log shows only that client's events of that round
   let connects = 0;
   let timer = null;
   let receivedAt = Date.now();
@@ -120,10 +123,37 @@ export function mountRun(root, { runId, token, state, backHref }) {
     return relayRun ? relayRun.status : model.status;
   }
 
+  /**
+   * The health view's "events of this client in this round": filters the event log to them.
+   * The hook for a fuller log panel (issue 17): replace this function; the view calls it with a
+   * client id and a round, and data-testid="health-open-log" is its button.
+   */
+  function openLog(clientId, round) {
+    logFilter = { clientId: String(clientId), round };
+    render();
+    log.closest("section")?.scrollIntoView({ block: "start" });
+  }
+
   function ensureView() {
     if (view || !model.mode) return;
     view = model.mode === "centralized" ? new CentralizedView(body) : new FederatedView(body);
     view.onChange = render;
+    if (view.health) view.health.onOpenLog = openLog;
+  }
+
+  function shownEvents() {
+    if (!logFilter) return model.recentEvents(100);
+    const { clientId, round } = logFilter;
+    const nodes = new Set([clientId]);
+    for (const [node, client] of model.federation.aliases) if (client === clientId) nodes.add(node);
+    return model.recentEvents(Infinity).filter((e) => {
+      const d = e.data && typeof e.data === "object" ? e.data : {};
+      const named = (d.client_id !== undefined && nodes.has(String(d.client_id))) || (d.node_id !== undefined && nodes.has(String(d.node_id)));
+      const listed = ["participating_clients", "failed_clients", "participating_nodes", "failed_nodes"].some(
+        (k) => Array.isArray(d[k]) && d[k].some((id) => nodes.has(String(id))),
+      );
+      return d.round === round && (named || listed);
+    });
   }
 
   function render() {
@@ -157,8 +187,15 @@ export function mountRun(root, { runId, token, state, backHref }) {
     summary.hidden = !model.summary && !model.lastError;
     if (!summary.hidden) summary.replaceChildren(...summaryItems(model, shownStatus()).map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
     view?.render(model, now);
+    logFilterNote.hidden = !logFilter;
+    if (logFilter) {
+      logFilterNote.replaceChildren(
+        `Events of client ${logFilter.clientId} in round ${logFilter.round}, among the last ${model.log.length} this page holds. `,
+        h("a", { href: "javascript:void 0", onclick: () => { logFilter = null; render(); } }, "show all"),
+      );
+    }
     log.replaceChildren(
-      ...model.recentEvents(100).map((e) =>
+      ...shownEvents().map((e) =>
         h("tr", { class: e.type },
           h("td", { class: "num" }, String(e.seq)),
           h("td", {}, e.timestamp ? new Date(e.timestamp).toLocaleTimeString() : ""),
@@ -192,8 +229,10 @@ export function mountRun(root, { runId, token, state, backHref }) {
       lastError: model.lastError,
       rendered: (state.rendered || 0) + 1,
     });
-    state.points = (name) => pointsOf(model, name);
+    state.points = (name) => pointsOf(model, name) ?? view?.points?.(name) ?? null;
     state.drawn = (id) => view?.drawn(id) ?? null;
+    state.health = view?.health ? view.health.testState() : null;
+    state.logFilter = logFilter;
   }
 
   function schedule() {

@@ -1,4 +1,5 @@
-"""Shared helpers for the integration tests: run the demo, read a run back from the relay."""
+"""The pneumonia demo (``python -m fedrelay.demo``) and ``fedrelay sync`` as subprocesses, each run
+with a private spool dir and Flower's telemetry off."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import json
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,29 +51,6 @@ async def run_demo(
     return code, log.read_text(errors="replace")[-6000:]
 
 
-def stored_events(relay, run_id: str) -> list[dict[str, Any]]:
-    status, body = relay.get_json(f"/api/runs/{run_id}/events?since=0&limit=5000")
-    assert status == 200, body
-    return body["events"]
-
-
-def run_status(relay, run_id: str) -> str:
-    status, body = relay.get_json(f"/api/runs/{run_id}")
-    assert status == 200, body
-    return body["status"]
-
-
-def assert_gap_free(events: list[dict[str, Any]]) -> None:
-    seqs = [e["seq"] for e in events]
-    duplicates = [s for s, n in Counter(seqs).items() if n > 1]
-    assert not duplicates, f"duplicate seqs {duplicates}"
-    assert seqs == list(range(1, len(seqs) + 1)), seqs
-
-
-def of_type(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in events if e["type"] == kind and all(e["data"].get(k) == v for k, v in match.items())]
-
-
 # The demo starts a local relay when none answers at --relay, and has no flag to forbid it. For
 # "relay down for the whole run" the same CLI runs with that probe answering yes: nothing starts,
 # and the emitters find nobody listening.
@@ -89,11 +66,6 @@ def final_metrics(log: str) -> dict[str, Any]:
         if line.startswith("fedrelay demo: run ") and " done in " in line:
             return json.loads(lines[i + 1])
     raise AssertionError(f"no final metrics in the demo output:\n{log[-3000:]}")
-
-
-def spooled_count(spool_dir: Path) -> int:
-    """Events waiting in a spool dir (segment names end in their event count)."""
-    return sum(int(p.stem.rsplit("-", 1)[1]) for p in spool_dir.glob("*/*.seg"))
 
 
 async def run_sync(tmp_path: Path, url: str, timeout: float = 60.0) -> tuple[int, str, str]:
