@@ -149,3 +149,31 @@ def test_publish_token_from_the_environment(tmp_path, relay_factory, make_emitte
     em.emit("status", {"message": "authorized"})
     assert em.flush(10)
     assert stored_events(relay, "token")[0]["data"] == {"message": "authorized"}
+
+
+def test_a_spool_left_after_the_first_session_is_delivered_at_close(tmp_path, make_emitter):
+    """A process that died after this emitter's first look at the spool dir (Ray ends a
+    simulation's actors before the driver exits) is not left for `fedrelay sync`: the emitter's
+    close() delivers it while the relay is reachable."""
+    relay = RelayProcess(tmp_path / "relay.db").start()
+    try:
+        driver = make_emitter(relay.url, run_id="late-orphan")
+        driver.emit("status", {"message": "driver", "i": 0})
+        assert driver.flush(10)
+        # The first session's orphan pass is over (nothing to find) before the actor's spool exists.
+        wait_until(lambda: driver._resumer is not None and not driver._resumer.is_alive(), 10)
+        dead_port = free_port()
+        actor = make_emitter(f"ws://127.0.0.1:{dead_port}", run_id="late-orphan", producer="actor")
+        for i in range(1, 51):
+            actor.emit("status", {"message": "actor", "i": i})
+        assert actor.close(timeout=0.5) is False  # a relay it never reached: all spooled
+        spool = tmp_path / "spool"
+        assert spooled_count(spool) == 50
+        # Re-aim the dead actor's spool at the live relay, as if it had lost its connection to it.
+        for meta in spool.glob("*/meta.json"):
+            meta.write_text(meta.read_text().replace(f":{dead_port}", f":{relay.port}"))
+        assert driver.close(10)
+        assert_exactly_once(stored_events(relay, "late-orphan"), 51)
+        assert spooled_count(spool) == 0
+    finally:
+        relay.stop()

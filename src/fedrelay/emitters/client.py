@@ -428,6 +428,11 @@ class Emitter:
         if not ok:
             sender.first_contact_overdue()
         connected = sender.connected
+        resuming = self._resumer is not None and self._resumer.is_alive()
+        if ok and connected and self._resume and not resuming:
+            # A last pass while the relay is reachable: processes that ended since this emitter's
+            # last session (Ray ends a simulation's actors before the driver exits) left spools.
+            self._resume_orphans(deadline)
         sender.stop.set()
         sender.wake.set()
         for helper in list(self._helpers):
@@ -548,16 +553,22 @@ class Emitter:
     # -- orphans -------------------------------------------------------------
 
     def _session_started(self) -> None:
-        """The sender's first session: deliver what dead processes left (in the background)."""
-        if not self._resume or self._resumer is not None:
+        """Each session: deliver what dead processes left, in the background, one pass at a time.
+
+        Every session, not only the first: processes that died while the relay was away (Ray's
+        actors at the end of a simulation, a Deployment Engine's ClientApps) leave spools
+        behind after this emitter's first pass.
+        """
+        if not self._resume or (self._resumer is not None and self._resumer.is_alive()):
             return
         self._resumer = threading.Thread(target=self._resume_orphans, name="fedrelay-resume", daemon=True)
         self._resumer.start()
 
-    def _resume_orphans(self) -> None:
+    def _resume_orphans(self, deadline: float | None = None) -> None:
         """Deliver spools that dead processes left for this relay: in this emitter's spool dir,
         and, when the default is in use, in the other addresses' directories and the shared
-        directory of the old layout."""
+        directory of the old layout. ``deadline`` (monotonic): give up on what is not delivered by
+        then (``close()``'s budget)."""
         roots: list[Path] = orphan_roots(self._spool_dir_arg, self.urls)
         sender = self._sender
         for root in roots:
@@ -580,10 +591,13 @@ class Emitter:
                     logger=self.log,
                 )
                 self._helpers.append(helper)
-                if helper.flush(timeout=60):
+                budget = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if helper.flush(timeout=budget):
                     self._counts["resumed"] += helper.stats["acked"]
-                helper.close(timeout=1)
+                helper.close(timeout=min(1.0, budget))
                 self._helpers.remove(helper)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
 
 
 _registry: weakref.WeakSet[Emitter] = weakref.WeakSet()
