@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup browser node serve demo test lint bench clean
+.PHONY: setup browser node haproxy serve demo test lint bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/python:
@@ -38,7 +38,14 @@ $(NODE_DEPS): tests/node/package-lock.json
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
-test: setup browser node
+# docker-compose.yml's cluster profile puts HAProxy in front of the relays; a test runs its
+# configuration (deploy/haproxy.cfg) with Debian's haproxy in front of real relay processes.
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+		echo "installing haproxy (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq haproxy >/dev/null; }
+
+test: setup browser node haproxy
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
 
 lint: setup

@@ -11,14 +11,15 @@ import sys
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, export, tail
+from .api_client import ApiClient
 from .bridge.cli import add_parser as add_bridge_parser
 from .demo.cli import add_demo_parser
-from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate, resolve_ca_file
+from .follow import RelayRefused, relay_urls
+from .tls import certificate_problem, explain_certificate, resolve_ca_file
 
 
 class _JsonFormatter(logging.Formatter):
@@ -145,14 +146,6 @@ def _serve(args: argparse.Namespace) -> int:
         return runner.run(run())
 
 
-def _http_get(url: str, token: str | None, ca_file: str | None = None) -> Any:
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=10, context=context_for(url, ca_file)) as response:
-        return json.loads(response.read())
-
-
 def _http_base(url: str) -> str:
     url = url.rstrip("/")
     if url.startswith("ws://") or url.startswith("wss://"):
@@ -160,13 +153,23 @@ def _http_base(url: str) -> str:
     return url
 
 
-def _every_run(base: str, token: str | None, ca_file: str | None = None) -> list[dict[str, Any]]:
-    """Every run, newest first: ``/api/runs`` pages, followed by ``next_cursor`` until it is null."""
+def _every_run(client: ApiClient) -> list[dict[str, Any]]:
+    """Every run, newest first: ``/api/runs`` pages, followed by ``next_cursor`` until it is null.
+
+    A cursor is one node's: when another node answers a later page (the first failed), the
+    listing starts over there, at most once per address.
+    """
+    restarts = len(client.relays.urls)
     runs: list[dict[str, Any]] = []
-    cursor = None
+    cursor, origin = None, None
     while True:
         query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
-        payload = _http_get(base + "/api/runs" + query, token, ca_file)
+        payload = client.get("/api/runs" + query)
+        if origin is not None and client.answered_by != origin and restarts > 0:
+            restarts -= 1
+            runs, cursor, origin = [], None, None
+            continue
+        origin = client.answered_by
         runs.extend(payload["runs"])
         cursor = payload.get("next_cursor")  # absent from relays before pagination
         if not cursor:
@@ -175,27 +178,29 @@ def _every_run(base: str, token: str | None, ca_file: str | None = None) -> list
 
 def _runs(args: argparse.Namespace) -> int:
     ca_file = resolve_ca_file(args.ca_file)
-    url = _http_base(args.url) + "/api/runs"
+    urls = relay_urls(args.url)
     try:
-        context_for(url, ca_file)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        print(f"fedrelay runs: {explain_ca_file(ca_file, exc)}", file=sys.stderr)
+        client = ApiClient([_http_base(url) for url in urls], args.token, ca_file)
+    except RelayRefused as exc:  # the CA file
+        print(f"fedrelay runs: {exc}", file=sys.stderr)
         return 1
     try:
-        runs = _every_run(_http_base(args.url), args.token, ca_file)
+        runs = _every_run(client)
     except urllib.error.HTTPError as exc:
         print(
-            f"fedrelay runs: {args.url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
+            f"fedrelay runs: {client.last_tried} answered {exc.code}: "
+            f"{exc.read().decode(errors='replace').strip()}",
             file=sys.stderr,
         )
         return 1
     except (urllib.error.URLError, OSError) as exc:
         problem = certificate_problem(exc)
         if problem is not None:
-            print(f"fedrelay runs: {explain_certificate(args.url, problem, ca_file)}", file=sys.stderr)
+            explained = explain_certificate(client.last_tried, problem, ca_file)
+            print(f"fedrelay runs: {explained}", file=sys.stderr)
             return 1
         print(
-            f"fedrelay runs: no relay at {args.url} ({getattr(exc, 'reason', exc)})",
+            f"fedrelay runs: no relay at {', '.join(urls)} ({getattr(exc, 'reason', exc)})",
             file=sys.stderr,
         )
         return 1
@@ -341,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     runs = commands.add_parser("runs", help="list the runs a relay knows")
-    runs.add_argument("--url", default="http://127.0.0.1:8765", help="relay address")
+    runs.add_argument(
+        "--url",
+        action="append",
+        help="relay address (FEDRELAY_URL, else http://127.0.0.1:8765); several nodes of one relay: "
+        "comma-separated or repeated, the next asked when one cannot answer",
+    )
     runs.add_argument("--token", help="subscribe token, if the relay needs one")
     runs.add_argument(
         "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
@@ -350,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=_runs)
 
     sync = commands.add_parser("sync", help="send the events emitters left in their spool")
-    sync.add_argument("--url", help="relay address (default: FEDRELAY_URL or ws://127.0.0.1:8765)")
+    sync.add_argument(
+        "--url",
+        action="append",
+        help="relay address (default: FEDRELAY_URL or ws://127.0.0.1:8765); several nodes of one relay: "
+        "comma-separated or repeated, tried in order, moving on when one fails",
+    )
     sync.add_argument(
         "--spool-dir",
         help="spool dir (default: FEDRELAY_SPOOL_DIR, else the relay's own dir in the user data dir "

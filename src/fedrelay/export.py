@@ -14,38 +14,44 @@ import os
 import sys
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-from .follow import DEFAULT_URL, http_base
-from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate, resolve_ca_file
+from .api_client import ApiClient
+from .failover import parse_urls
+from .follow import DEFAULT_URL, RelayRefused, http_base, relay_urls
+from .tls import certificate_problem, explain_certificate, resolve_ca_file
 
 PAGE = 5000
 FIXED_COLUMNS = ("seq", "type", "run_id", "timestamp", "producer", "id", "source.role", "source.client_id")
 
 
 def fetch_events(
-    url: str, run_id: str, token: str | None = None, since: int = 0, ca_file: str | None = None
+    url: str | Sequence[str] | ApiClient,
+    run_id: str,
+    token: str | None = None,
+    since: int = 0,
+    ca_file: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every stored event of the run after ``since``, paging ``/api/runs/{run_id}/events``.
 
-    An ``https``/``wss`` relay's certificate is verified (``ca_file``, else the system CAs).
+    ``url``: one address of the relay or several (a page one cannot serve is asked of the next,
+    from the same seq), or a ready :class:`ApiClient`. An ``https``/``wss`` relay's certificate
+    is verified (``ca_file``, else the system CAs).
     """
+    client = url if isinstance(url, ApiClient) else ApiClient(api_bases(url), token, ca_file)
     quoted = urllib.parse.quote(run_id, safe="")
-    context = context_for(http_base(url), ca_file)
     while True:
-        request = urllib.request.Request(
-            f"{http_base(url)}/api/runs/{quoted}/events?since={since}&limit={PAGE}"
-        )
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(request, timeout=30, context=context) as response:
-            page = json.loads(response.read())
+        page = client.get(f"/api/runs/{quoted}/events?since={since}&limit={PAGE}")
         if not page["events"]:
             return
         yield from page["events"]
         since = page["next_since"]
+
+
+def api_bases(url: str | Sequence[str]) -> list[str]:
+    """``http(s)://host:port`` of each address."""
+    return [http_base(u) for u in parse_urls(url)]
 
 
 def flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +110,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     export.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
     export.add_argument("--since", type=int, default=0, help="only events after this seq")
-    export.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    export.add_argument(
+        "--url",
+        action="append",
+        help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL}); several nodes of one relay: "
+        "comma-separated or repeated, a page one cannot serve is asked of the next",
+    )
     export.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
     export.add_argument(
         "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
@@ -115,16 +126,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the file; exit 1 when the relay or the run cannot be read (no partial file is left)."""
-    url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    urls = relay_urls(args.url)
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     write = write_csv if args.format == "csv" else write_jsonl
     ca_file = resolve_ca_file(args.ca_file)
     try:
-        context_for(http_base(url), ca_file)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        print(f"fedrelay export: {explain_ca_file(ca_file, exc)}", file=sys.stderr)
+        client = ApiClient(api_bases(urls), token, ca_file)
+    except RelayRefused as exc:  # the CA file
+        print(f"fedrelay export: {exc}", file=sys.stderr)
         return 1
-    events = fetch_events(url, args.run_id, token, args.since, ca_file)
+    events = fetch_events(client, args.run_id, since=args.since)
     partial = args.out + ".partial" if args.out else None
     try:
         if partial:
@@ -139,13 +150,16 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.remove(partial)
         problem = certificate_problem(exc)
+        url = client.last_tried
         if isinstance(exc, urllib.error.HTTPError):
             detail = exc.read().decode(errors="replace")
             print(f"fedrelay export: {url} answered {exc.code}: {detail}", file=sys.stderr)
         elif problem is not None:
             print(f"fedrelay export: {explain_certificate(url, problem, ca_file)}", file=sys.stderr)
         else:
-            print(f"fedrelay export: cannot read from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+            where = url if len(urls) == 1 else ", ".join(urls)
+            reason = getattr(exc, "reason", exc)
+            print(f"fedrelay export: cannot read from {where}: {reason}", file=sys.stderr)
         return 1
     return 0
 

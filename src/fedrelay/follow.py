@@ -2,7 +2,10 @@
 
 The terminal view (``fedrelay tail``) is built on this; it is the Python twin of
 ``/static/fedrelay.js``: every event reaches ``on_event`` once, in seq order per run,
-across relay restarts, network drops and slow-consumer cuts (close code 1013).
+across relay restarts, network drops and slow-consumer cuts (close code 1013). Given
+several addresses of one relay, it moves to the next after a connection that cannot
+be made or a session lost (:mod:`fedrelay.failover`) and resumes there from the same
+seqs: the nodes of one relay give every event the same seq.
 """
 
 from __future__ import annotations
@@ -10,17 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from .failover import Failover, parse_urls
 from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+URL_ENV = "FEDRELAY_URL"
+FIRST_DELAY = 0.25
+"""Seconds before the first reconnect of a follower; doubled per failed round up to its max."""
 SLOW_CONSUMER = 1013
 CLOSE_TIMEOUT = 2.0
 """Seconds a clean close may wait for the relay's answer before the connection is dropped."""
@@ -42,6 +51,21 @@ def http_base(url: str) -> str:
     return "http" + ws_base(url)[2:]
 
 
+def relay_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A command's relay addresses: ``--url`` (comma-separated or repeated), else ``FEDRELAY_URL``
+    (comma-separated), else the local default."""
+    return parse_urls(url) or parse_urls(os.environ.get(URL_ENV)) or (DEFAULT_URL,)
+
+
+def tls_contexts(urls: Sequence[str], ca_file: str | None) -> dict[str, ssl.SSLContext | None]:
+    """A verifying context per address (None for plain ws:// and http://); raises
+    :class:`RelayRefused` when ``ca_file`` cannot be loaded."""
+    try:
+        return {url: context_for(url, ca_file) for url in urls}
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise RelayRefused(explain_ca_file(ca_file, exc)) from None
+
+
 def events_of(msg: Any) -> list[dict[str, Any]]:
     if isinstance(msg, list):
         return msg
@@ -53,13 +77,14 @@ def events_of(msg: Any) -> list[dict[str, Any]]:
 class Follower:
     """Subscribes to runs (or ``"*"``) and keeps a cursor per run for resuming.
 
+    ``url`` is one address of the relay or several (a list, or comma-separated).
     ``on_event(event)`` and ``on_control(frame)`` may return True to stop following.
     ``on_note(text)`` hears about reconnects and gaps.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         runs: list[str] | str,
         *,
         since: int = 0,
@@ -70,19 +95,25 @@ class Follower:
         max_backoff: float = 5.0,
         ca_file: str | None = None,
     ) -> None:
-        self.url = ws_base(url) + "/subscribe"
+        urls = parse_urls(url)
+        if not urls:
+            raise ValueError("no relay address given")
+        self.relays = Failover(
+            [ws_base(u) + "/subscribe" for u in urls], first_delay=FIRST_DELAY, max_delay=max_backoff
+        )
         self.ca_file = ca_file
-        try:
-            self.ssl = context_for(self.url, ca_file)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise RelayRefused(explain_ca_file(ca_file, exc)) from None
+        self.ssl = tls_contexts(self.relays.urls, ca_file)
         self.all = runs == "*"
         self.cursors: dict[str, int] = {} if self.all else dict.fromkeys(runs, since)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.on_event, self.on_control, self.on_note = on_event, on_control, on_note
-        self.max_backoff = max_backoff
         self.connects = 0
         self._stop = False
+
+    @property
+    def url(self) -> str:
+        """The ``/subscribe`` address in use, or tried next."""
+        return self.relays.current
 
     async def run(self) -> None:
         """Follow until a callback asks to stop; raises :class:`RelayRefused` on an HTTP refusal.
@@ -90,13 +121,12 @@ class Follower:
         An exception from a callback (``BrokenPipeError`` from a print, say) ends the run: only
         failures of the connection itself are retried.
         """
-        attempt = 0
         while not self._stop:
             code = None
             conn = await self._connect()
             if conn is not None:
                 self.connects += 1
-                attempt = 0
+                self.relays.connected()
                 try:
                     await self._session(conn)
                     await self._hang_up(conn)
@@ -111,17 +141,24 @@ class Follower:
                     raise
             if self._stop:
                 return
-            delay = 0.05 if code == SLOW_CONSUMER else min(self.max_backoff, 0.25 * 2**attempt)
-            attempt += 1
-            self.on_note(f"connection lost; resuming in {delay:.1f}s from {self._where()}")
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            left = self.url
+            if code == SLOW_CONSUMER:  # not the node's failure: back to it at once
+                delay = 0.05 * (0.5 + random.random() / 2)
+            else:
+                delay = self.relays.failed(progress=conn is not None)
+            if self.url == left:
+                self.on_note(f"connection lost; resuming in {delay:.1f}s from {self._where()}")
+            else:
+                what = "connection lost" if conn is not None else "cannot connect"
+                self.on_note(f"{what} to {left}; resuming on {self.url} in {delay:.1f}s from {self._where()}")
+            await asyncio.sleep(delay)
 
     async def _connect(self) -> ClientConnection | None:
         """An open connection, or None to retry later."""
         try:
             return await connect(
                 self.url,
-                ssl=self.ssl,
+                ssl=self.ssl[self.url],
                 additional_headers=self.headers,
                 open_timeout=5,
                 close_timeout=CLOSE_TIMEOUT,

@@ -21,7 +21,7 @@ from typing import Any
 
 from .clients_summary import round_line, top_failing_line
 from .federation import DEFAULT_FACTOR, DEFAULT_MIN_GAP, FederationHealth
-from .follow import DEFAULT_URL, Follower, RelayRefused
+from .follow import DEFAULT_URL, Follower, RelayRefused, relay_urls
 from .tls import resolve_ca_file
 
 _METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
@@ -347,7 +347,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     target = tail.add_mutually_exclusive_group(required=True)
     target.add_argument("run_id", nargs="?", help="the run to follow")
     target.add_argument("--all", action="store_true", help="every run, live from now (no backlog)")
-    tail.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    tail.add_argument(
+        "--url",
+        action="append",
+        help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL}); several nodes of one relay: "
+        "comma-separated or repeated, tried in order, moving on when one fails",
+    )
     tail.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
     tail.add_argument(
         "--ca-file", help="CA bundle for a wss:// relay (FEDRELAY_CA_FILE; default: system CAs)"
@@ -393,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
 
     Exit 1 if the relay refuses, 141 when the reader of the output goes away.
     """
-    url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    urls = relay_urls(args.url)
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     runs: list[str] | str = "*" if args.all else [args.run_id]
     if not (math.isfinite(args.straggler_factor) and args.straggler_factor >= 1):
@@ -460,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         follower = Follower(
-            url, runs, since=args.since, token=token, on_event=on_event, on_control=on_control,
+            urls, runs, since=args.since, token=token, on_event=on_event, on_control=on_control,
             on_note=on_note, ca_file=resolve_ca_file(args.ca_file),
         )  # fmt: skip
         if view is None:

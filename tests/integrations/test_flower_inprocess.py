@@ -27,6 +27,7 @@ from fedrelay.emitters.flower import (
     relay_setting,
     report_epoch,
 )
+from tests.support.relay_process import free_port
 from tests.support.stored import of_type, stored_events
 from tests.support.waiting import wait_until
 
@@ -213,6 +214,36 @@ def test_each_process_logs_the_url_it_uses_and_its_source_where_flower_shows_it(
     lines = [line for line in output.splitlines() if "fedrelay: publishing to" in line]
     assert len(lines) == 1, output  # once, at Flower's INFO level: no logging set up in this process
     assert f"publishing to {relay.url} (url from run config fedrelay-url)" in lines[0] and "INFO" in lines[0]
+
+
+SEVERAL_CHILD = textwrap.dedent(
+    """
+    import sys
+    from flwr.app import Context, RecordDict
+    from fedrelay.emitters.flower import emitter_for
+
+    context = Context(7, 2, {}, RecordDict(), {"fedrelay-url": sys.argv[1]})
+    emitter = emitter_for(context)
+    emitter.emit("status", {"message": "hello"}, run_id=str(context.run_id))
+    print("DELIVERED", emitter.flush(30), emitter.url, flush=True)
+    emitter.close(5)
+    """
+)
+
+
+def test_the_run_config_url_may_list_several_nodes_of_one_relay(relay):
+    dead = f"ws://127.0.0.1:{free_port()}"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", SEVERAL_CHILD, f"{dead}, {relay.url}"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"DELIVERED True {relay.url}" in done.stdout
+    assert [e["data"]["message"] for e in stored_events(relay, "7")] == ["hello"]
+    (line,) = [line for line in (done.stdout + done.stderr).splitlines() if "fedrelay: publishing to" in line]
+    assert f"publishing to {dead}, {relay.url}, in this order" in line
+    assert "(urls from run config fedrelay-url)" in line
 
 
 def test_report_epoch_counts_from_one_and_warns_once_about_zero(relay, caplog):

@@ -480,3 +480,73 @@ def test_a_fresh_process_trusts_the_shared_mark_until_it_connects_itself():
     fresh = make_core(now=0.0)
     fresh.shared_mark(False)
     assert fresh.worth_waiting(0.0)
+
+
+# -- several addresses ------------------------------------------------------------------------------
+
+
+def test_a_first_address_that_refuses_moves_on_without_calling_the_relay_unreachable():
+    core = make_core(urls=("ws://a", "ws://b"), reach_timeout=1.0, now=0.0)
+    assert core.url == "ws://a"
+    core.connecting(0.0)
+    assert core.connect_failed(0.1) == [Wait(pytest.approx(0.1))], "no mark: ws://b is left to try"
+    assert core.url == "ws://b" and core.worth_waiting(0.5), "the first connection's budget still runs"
+    core.connecting(0.2)
+    assert core.reach_deadline() == pytest.approx(1.0), "counted from the first attempt, not this one"
+    assert connect(core, now=0.3) == [MarkReach(True)]
+    assert core.url == "ws://b"
+
+
+def test_every_address_failing_marks_the_relay_unreachable_and_gives_up_in_rounds():
+    core = make_core(urls=("ws://a", "ws://b"), give_up_after=2)
+    outcomes = [core.connect_failed(float(i)) for i in range(4)]
+    assert outcomes[0] == [Wait(pytest.approx(0.1))]
+    assert outcomes[1] == [MarkReach(False), Wait(pytest.approx(0.1))], "a whole round failed"
+    assert outcomes[2] == [MarkReach(False), Wait(pytest.approx(0.2))]
+    assert outcomes[3] == [MarkReach(False), GiveUp()], "two rounds of the list"
+    assert not core.worth_waiting(10.0)
+
+
+def test_a_lost_session_moves_to_the_next_address_and_resends_from_the_last_ack():
+    core = make_core(urls=("ws://a", "ws://b"), reach_timeout=1.0)
+    emit = Emits(core)
+    emit(6)
+    connect(core, now=1.0)
+    sends(core)
+    core.received({"op": "ack", "upto": 2})
+    assert core.session_ended(5.0, failed=True) == [Wait(pytest.approx(0.1))]
+    assert core.url == "ws://b"
+    assert core.worth_waiting(5.9) and not core.worth_waiting(6.1), "reach_timeout from the loss"
+    connect(core, now=5.2, last_id=None)  # ws://b has nothing from us (another relay's store)
+    assert [ids_of(s) for s in sends(core)] == [[3, 4, 5, 6]]
+    core.received({"op": "ack", "upto": 6})
+    assert core.settled == 6
+
+
+def test_a_node_of_the_same_relay_that_stored_more_than_was_acked_drops_it_through_hello():
+    core = make_core(urls=("ws://a", "ws://b"))
+    emit = Emits(core)
+    emit(5)
+    connect(core)
+    sends(core)
+    core.received({"op": "ack", "upto": 2})
+    core.session_ended(1.0, failed=True)  # ws://a stored 1..4 but died before acking 3, 4
+    connect(core, now=2.0, last_id=4)
+    assert [ids_of(s) for s in sends(core)] == [[5]] and core.settled == 4
+
+
+def test_a_working_address_is_kept_and_sessions_left_on_purpose_do_not_switch():
+    core = make_core(urls=("ws://a", "ws://b"))
+    emit = Emits(core)
+    core.connect_failed(0.0)
+    connect(core, now=1.0)
+    assert core.url == "ws://b"
+    emit(1)
+    sends(core)
+    assert isinstance(core.received({"op": "error", "code": "producer_conflict", "id": 1})[0], TakeName)
+    assert core.session_ended(2.0, failed=False) == [] and core.url == "ws://b"
+    core.connecting(3.0)
+    assert core.hello({"op": "error", "code": "producer_in_use"}, 3.0) and core.url == "ws://b"
+    connect(core, now=4.0)
+    core.session_ended(5.0, failed=True)
+    assert core.url == "ws://a", "round robin: after the last address, the first again"

@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from ..follow import DEFAULT_URL, RelayRefused, ws_base
+from ..follow import DEFAULT_URL, RelayRefused, relay_urls, ws_base
 from .feed import Feed, FeedConnection
 from .mlflow_map import CLIENT_MODES, RunState, translate
 
@@ -49,7 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     mlflow.add_argument(
         "--tracking-uri", help="MLflow tracking URI (MLFLOW_TRACKING_URI), e.g. http://127.0.0.1:5000"
     )
-    mlflow.add_argument("--url", help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL})")
+    mlflow.add_argument(
+        "--url",
+        action="append",
+        help=f"relay address (FEDRELAY_URL, else {DEFAULT_URL}); several nodes of one relay: "
+        "comma-separated or repeated, tried in order, moving on when one fails",
+    )
     mlflow.add_argument("--token", help="subscribe token (FEDRELAY_SUBSCRIBE_TOKEN)")
     mlflow.add_argument("--ca-file", help="CA certificate to trust for wss:// (FEDRELAY_CA_FILE)")
     mlflow.add_argument(
@@ -133,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    url = args.url or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    urls = relay_urls(args.url)
     token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
     ca_file = args.ca_file or os.environ.get("FEDRELAY_CA_FILE")
     try:
-        return asyncio.run(_bridge(args, tracking_uri, url, token, ca_file))
+        return asyncio.run(_bridge(args, tracking_uri, urls, token, ca_file))
     except RelayRefused as exc:
         print(f"fedrelay bridge mlflow: {exc}", file=sys.stderr)
         return 1
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 async def _bridge(
     args: argparse.Namespace,
     tracking_uri: str,
-    url: str,
+    urls: tuple[str, ...],
     token: str | None,
     ca_file: str | None,
 ) -> int:
@@ -156,7 +161,7 @@ async def _bridge(
     sink = MlflowSink(
         tracking_uri,
         experiment=args.experiment,
-        relay=ws_base(url),
+        relay=",".join(ws_base(url) for url in urls),
         clients=args.client_metrics,
         stopping=stopping,
     )
@@ -178,14 +183,16 @@ async def _bridge(
         if args.all:
             cursors = await asyncio.to_thread(sink.known_runs)
             feed = Feed(None, cursors)
-            log.info("recording every run of %s in MLflow at %s (%d known)", url, tracking_uri, len(cursors))
+            where = ", ".join(urls)
+            known = len(cursors)
+            log.info("recording every run of %s in MLflow at %s (%d known)", where, tracking_uri, known)
         else:
             state = await recorder.state(args.run_id)
             feed = Feed([args.run_id], {args.run_id: state.cursor})
-            log.info("recording run %s of %s in MLflow at %s from seq %d", args.run_id, url, tracking_uri,
-                     state.cursor + 1)  # fmt: skip
+            log.info("recording run %s of %s in MLflow at %s from seq %d", args.run_id, ", ".join(urls),
+                     tracking_uri, state.cursor + 1)  # fmt: skip
         connection = FeedConnection(
-            url, feed, recorder.record, token=token, ca_file=ca_file, on_control=recorder.on_control
+            urls, feed, recorder.record, token=token, ca_file=ca_file, on_control=recorder.on_control
         )
         following = asyncio.ensure_future(connection.run())
         ended = asyncio.ensure_future(recorder.done.wait())

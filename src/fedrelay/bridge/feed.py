@@ -10,7 +10,9 @@ and unsubscribes once the run has caught up, so ``*`` serves it again and no mor
 (re)connection the relay's run list (``GET /api/runs``) says which runs are behind.
 
 :class:`Feed` is the decision core (no I/O); :class:`FeedConnection` runs it over a WebSocket,
-reconnecting with backoff.
+reconnecting with backoff; given several addresses of one relay, it moves to the next after a
+connection that cannot be made or a session lost (:mod:`fedrelay.failover`) and resumes there
+from the recorded seqs, which every node of one relay agrees on.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import random
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ..follow import SLOW_CONSUMER, RelayRefused, events_of, http_base, ws_base
+from ..failover import Failover, parse_urls
+from ..follow import FIRST_DELAY, SLOW_CONSUMER, RelayRefused, events_of, http_base, ws_base
 
 log = logging.getLogger("fedrelay.bridge")
 
@@ -184,7 +187,7 @@ class FeedConnection:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         feed: Feed,
         record: RecordFn,
         *,
@@ -193,25 +196,28 @@ class FeedConnection:
         max_backoff: float = 5.0,
         on_control: Callable[[Frame], None] = lambda frame: None,
     ) -> None:
-        self.url = url
+        self.relays = Failover(parse_urls(url), first_delay=FIRST_DELAY, max_delay=max_backoff)
         self.on_control = on_control
         self.feed = feed
         self.record = record
         self.token = token
-        self.tls = client_ssl(ws_base(url), ca_file)
-        self.http_tls = client_ssl(http_base(url), ca_file)
-        self.max_backoff = max_backoff
+        self.tls = {u: client_ssl(ws_base(u), ca_file) for u in self.relays.urls}
+        self.http_tls = {u: client_ssl(http_base(u), ca_file) for u in self.relays.urls}
         self.connects = 0
         self.stopped = False
 
+    @property
+    def url(self) -> str:
+        """The relay address in use, or tried next."""
+        return self.relays.current
+
     async def run(self) -> None:
-        attempt = 0
         while not self.stopped:
             code = None
             conn = await self._connect()
             if conn is not None:
                 self.connects += 1
-                attempt = 0
+                self.relays.connected()
                 try:
                     await self._session(conn)
                 except ConnectionClosed as exc:
@@ -220,12 +226,17 @@ class FeedConnection:
                     conn.transport.abort()
                     raise
                 if not self.stopped:
-                    log.warning("lost the relay connection; resuming from the recorded seqs")
+                    log.warning("lost the relay connection at %s; resuming from the recorded seqs", self.url)
             if self.stopped:
                 return
-            delay = 0.05 if code == SLOW_CONSUMER else min(self.max_backoff, 0.25 * 2**attempt)
-            attempt += 1
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            if code == SLOW_CONSUMER:  # not the node's failure: back to it at once
+                delay = 0.05 * (0.5 + random.random() / 2)
+            else:
+                left = self.url
+                delay = self.relays.failed(progress=conn is not None)
+                if self.url != left:
+                    log.warning("relay at %s unavailable; trying %s in %.1fs", left, self.url, delay)
+            await asyncio.sleep(delay)
 
     async def _connect(self) -> ClientConnection | None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -237,7 +248,7 @@ class FeedConnection:
                 close_timeout=2,
                 max_size=None,
                 compression=None,
-                ssl=self.tls,
+                ssl=self.tls[self.url],
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -261,7 +272,8 @@ class FeedConnection:
 
         async def discover() -> None:
             try:
-                runs = await asyncio.to_thread(list_runs, self.url, self.token, self.http_tls)
+                url = self.url
+                runs = await asyncio.to_thread(list_runs, url, self.token, self.http_tls[url])
             except Exception as exc:  # the next connection lists again; "*" gaps catch up meanwhile
                 log.warning("could not list the relay's runs: %s", exc)
                 return

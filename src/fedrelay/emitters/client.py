@@ -17,21 +17,22 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..names import EVENT_TYPES, RUN_ID_RE
 from ..tls import client_context, is_secure
 from .config import (
-    legacy_spool_dir,
     new_name,
     new_run_id,
+    orphan_roots,
     resolve_ca_file,
     resolve_spool_dir,
     resolve_token,
-    resolve_url_setting,
-    same_relay,
+    resolve_urls_setting,
+    share_a_node,
+    spool_urls,
 )
 from .core import EmitterCore
 from .reach import ReachMark
@@ -74,7 +75,7 @@ class Emitter:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         run_id: str | int | None = None,
         producer: str | None = None,
@@ -97,18 +98,19 @@ class Emitter:
         url_source: str = "argument",
         logger: logging.Logger | None = None,
     ) -> None:
-        setting = resolve_url_setting(url, url_source)
-        self.url: str = setting.value or ""
+        setting = resolve_urls_setting(url, url_source)
+        self.urls: tuple[str, ...] = setting.urls
+        """The relay's addresses, tried in this order (see docs/emitters.md, several relays)."""
         self.url_source = setting.source
-        """Where ``url`` came from: the caller's ``url_source`` (``argument``, ``run config``, ...),
+        """Where ``urls`` came from: the caller's ``url_source`` (``argument``, ``run config``, ...),
         ``FEDRELAY_URL`` or ``default``. Logged once when the first event is emitted."""
         self.log = logger or log
         self._token = resolve_token(token)
         self._ca_file = resolve_ca_file(ca_file)
         self._ssl: ssl.SSLContext | None = None
-        self._spool_root = resolve_spool_dir(spool_dir, self.url)
-        self._legacy_root = legacy_spool_dir(spool_dir)
-        self._mark = ReachMark(self._spool_root, self.url)
+        self._spool_dir_arg = spool_dir
+        self._spool_root = resolve_spool_dir(spool_dir, self.urls[0])
+        self._mark = ReachMark(self._spool_root, self.urls)
         self._max_buffer = max(1, int(max_buffer))
         self._batch_size = batch_size
         self._frame_bytes = max_frame_bytes
@@ -169,6 +171,12 @@ class Emitter:
         self._resumer: threading.Thread | None = None
 
     @property
+    def url(self) -> str:
+        """The relay address in use: the one connected to, or tried next (the first at start)."""
+        sender = self._sender
+        return sender.core.url if sender is not None else self.urls[0]
+
+    @property
     def producer(self) -> str:
         """The producer name events are published under (it may change: see docs)."""
         sender = self._sender
@@ -190,7 +198,9 @@ class Emitter:
         return sender.settled if sender is not None else 0
 
     @classmethod
-    def _adopt(cls, spool: Spool, url: str | None = None, token: str | None = None, **kwargs: Any) -> Emitter:
+    def _adopt(
+        cls, spool: Spool, url: str | Sequence[str] | None = None, token: str | None = None, **kwargs: Any
+    ) -> Emitter:
         """An emitter that only delivers a spool left behind by another process.
 
         It keeps the spool's producer name and ids, so the relay drops what
@@ -453,7 +463,8 @@ class Emitter:
         return (_rebuild, (dict(self._config),))
 
     def __repr__(self) -> str:
-        return f"Emitter(url={self.url!r}, run_id={self.run_id!r}, producer={self.producer!r})"
+        url = self.urls[0] if len(self.urls) == 1 else list(self.urls)
+        return f"Emitter(url={url!r}, run_id={self.run_id!r}, producer={self.producer!r})"
 
     # -- lifecycle -------------------------------------------------------
 
@@ -469,6 +480,7 @@ class Emitter:
         core = EmitterCore(
             self._name,
             fresh_name=self._fresh_name,
+            urls=self.urls,
             max_buffer=self._max_buffer,
             batch_size=self._batch_size,
             frame_bytes=self._frame_bytes,
@@ -486,7 +498,8 @@ class Emitter:
         meta = {
             "generated": self._generated,
             "base": self._base_name,
-            "url": self.url,
+            "url": self.urls[0],
+            "urls": list(self.urls),
             "run_id": self.run_id,
             "pid": os.getpid(),
         }
@@ -494,9 +507,11 @@ class Emitter:
         self._running = True
         if not self._announced and spool is None:
             self._announced = True
+            several = len(self.urls) > 1
             self.log.info(
-                "fedrelay: publishing to %s (url from %s) as producer %s; spool %s",
-                self.url,
+                "fedrelay: publishing to %s (%s from %s) as producer %s; spool %s",
+                ", ".join(self.urls) + (", in this order, moving on when one fails" if several else ""),
+                "urls" if several else "url",
                 self.url_source,
                 self._name,
                 self._spool_root,
@@ -514,9 +529,9 @@ class Emitter:
         """A name the relay has never seen: a UUID, or the given name plus a random suffix."""
         return new_name() if self._generated else f"{self._base_name}-{os.urandom(6).hex()}"
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        """The verifying context for a ``wss://`` relay, made once (loading CAs takes milliseconds)."""
-        if not is_secure(self.url):
+    def _tls_context(self, url: str) -> ssl.SSLContext | None:
+        """The verifying context for a ``wss://`` address, made once (loading CAs takes milliseconds)."""
+        if not is_secure(url):
             return None
         if self._ssl is None:
             self._ssl = client_context(self._ca_file)
@@ -551,11 +566,10 @@ class Emitter:
 
     def _resume_orphans(self, deadline: float | None = None) -> None:
         """Deliver spools that dead processes left for this relay: in this emitter's spool dir,
-        and in the shared directory of the old layout when the default is in use. ``deadline``
-        (monotonic): give up on what is not delivered by then (``close()``'s budget)."""
-        roots: list[Path] = [self._spool_root]
-        if self._legacy_root is not None and self._legacy_root != self._spool_root:
-            roots.append(self._legacy_root)
+        and, when the default is in use, in the other addresses' directories and the shared
+        directory of the old layout. ``deadline`` (monotonic): give up on what is not delivered by
+        then (``close()``'s budget)."""
+        roots: list[Path] = orphan_roots(self._spool_dir_arg, self.urls)
         sender = self._sender
         for root in roots:
             for path in producer_dirs(root, exclude=self.producer):
@@ -564,12 +578,12 @@ class Emitter:
                 spool = Spool.adopt(path)
                 if spool is None:
                     continue
-                if not spool.found or not same_relay(str(spool.meta.get("url") or self.url), self.url):
+                if not spool.found or not share_a_node(spool_urls(spool.meta, self.urls), self.urls):
                     spool.release()
                     continue
                 helper = Emitter._adopt(
                     spool,
-                    self.url,
+                    list(self.urls),
                     self._token,
                     spool_dir=root,
                     give_up_after=3,

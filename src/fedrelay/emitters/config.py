@@ -1,22 +1,33 @@
 """Where an emitter sends and spools: arguments first, then the environment.
 
 Kept apart from the client so that ``fedrelay sync`` resolves exactly the
-same defaults as the emitters whose spool it delivers. Each resolved value
-says where it came from (``Setting.source``): the relay URL actually used is
-logged once per process with its source, because a URL silently taken from
-the wrong place (a stale environment under ``flwr run``) only shows as
-events missing from the relay.
+same defaults as the emitters whose spool it delivers. The relay's addresses
+say where they came from (``RelayUrls.source``): they are logged once per
+process with their source, because a URL silently taken from the wrong place
+(a stale environment under ``flwr run``) only shows as events missing from
+the relay.
+
+A relay may have several addresses (the nodes of one relay on one database,
+comma-separated in ``FEDRELAY_URL`` or a list in code). Its spool directory and
+its reachability mark are named after the *first* address: a single address
+keeps the names it always had, and a list that starts with the same node
+shares the directory; spools found under the other addresses' directories are
+delivered too (:func:`orphan_roots`), so reordering a list loses nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ..failover import parse_urls
 from ..tls import CA_FILE_ENV as CA_FILE_ENV  # the emitter settings, in one place
 from ..tls import resolve_ca_file as resolve_ca_file
 
@@ -27,26 +38,34 @@ _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9.-]+")
 
 
 @dataclass(frozen=True)
-class Setting:
-    """A resolved setting and where it came from (shown in logs, never the value of a secret)."""
+class RelayUrls:
+    """A relay's addresses, in the order they are tried, and where they came from (for the log)."""
 
-    value: str | None
+    urls: tuple[str, ...]
     source: str
 
+    @property
+    def first(self) -> str:
+        return self.urls[0]
 
-def resolve_url_setting(url: str | None, source: str = "argument") -> Setting:
-    """The relay's base URL: argument (``source`` names it), ``FEDRELAY_URL``, or the local default."""
-    if url:
-        return Setting(url, source)
-    env = os.environ.get(URL_ENV)
+
+def resolve_urls_setting(url: str | Sequence[str] | None, source: str = "argument") -> RelayUrls:
+    """The relay's addresses: argument (``source`` names it), ``FEDRELAY_URL``, or the local default.
+
+    A string may list several, comma-separated; so may each item of a list.
+    """
+    urls = parse_urls(url)
+    if urls:
+        return RelayUrls(urls, source)
+    env = parse_urls(os.environ.get(URL_ENV))
     if env:
-        return Setting(env, URL_ENV)
-    return Setting(DEFAULT_URL, "default")
+        return RelayUrls(env, URL_ENV)
+    return RelayUrls((DEFAULT_URL,), "default")
 
 
-def resolve_url(url: str | None) -> str:
-    """The relay's base URL: argument, ``FEDRELAY_URL``, or the local default."""
-    return resolve_url_setting(url).value or DEFAULT_URL
+def resolve_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The relay's addresses: argument, ``FEDRELAY_URL``, or the local default."""
+    return resolve_urls_setting(url).urls
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -124,6 +143,47 @@ def legacy_spool_dir(spool_dir: str | os.PathLike[str] | None) -> Path | None:
 def same_relay(a: str, b: str) -> bool:
     """Whether two URLs name the same relay (scheme, host, port and path)."""
     return relay_key(a) == relay_key(b)
+
+
+def share_a_node(a: Iterable[str], b: Iterable[str]) -> bool:
+    """Whether two address lists name the same relay: an address in common (each address is a
+    node of exactly one relay, so lists that overlap are two views of one relay)."""
+    return not {relay_key(url) for url in a}.isdisjoint(relay_key(url) for url in b)
+
+
+def relays_key(urls: Sequence[str]) -> str:
+    """A file name for a list of addresses: :func:`relay_key` of a single one; for several, the
+    first's key and a hash of them all, in any order (``@ws-a-8765+1f2e3d4c``)."""
+    if len(urls) == 1:
+        return relay_key(urls[0])
+    keys = sorted({relay_key(url) for url in urls})
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:8]
+    return f"{relay_key(urls[0])}+{digest}"
+
+
+def spool_urls(meta: dict[str, Any], fallback: Sequence[str]) -> tuple[str, ...]:
+    """The addresses a spool was written for: its ``meta.json``'s ``urls`` (or the single ``url``
+    of older versions), else ``fallback``."""
+    urls = parse_urls(meta.get("urls") or meta.get("url") or None)
+    return urls or tuple(fallback)
+
+
+def orphan_roots(spool_dir: str | os.PathLike[str] | None, urls: Sequence[str]) -> list[Path]:
+    """Where spools left for this relay may be: its own directory (the first address's), the other
+    addresses' directories, and the shared directory of the old layout, when nothing chose one;
+    else the chosen directory only. Callers take only spools whose addresses share a node with
+    ``urls`` (:func:`share_a_node`)."""
+    roots = [resolve_spool_dir(spool_dir, urls[0])]
+    if spool_dir or os.environ.get(SPOOL_ENV):
+        return roots
+    for url in urls[1:]:
+        root = default_spool_dir(url)
+        if root not in roots:
+            roots.append(root)
+    legacy = legacy_spool_dir(spool_dir)
+    if legacy is not None and legacy not in roots:
+        roots.append(legacy)
+    return roots
 
 
 def new_name(prefix: str = "em") -> str:

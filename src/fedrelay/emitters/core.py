@@ -18,10 +18,13 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..failover import Failover
+from ..failover import backoff_delay as failover_delay
+from .config import DEFAULT_URL
 from .encode import Unencodable, encode_event, too_large_stand_in
 from .spool import Entry, Segment, run_of
 
@@ -45,10 +48,7 @@ def backoff_delay(failures: int, max_backoff: float, jitter: float) -> float:
     """Seconds to wait after ``failures`` failures in a row: 0.1 s doubling to ``max_backoff``,
     scaled by a jitter in [0.5, 1] (``jitter`` in [0, 1]) so that many emitters cut off by
     one relay restart do not all come back in the same millisecond."""
-    if failures <= 0:
-        return 0.0
-    base = min(max_backoff, FIRST_BACKOFF * 2 ** min(failures - 1, 16))
-    return base * (0.5 + 0.5 * min(1.0, max(0.0, jitter)))
+    return failover_delay(failures, FIRST_BACKOFF, max_backoff, jitter)
 
 
 # -- actions: what the shell must do ------------------------------------------------------
@@ -228,6 +228,8 @@ class EmitterCore:
     ``fresh_name()`` makes a name the relay has never seen; ``jitter()`` returns a float in
     [0, 1] for the backoff; ``report(kind, level, message, *args)`` hears about problems
     (the shell logs each kind once). Times (``now``) are ``time.monotonic()`` seconds.
+    ``urls`` are the addresses of one relay: the shell connects to :attr:`url`, and the core
+    moves on to the next after a failed connect or a lost session (:mod:`fedrelay.failover`).
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class EmitterCore:
         producer: str,
         *,
         fresh_name: Callable[[], str],
+        urls: Sequence[str] = (DEFAULT_URL,),
         max_buffer: int = 10_000,
         batch_size: int = 1000,
         frame_bytes: int = 1_000_000,
@@ -255,6 +258,7 @@ class EmitterCore:
         self.reach_timeout = reach_timeout
         self.jitter = jitter
         self.report = report
+        self.relays = Failover(urls, first_delay=FIRST_BACKOFF, max_delay=max_backoff, jitter=jitter)
 
         self.guard = True
         """Check ``hello.last_id`` against ``sent_mark`` (off for generated names of adopted spools)."""
@@ -283,8 +287,8 @@ class EmitterCore:
         self.reach = UNKNOWN
         self.started = now
         self.attempt_started: float | None = None
-        self.connect_failures = 0
-        self.session_failures = 0
+        """When the current attempt to reach the relay began: the first connect of this core, or
+        the loss of a session while other addresses are left to try (reset by a ``hello``)."""
         self.acked_at_session_start = 0
         self.in_use_since: float | None = None
         self.in_use_failures = 0
@@ -529,24 +533,31 @@ class EmitterCore:
 
     # -- connection events ------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The relay address to connect to now."""
+        return self.relays.current
+
     def connecting(self, now: float) -> None:
-        self.attempt_started = now
+        if self.attempt_started is None:
+            self.attempt_started = now
 
     def connect_failed(self, now: float) -> list[Action]:
-        """A connect (TCP, TLS or the HTTP upgrade) failed: back off, or give up."""
-        self.connect_failures += 1
-        actions: list[Action] = self._set_reach(DOWN)
-        if self.give_up_after and self.connect_failures >= self.give_up_after:
+        """A connect (TCP, TLS or the HTTP upgrade) failed: the next address after a backoff, or
+        give up after ``give_up_after`` rounds of the list."""
+        delay = self.relays.failed(progress=False)
+        actions = self._unreached(now)
+        if self.give_up_after and self.relays.rounds_failed >= self.give_up_after:
             actions.append(GiveUp())
         else:
-            actions.append(Wait(backoff_delay(self.connect_failures, self.max_backoff, self.jitter())))
+            actions.append(Wait(delay))
         return actions
 
     def hello(self, frame: dict[str, Any], now: float) -> list[Action]:
         """The relay's first frame: a ``hello``, or an ``error`` refusing this name."""
         if frame.get("op") == "error":
             return self._refused(frame, now)
-        self.connect_failures = 0
+        self.relays.connected()
         last_id = frame.get("last_id")
         if not isinstance(last_id, int) or isinstance(last_id, bool):
             last_id = None
@@ -562,6 +573,7 @@ class EmitterCore:
         if self.ever_connected:
             self.counts["reconnects"] += 1
         self.ever_connected = self.session = True
+        self.attempt_started = None
         self.in_use_since, self.in_use_failures = None, 0
         self.holding_sent = False
         accepts = frame.get("accepts")
@@ -635,18 +647,30 @@ class EmitterCore:
         return []
 
     def session_ended(self, now: float, *, failed: bool, close_code: int | None = None) -> list[Action]:
-        """The connection closed. A failed session backs off like a failed connect (from 0.1 s),
-        unless it had made progress, so that one that keeps failing does not spin."""
+        """The connection closed. A failed session moves to the next address and backs off like a
+        failed connect (from 0.1 s), counting from scratch if it had made progress (acks), so that
+        one that keeps failing does not spin. A session left on purpose (a new name, smaller
+        frames) stays on the address."""
         self.session = False
         self.loaded = None
         if close_code == 1009:
             self.halve_limits()  # a frame over 4x the relay's limit: smaller ones
         if not failed:
             return []
-        actions: list[Action] = self._set_reach(DOWN)
-        self.session_failures = 1 if self.acked > self.acked_at_session_start else self.session_failures + 1
-        actions.append(Wait(backoff_delay(self.session_failures, self.max_backoff, self.jitter())))
+        delay = self.relays.failed(progress=self.acked > self.acked_at_session_start)
+        actions = self._unreached(now)
+        actions.append(Wait(delay))
         return actions
+
+    def _unreached(self, now: float) -> list[Action]:
+        """After a failure: known unreachable once every address failed since the last connection;
+        while another is left to try, waiting may still pay off, for ``reach_timeout`` from now."""
+        if self.relays.all_failed:
+            return self._set_reach(DOWN)
+        if self.reach == UP:
+            self.reach = UNKNOWN
+            self.attempt_started = now
+        return []
 
     def _refused(self, frame: dict[str, Any], now: float) -> list[Action]:
         """Decision A.1: ``producer_in_use`` instead of ``hello``.
@@ -778,9 +802,11 @@ class EmitterCore:
         return first - 1 if first > self.acked else self.acked  # a partly acked segment
 
     def worth_waiting(self, now: float) -> bool:
-        """Whether waiting for acks can pay off: connected, or the first connection still within
-        ``reach_timeout``. Not once the relay is known unreachable (a connect failed, a session
-        was lost, or another process marked it so) until a connection succeeds again."""
+        """Whether waiting for acks can pay off: connected, or the current attempt to reach the
+        relay (the first connection, or moving on to its next address after a loss) still within
+        ``reach_timeout``. Not once the relay is known unreachable (every address failed to
+        connect or lost its session, or another process marked it so) until a connection
+        succeeds again."""
         if self.reach == UP:
             return True  # connected, or reconnecting at once (a new name, smaller frames)
         if self.reach == DOWN:

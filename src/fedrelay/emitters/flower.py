@@ -15,8 +15,10 @@ all events of one federation land in one relay run. The relay URL, publish token
 from an explicit argument, else the run config, else the node config (keys ``fedrelay-url``,
 ``fedrelay-token``, ``fedrelay-ca-file``), else the environment, else the emitter's default. The run
 config comes first because ``flwr run`` starts a SuperLink that keeps the environment of its first
-invocation. Each process logs the URL it uses and where it came from, through Flower's logger, so
-that the line shows in ``flwr run`` and SuperNode output.
+invocation. ``fedrelay-url`` may list several nodes of one relay, comma-separated (a run config
+value is a string): the emitter fails over between them. Each process logs the URLs it uses and
+where they came from, through Flower's logger, so that the line shows in ``flwr run`` and SuperNode
+output.
 
 Client ids: on the client side, the ``partition-id`` node config value (what simulations and users
 think of as "client 3"), else the node id. The server only sees node ids; the mod adds a small
@@ -35,7 +37,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -89,11 +91,12 @@ def relay_setting(context: Context | None, key: str) -> tuple[str | None, str]:
 
 
 def relay_url(context: Context | None = None) -> str | None:
-    """The relay URL for this run: run config, node config, then ``FEDRELAY_URL``."""
+    """The relay URL for this run (several comma-separated, as given): run config, node config, then
+    ``FEDRELAY_URL``."""
     return relay_setting(context, URL_KEY)[0]
 
 
-def emitter_for(context: Context | None, url: str | None = None) -> Emitter:
+def emitter_for(context: Context | None, url: str | Sequence[str] | None = None) -> Emitter:
     """This process's emitter for the run's relay, with the run's token and CA file.
 
     ``url`` (an explicit argument) wins over the run config.
@@ -226,7 +229,7 @@ class InstrumentedStrategy(Strategy):
         *,
         emitter: Emitter | None = None,
         context: Context | None = None,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         run_id: str | None = None,
         experiment_name: str | None = None,
         num_clients: int | None = None,
@@ -596,7 +599,7 @@ def instrument(
     context: Context | None = None,
     *,
     emitter: Emitter | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     run_id: str | None = None,
     experiment_name: str | None = None,
     num_clients: int | None = None,
@@ -653,7 +656,7 @@ class ClientTelemetryMod:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         flush_timeout: float = 2.0,
         phases=("train", "evaluate"),
@@ -748,7 +751,7 @@ fedrelay_mod = ClientTelemetryMod()
 
 
 def client_mod(
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     *,
     flush_timeout: float = 2.0,
     forward_logs: bool | int | str | None = None,
@@ -771,7 +774,7 @@ def report_epoch(
     epoch: int,
     metrics: Mapping[str, Any] | None = None,
     *,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     **extra: Any,
 ) -> None:
     """Stream one local epoch (``client_progress`` with ``local_epoch``) from a client's training loop.

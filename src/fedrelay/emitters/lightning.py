@@ -27,6 +27,7 @@ import contextlib
 import math
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -71,7 +72,7 @@ class FedRelayCallback(Callback):
         self,
         emitter: Emitter | None = None,
         *,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         run_id: str | None = None,
         experiment_name: str | None = None,
         monitor: str | None = None,

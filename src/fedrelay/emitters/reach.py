@@ -8,6 +8,10 @@ when a connection succeeds. An emitter that starts while the mark is younger tha
 ``MARK_TTL`` does not wait for acks (it spools instead) until it connects itself; it still
 tries to connect at once, so a relay that is back is noticed by the first process that gets
 through. Reading the mark costs one ``open()``; it is a hint, never a reason to lose events.
+
+With several addresses the mark is about the list (``.reach-<first>+<hash of all>``): it is
+written only when every address failed, so it never tells a process given two nodes that the
+relay is down because one node is, nor a process given one node that it is up.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from .config import relay_key
+from .config import relays_key
 
 MARK_TTL = 600.0
 """Seconds a mark is trusted: one process per this period pays the first-connection budget
@@ -25,10 +30,10 @@ when the relay drops packets (no process then lives long enough to see its conne
 
 
 class ReachMark:
-    """The mark file of one relay in one spool directory."""
+    """The mark file of one relay (its list of addresses) in one spool directory."""
 
-    def __init__(self, spool_dir: Path, url: str) -> None:
-        self.path = spool_dir / f".reach-{relay_key(url).lstrip('@')}"
+    def __init__(self, spool_dir: Path, urls: Sequence[str]) -> None:
+        self.path = spool_dir / f".reach-{relays_key(urls).lstrip('@')}"
 
     def down_recently(self, now: float | None = None) -> bool:
         """True when someone found the relay unreachable less than ``MARK_TTL`` seconds ago."""

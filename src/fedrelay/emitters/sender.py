@@ -285,12 +285,14 @@ class Sender:
     # -- connecting -----------------------------------------------------------------------------
 
     def _connect(self) -> ClientConnection | None:
+        """A connection to the address the core says (only this thread moves it on)."""
         owner = self.owner
-        url = publish_url(owner.url, self.core.producer)
+        base = self.core.url
+        url = publish_url(base, self.core.producer)
         headers = {"Authorization": f"Bearer {owner._token}"} if owner._token else None
         started = time.monotonic()
         try:
-            context = owner._tls_context()
+            context = owner._tls_context(base)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self.last_error = explain_ca_file(owner._ca_file, exc)
             owner._once("ca_file", "%s", self.last_error, level=logging.ERROR)
@@ -315,16 +317,20 @@ class Sender:
             code = exc.response.status_code
             self.last_error = f"relay answered HTTP {code}"
             hint = " (check the publish token)" if code in (401, 403) else ""
-            owner._once(f"http_{code}", "relay at %s answered HTTP %s%s; retrying", owner.url, code, hint)
+            owner._once(f"http_{code}", "relay at %s answered HTTP %s%s; retrying", base, code, hint)
         except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, ValueError) as exc:
             problem = certificate_problem(exc)
             if problem is not None:
-                self.last_error = explain_certificate(owner.url, problem, owner._ca_file)
+                self.last_error = explain_certificate(base, problem, owner._ca_file)
                 owner._once("certificate", "%s", self.last_error, level=logging.ERROR)
             else:
-                self.last_error = f"cannot connect to {owner.url}: {exc!r}"
+                self.last_error = f"cannot connect to {base}: {exc!r}"
                 owner._once(
-                    "connect", "cannot connect to %s (%s); retrying in the background", owner.url, exc
+                    f"connect {base}",
+                    "cannot connect to %s (%s); %s",
+                    base,
+                    exc,
+                    "trying the next address" if self.core.relays.several else "retrying in the background",
                 )
         return None
 
@@ -373,7 +379,13 @@ class Sender:
             if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
                 close_code = exc.rcvd.code
             self.last_error = f"connection lost: {exc!r}"
-            self.owner._once("disconnected", "connection to %s lost (%r); reconnecting", self.owner.url, exc)
+            self.owner._once(
+                f"disconnected {self.core.url}",
+                "connection to %s lost (%r); %s",
+                self.core.url,
+                exc,
+                "moving to the next address" if self.core.relays.several else "reconnecting",
+            )
         except Exception as exc:  # a bug must cost a reconnect, not the sender
             failed = True
             self.core.counts["errors"] += 1

@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from .client import Emitter
-from .config import resolve_token, resolve_url
+from .config import resolve_token, resolve_urls
 
 _lock = threading.Lock()
-_shared: dict[tuple[int, str, str | None], Emitter] = {}
+_shared: dict[tuple[int, tuple[str, ...], str | None], Emitter] = {}
 
 
-def get_emitter(url: str | None = None, **kwargs: Any) -> Emitter:
+def get_emitter(url: str | Sequence[str] | None = None, **kwargs: Any) -> Emitter:
     """The process's emitter for this relay (created on first use, closed at exit).
 
-    ``kwargs`` are passed to :class:`Emitter` when it is created; later calls
-    with the same URL and token get the same instance whatever they pass.
+    ``url`` is one address or several (a list, or comma-separated). ``kwargs`` are passed to
+    :class:`Emitter` when it is created; later calls with the same addresses (in the same
+    order) and token get the same instance whatever they pass.
     """
-    key = (os.getpid(), resolve_url(url), resolve_token(kwargs.get("token")))
+    key = (os.getpid(), resolve_urls(url), resolve_token(kwargs.get("token")))
     emitter = _shared.get(key)
     if emitter is not None:
         return emitter

@@ -366,11 +366,22 @@ export type EventOf<T extends EventType> = Extract<Event, { type: T }>;
 export type StoredEvent = Event & { seq: number; producer: string; timestamp: string };
 
 export type ConnectionState = "connecting" | "open" | "closed";
-export type ConnectionDetail = { attempt?: number; connects?: number; code?: number; reason?: string };
+export type ConnectionDetail = {
+  attempt?: number;
+  connects?: number;
+  code?: number;
+  reason?: string;
+  /** The address connected to, or being tried (ws:// or wss://). */
+  url?: string;
+};
+
+/** A relay address (ws://, http:// or any URL on its origin), or several nodes of one relay (a list,
+ * or comma-separated): tried in order, the next when one fails; default: the page's origin. */
+export type RelayAddress = string | string[];
 
 export interface SubscribeOptions {
-  /** Relay address (ws://, http:// or any URL on its origin); default: the page's origin. */
-  url?: string;
+  /** The relay's address(es); default: the page's origin. */
+  url?: RelayAddress;
   /** Runs to follow, or "*" for every run (live only, no backlog). */
   runIds: string[] | "*";
   /** Last seq already seen, for all runs or per run; 0 (default) = from the start. */
@@ -391,6 +402,8 @@ export interface Subscription {
   follow(runId: string, since?: number): void;
   unfollow(runId: string): void;
   readonly connects: number;
+  /** The address in use, or tried next. */
+  readonly url: string;
 }
 
 /** What a run lacks that the relay knows exists (see docs/protocol.md, "Run status"). */
@@ -486,9 +499,9 @@ export interface ClientsPage {
 }
 
 export function subscribe(options: SubscribeOptions): Subscription;
-export function fetchRuns(options?: { url?: string; token?: string }): Promise<RunSummary[]>;
+export function fetchRuns(options?: { url?: RelayAddress; token?: string }): Promise<RunSummary[]>;
 export function fetchRunsPage(options?: {
-  url?: string;
+  url?: RelayAddress;
   token?: string;
   limit?: number;
   cursor?: string | null;
@@ -498,7 +511,7 @@ export function fetchRunsPage(options?: {
   updated_since?: number;
 }): Promise<RunsPage>;
 export function fetchClients(options: {
-  url?: string;
+  url?: RelayAddress;
   token?: string;
   runId: string;
   cursor?: string | null;
@@ -506,9 +519,9 @@ export function fetchClients(options: {
   minGap?: number;
   cells?: boolean;
 }): Promise<ClientsPage>;
-export function fetchRun(options: { url?: string; token?: string; runId: string }): Promise<RunSummary>;
+export function fetchRun(options: { url?: RelayAddress; token?: string; runId: string }): Promise<RunSummary>;
 export function fetchEventsPage(options: {
-  url?: string;
+  url?: RelayAddress;
   token?: string;
   runId: string;
   since?: number;
@@ -516,7 +529,7 @@ export function fetchEventsPage(options: {
   types?: string[] | string;
 }): Promise<{ events: StoredEvent[]; next_since: number }>;
 export function fetchEvents(options: {
-  url?: string;
+  url?: RelayAddress;
   token?: string;
   runId: string;
   since?: number;
@@ -525,3 +538,4 @@ export function fetchEvents(options: {
 }): Promise<StoredEvent[]>;
 export function wsBase(url?: string): string;
 export function httpBase(url?: string): string;
+export function relayUrls(url?: RelayAddress): string[];

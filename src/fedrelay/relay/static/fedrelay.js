@@ -7,6 +7,9 @@
 // the last seq of every run and, after a relay restart, a network drop or a
 // "slow consumer" close (1013), reconnects with backoff and resumes from there.
 // A run that has not started yet is waited for by the relay: no polling.
+// Given several addresses of one relay (url: a list, or comma-separated), it
+// moves to the next when a connection cannot be made or is lost, and resumes
+// there from the same seqs (the nodes of one relay agree on them).
 // Types: fedrelay.d.ts (generated from the relay's pydantic schema).
 
 /** @typedef {import("./fedrelay.d.ts").Event} Event */
@@ -15,6 +18,56 @@
 const SLOW_CONSUMER = 1013;
 const PING_EVERY_MS = 15000;
 const PING_TIMEOUT_MS = 10000;
+const ASK_ELSEWHERE = new Set([502, 503, 504]); // "not this node, not now": the next address
+
+/** The addresses in `url`: a list, or one string with several comma-separated; each once, in order. */
+export function relayUrls(url) {
+  const out = [];
+  for (const item of Array.isArray(url) ? url : url == null ? [] : [url]) {
+    for (const part of String(item).split(",")) {
+      const address = part.trim();
+      if (address && !out.includes(address)) out.push(address);
+    }
+  }
+  return out;
+}
+
+/**
+ * Which address to use, as fedrelay/failover.py decides for the Python clients: the first at
+ * start; kept while it works (a switch costs a catch-up); after a failure the next, round robin;
+ * backoff counted in rounds of the list, so one address behaves as it always did.
+ * `undefined` stands for the page's own origin when no address is given.
+ */
+function failover(url) {
+  const urls = relayUrls(url);
+  if (!urls.length) urls.push(undefined);
+  let index = 0;
+  let misses = 0;
+  let unreached = 0;
+  return {
+    get current() {
+      return urls[index];
+    },
+    get allFailed() {
+      return unreached >= urls.length;
+    },
+    /** Failures in a row since the last connection that made progress. */
+    get misses() {
+      return misses;
+    },
+    connected() {
+      unreached = 0;
+    },
+    /** Move to the next address; the milliseconds to wait before connecting to it. */
+    failed(progress = false) {
+      if (progress) misses = 0;
+      misses += 1;
+      unreached += 1;
+      index = (index + 1) % urls.length;
+      return backoff(Math.ceil(misses / urls.length) - 1);
+    },
+  };
+}
 
 /** The relay's WebSocket base (ws://host:port) for a URL or the page's own origin. */
 export function wsBase(url) {
@@ -33,18 +86,36 @@ function withToken(path, token) {
   return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
 }
 
-async function getJson(url, token) {
-  const response = await fetch(withToken(url, token), { cache: "no-store" });
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-  return response.json();
+/** GET `path` from the current address of `relays`, else the next ones (once round the list). */
+async function getJson(relays, path, token) {
+  for (;;) {
+    const url = `${httpBase(relays.current)}${path}`;
+    let response;
+    try {
+      response = await fetch(withToken(url, token), { cache: "no-store" });
+    } catch (error) {
+      relays.failed();
+      if (relays.allFailed) throw error;
+      continue;
+    }
+    if (response.ok) {
+      relays.connected();
+      return response.json();
+    }
+    if (ASK_ELSEWHERE.has(response.status)) relays.failed();
+    if (!ASK_ELSEWHERE.has(response.status) || relays.allFailed) {
+      throw new Error(`${url}: HTTP ${response.status}`);
+    }
+  }
 }
 
 /** GET /api/runs: every run the relay knows, newest first (following `next_cursor` page by page). */
 export async function fetchRuns({ url, token } = {}) {
+  const relays = failover(url);
   const runs = [];
   let cursor = null;
   do {
-    const page = await fetchRunsPage({ url, token, limit: 1000, cursor });
+    const page = await runsPage(relays, token, { limit: 1000, cursor });
     runs.push(...page.runs);
     cursor = page.next_cursor;
   } while (cursor);
@@ -57,14 +128,18 @@ export async function fetchRuns({ url, token } = {}) {
  * `updated_since` (seconds since the epoch, the relay's clock: runs with an event since). A page
  * may hold fewer runs than `limit`, even none, and still have a `next_cursor`: follow it until null.
  */
-export async function fetchRunsPage({ url, token, limit = 100, cursor, status, mode, q, updated_since } = {}) {
+export async function fetchRunsPage({ url, token, ...options } = {}) {
+  return runsPage(failover(url), token, options);
+}
+
+async function runsPage(relays, token, { limit = 100, cursor, status, mode, q, updated_since } = {}) {
   const query = new URLSearchParams({ limit: String(limit) });
   if (cursor) query.set("cursor", cursor);
   if (updated_since !== undefined) query.set("updated_since", String(updated_since));
   if (status && status.length) query.set("status", [].concat(status).join(","));
   if (mode) query.set("mode", mode);
   if (q) query.set("q", q);
-  const page = await getJson(`${httpBase(url)}/api/runs?${query}`, token);
+  const page = await getJson(relays, `/api/runs?${query}`, token);
   return { runs: page.runs, next_cursor: page.next_cursor ?? null };
 }
 
@@ -75,22 +150,23 @@ export async function fetchClients({ url, token, runId, cursor, factor, minGap, 
   if (factor !== undefined) query.set("factor", String(factor));
   if (minGap !== undefined) query.set("min_gap", String(minGap));
   if (!cells) query.set("cells", "0");
-  return getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/clients?${query}`, token);
+  return getJson(failover(url), `/api/runs/${encodeURIComponent(runId)}/clients?${query}`, token);
 }
 
 /** GET /api/runs/{runId}: one run's summary. */
 export async function fetchRun({ url, token, runId }) {
-  return getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}`, token);
+  return getJson(failover(url), `/api/runs/${encodeURIComponent(runId)}`, token);
 }
 
 /**
  * One page of GET /api/runs/{runId}/events: `{events, next_since}`, the stored events after `since`
  * in seq order (at most `limit`, fewer past 4 MiB); `types` (e.g. ["log"]): only those types.
+ * With several addresses, the next is tried when one cannot answer.
  */
 export async function fetchEventsPage({ url, token, runId, since = 0, limit = 1000, types }) {
   const query = new URLSearchParams({ since: String(since), limit: String(limit) });
   if (types && types.length) query.set("type", [].concat(types).join(","));
-  const page = await getJson(`${httpBase(url)}/api/runs/${encodeURIComponent(runId)}/events?${query}`, token);
+  const page = await getJson(failover(url), `/api/runs/${encodeURIComponent(runId)}/events?${query}`, token);
   return { events: page.events, next_since: page.next_since };
 }
 
@@ -109,7 +185,8 @@ export async function fetchEvents({ url, token, runId, since = 0, limit = 5000, 
  * Follow runs live, resuming from the last seq after any disconnect.
  *
  * @param {object} options
- * @param {string} [options.url] relay address (ws://, http:// or a page URL); default: this page's origin
+ * @param {string|string[]} [options.url] relay address (ws://, http:// or a page URL), or several nodes
+ *   of one relay (a list, or comma-separated), tried in order; default: this page's origin
  * @param {string[]|string} options.runIds run ids to follow, or "*" for every run (live only, no backlog)
  * @param {number|Object<string, number>} [options.since] last seq already seen (per run, or one for all); 0 = from the start
  * @param {string} [options.token] the relay's subscribe token, if it has one
@@ -117,8 +194,9 @@ export async function fetchEvents({ url, token, runId, since = 0, limit = 5000, 
  * @param {(frame: RelayControl) => void} [options.onControl] control frames (subscribed, error, ...)
  * @param {(gap: {run_id: string, since: number, resume_from: number}) => void} [options.onGap] history lost
  * @param {(state: "connecting"|"open"|"closed", detail: object) => void} [options.onStatus] connection state
+ *   (detail.url: the address)
  * @returns {{close(): void, lastSeq(runId: string): number, follow(runId: string, since?: number): void,
- *            unfollow(runId: string): void, readonly connects: number}}
+ *            unfollow(runId: string): void, readonly connects: number, readonly url: string}}
  */
 export function subscribe(options) {
   const { url, token, onEvent, onControl, onGap, onStatus } = options;
@@ -129,9 +207,10 @@ export function subscribe(options) {
     const since = typeof options.since === "object" ? options.since?.[runId] : options.since;
     cursors.set(runId, since || 0);
   }
+  const relays = failover(url);
   let ws = null;
   let closed = false;
-  let attempt = 0;
+  let progressed = false; // events arrived on this connection: the backoff starts over
   let connects = 0;
   let retryTimer = null;
   let pingTimer = null;
@@ -160,12 +239,12 @@ export function subscribe(options) {
     lastFrameAt = Date.now();
     const frame = JSON.parse(message.data);
     if (Array.isArray(frame)) {
-      attempt = 0;
+      progressed = true;
       frame.forEach(deliver);
       return;
     }
     if (frame.op === undefined) {
-      attempt = 0;
+      progressed = true;
       deliver(frame);
       return;
     }
@@ -178,13 +257,16 @@ export function subscribe(options) {
 
   function connect() {
     if (closed) return;
-    status("connecting", { attempt });
-    const socket = new WebSocket(withToken(`${wsBase(url)}/subscribe`, token));
+    const address = wsBase(relays.current);
+    status("connecting", { attempt: relays.misses, url: address });
+    const socket = new WebSocket(withToken(`${address}/subscribe`, token));
     ws = socket;
+    progressed = false;
     socket.onopen = () => {
       connects += 1;
+      relays.connected();
       lastFrameAt = Date.now();
-      status("open", { connects });
+      status("open", { connects, url: address });
       if (all) send({ op: "subscribe", run_id: "*" });
       for (const runId of runs) join(runId);
       pingTimer = setInterval(keepAlive, PING_EVERY_MS);
@@ -200,10 +282,10 @@ export function subscribe(options) {
     ws = null;
     clearInterval(pingTimer);
     socket?.close();
-    status("closed", { code, reason });
+    status("closed", { code, reason, url: wsBase(relays.current) });
     if (closed) return;
-    // A slow-consumer cut is not a failure of the relay: come back at once.
-    const delay = code === SLOW_CONSUMER ? 50 : backoff(attempt++);
+    // A slow-consumer cut is not a failure of the node: come back to it at once.
+    const delay = code === SLOW_CONSUMER ? 50 : relays.failed(progressed);
     retryTimer = setTimeout(connect, delay);
   }
 
@@ -233,6 +315,10 @@ export function subscribe(options) {
     },
     get connects() {
       return connects;
+    },
+    /** The address in use, or tried next. */
+    get url() {
+      return wsBase(relays.current);
     },
   };
 }
