@@ -266,7 +266,7 @@ class Producer:
 
 # -- 1. a Flower run, the relay SIGKILLed at random moments ---------------------------------------
 
-ROUNDS, CLIENTS = 3, 2
+ROUNDS, CLIENTS = 5, 2
 DEMO_ARGS = ["--rounds", str(ROUNDS), "--clients", str(CLIENTS), "--seed", "7", "--no-start-relay", *TINY]
 DEMO_TOTAL = len(demo_expected(ROUNDS, CLIENTS))
 
@@ -314,7 +314,10 @@ async def demo_under_kills(work: Path, rng: random.Random, kills: int) -> DemoOu
             Follower(relay.url, run_id, "pinging", ping=(0.5, 1.0)),
         ]
         following = [asyncio.create_task(f.follow(DEMO_TOTAL, timeout=240)) for f in followers]
-        marks = sorted(rng.sample(range(2, DEMO_TOTAL - 8), kills))
+        # In the first half of the events: an outage no longer slows training down (emitters
+        # spool instead of waiting), so what the relay has seen lags the run by the outage and the
+        # reconnect backoff; the second half is the run's margin for that.
+        marks = sorted(rng.sample(range(2, DEMO_TOTAL // 2), kills))
         print(f"{work.name}: SIGKILL after {marks} events seen")
         for mark in marks:
             await until(
