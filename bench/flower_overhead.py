@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+sys.path.insert(0, str(HERE.parent))  # tests.support, as the tests import it
 
 
 def child(args: argparse.Namespace) -> None:
@@ -100,7 +100,7 @@ def main() -> None:
         child(args)
         return
 
-    from relay_process import RelayProcess
+    from tests.support.relay_process import RelayProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDRELAY_SPOOL_DIR": str(Path(tmp) / "spool")}

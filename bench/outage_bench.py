@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+sys.path.insert(0, str(HERE.parent))  # tests.support, as the tests import it
 
 BLACKHOLE_ADDRESS = "10.99.1.2"
 """Inside the bench's namespace, 10.99.1.0/24 routes via an address on lo that is not the
@@ -355,8 +355,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args()
 
-    from blackhole import Blackhole  # tests/support: a full accept queue
-    from relay_process import RelayProcess
+    from tests.support.blackhole import Blackhole  # a full accept queue
+    from tests.support.relay_process import RelayProcess
 
     with tempfile.TemporaryDirectory() as tmp, namespace(args.netns) as netns:
         work = Path(tmp)
