@@ -1924,7 +1924,9 @@ def root_frames(draw: st.DrawFn, run: str, int_run_id: int) -> RootCase:
             data["run_id"], target = number, str(number)
         elif run_variant in ("invalid", "not_text"):
             value = (
-                draw(BAD_RUN_IDS) if run_variant == "invalid" else draw(st.sampled_from([FLOAT_RUN_ID, [], {}, True]))
+                draw(BAD_RUN_IDS)
+                if run_variant == "invalid"
+                else draw(st.sampled_from([FLOAT_RUN_ID, [], {}, True]))
             )
             data["run_id"] = value
             target = root_run_name(value) or UNNAMED  # "" names no run
