@@ -100,6 +100,38 @@ def _answers(relay: RelayProcess) -> bool:
         return False
 
 
+def test_a_flag_wins_over_the_environment_in_a_running_relay(tmp_path):
+    env_port, flag_port = free_port(), free_port()
+    env = {
+        "FEDRELAY_PORT": str(env_port),
+        "FEDRELAY_DB": str(tmp_path / "env.db"),
+        "FEDRELAY_HOST": "127.0.0.1",
+    }
+    cmd = [sys.executable, "-m", "fedrelay", "serve", "--port", str(flag_port), "--memory"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    try:
+        wait_until(
+            lambda: _answers(RelayProcess(":memory:", port=flag_port)), 20, what="relay on the flag's port"
+        )
+        assert not _answers(RelayProcess(":memory:", port=env_port))
+        assert not (tmp_path / "env.db").exists()  # --memory beat FEDRELAY_DB
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_help_lists_every_setting_with_its_variable():
+    from fedrelay.relay.config import RelayConfig, env_name, flag_of
+
+    out = fedrelay("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for name, field in RelayConfig.model_fields.items():
+        assert flag_of(name, field) in text and f"[{env_name(name)}]" in text, name
+    assert "--no-compression" in text and "--memory" in text
+    assert "(default: 8 MiB)" in text and "(default: relay.db in the user data dir)" in text
+
+
 def test_default_database_lives_in_the_user_data_dir(tmp_path):
     port = free_port()
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "FEDRELAY_PORT": str(port)}
