@@ -140,11 +140,6 @@ def legacy_spool_dir(spool_dir: str | os.PathLike[str] | None) -> Path | None:
     return spool_root()
 
 
-def same_relay(a: str, b: str) -> bool:
-    """Whether two URLs name the same relay (scheme, host, port and path)."""
-    return relay_key(a) == relay_key(b)
-
-
 def share_a_node(a: Iterable[str], b: Iterable[str]) -> bool:
     """Whether two address lists name the same relay: an address in common (each address is a
     node of exactly one relay, so lists that overlap are two views of one relay)."""
