@@ -59,6 +59,18 @@ async def test_runs_lists_what_the_relay_holds(relay):
     assert as_json[0]["run_id"] == "cli-run" and as_json[0]["last_seq"] == 2
 
 
+def test_runs_reads_the_subscribe_token_from_the_environment_as_tail_and_export_do(relay_factory):
+    relay = relay_factory("--subscribe-token", "sub-7c1e")
+    refused = fedrelay("runs", "--url", relay.http)
+    assert refused.returncode == 1 and "401" in refused.stderr
+    out = fedrelay("runs", "--url", relay.http, env={"FEDRELAY_SUBSCRIBE_TOKEN": "sub-7c1e"})
+    assert out.returncode == 0 and out.stdout.strip() == "no runs yet", out.stderr
+    flag = fedrelay(
+        "runs", "--url", relay.http, "--token", "sub-7c1e", env={"FEDRELAY_SUBSCRIBE_TOKEN": "wrong"}
+    )
+    assert flag.returncode == 0, flag.stderr
+
+
 def test_runs_without_a_relay_says_so():
     out = fedrelay("runs", "--url", f"http://127.0.0.1:{free_port()}")
     assert out.returncode == 1

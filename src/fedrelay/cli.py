@@ -17,8 +17,9 @@ from typing import Any
 from . import __version__, export, tail
 from .api_client import ApiClient
 from .bridge.cli import add_parser as add_bridge_parser
+from .client_settings import relay_urls, subscribe_token
 from .demo.cli import add_demo_parser
-from .follow import RelayRefused, relay_urls
+from .follow import RelayRefused
 from .tls import certificate_problem, explain_certificate, resolve_ca_file
 
 
@@ -157,7 +158,7 @@ def _runs(args: argparse.Namespace) -> int:
     ca_file = resolve_ca_file(args.ca_file)
     urls = relay_urls(args.url)
     try:
-        client = ApiClient([_http_base(url) for url in urls], args.token, ca_file)
+        client = ApiClient([_http_base(url) for url in urls], subscribe_token(args.token), ca_file)
     except RelayRefused as exc:  # the CA file
         print(f"fedrelay runs: {exc}", file=sys.stderr)
         return 1
@@ -284,7 +285,7 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
         help="relay address (FEDRELAY_URL, else http://127.0.0.1:8765); several nodes of one relay: "
         "comma-separated or repeated, the next asked when one cannot answer",
     )
-    runs.add_argument("--token", help="subscribe token, if the relay needs one")
+    runs.add_argument("--token", help="subscribe token, if the relay needs one (FEDRELAY_SUBSCRIBE_TOKEN)")
     runs.add_argument(
         "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
     )

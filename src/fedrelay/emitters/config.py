@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ..client_settings import DEFAULT_URL as DEFAULT_URL
+from ..client_settings import URL_ENV as URL_ENV
+from ..client_settings import publish_token
 from ..failover import parse_urls
 from ..tls import CA_FILE_ENV as CA_FILE_ENV  # the emitter settings, in one place
 from ..tls import resolve_ca_file as resolve_ca_file
 
-DEFAULT_URL = "ws://127.0.0.1:8765"
-URL_ENV = "FEDRELAY_URL"
 SPOOL_ENV = "FEDRELAY_SPOOL_DIR"
 _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9.-]+")
 
@@ -70,7 +71,7 @@ def resolve_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def resolve_token(token: str | None) -> str | None:
     """The publish token: argument, ``FEDRELAY_PUBLISH_TOKEN`` or ``FEDRELAY_TOKEN``."""
-    return token or os.environ.get("FEDRELAY_PUBLISH_TOKEN") or os.environ.get("FEDRELAY_TOKEN") or None
+    return publish_token(token)
 
 
 def publish_url(base: str, producer: str) -> str:
