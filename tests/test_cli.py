@@ -144,6 +144,27 @@ def test_serve_help_lists_every_setting_with_its_variable():
     assert "(default: 8 MiB)" in text and "(default: relay.db in the user data dir)" in text
 
 
+def test_serve_without_the_server_extra_says_what_to_install():
+    """An emitter-only install lacks pydantic-settings: the other commands work, serve says so."""
+    blocked = "import sys; sys.modules['pydantic_settings'] = None; from fedrelay.cli import main; "
+    for args in (["serve", "--port", "0"], ["serve", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-c", blocked + f"sys.exit(main({args!r}))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        said = out.stdout + out.stderr
+        assert "pip install 'fedrelay[server]'" in said and "Traceback" not in said, said
+    out = subprocess.run(
+        [sys.executable, "-c", blocked + "sys.exit(main(['schema', '--part', 'event']))"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and "round_end" in out.stdout, out.stderr
+
+
 def test_default_database_lives_in_the_user_data_dir(tmp_path):
     port = free_port()
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "FEDRELAY_PORT": str(port)}

@@ -252,7 +252,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     try:
         from .relay.settings_cli import add_settings_arguments
     except ImportError as exc:  # the emitter-only install: no pydantic-settings, platformdirs
-        serve.description = f"Run the relay; needs the server extra: pip install 'fedrelay[server]' ({exc})."
+        missing = f"fedrelay serve needs the server extra: pip install 'fedrelay[server]' ({exc})"
+        serve.description = missing
+        serve.set_defaults(func=lambda _: print(missing, file=sys.stderr) or 2, any_flags=True)
         return
     add_settings_arguments(serve)
     serve.add_argument("--memory", action="store_true", help="keep events in memory only (--db :memory:)")
@@ -274,9 +276,9 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
         "(e.g. FEDRELAY_PORT, FEDRELAY_PUBLISH_TOKEN; lists comma-separated); flags win over "
         "the environment. docs/settings.md has them all.",
     )
+    serve.set_defaults(func=_serve)
     if serve_options:
         _add_serve_options(serve)
-    serve.set_defaults(func=_serve)
 
     runs = commands.add_parser("runs", help="list the runs a relay knows")
     runs.add_argument(
@@ -328,5 +330,8 @@ def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(serve_options="serve" in words).parse_args(argv)
+    parser = build_parser(serve_options="serve" in words)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_flags", False):  # only serve without its extra takes any
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args) or 0)
