@@ -23,10 +23,23 @@ PUBLISH_TOKEN_ENVS = ("FEDRELAY_PUBLISH_TOKEN", "FEDRELAY_TOKEN")
 SUBSCRIBE_TOKEN_ENV = "FEDRELAY_SUBSCRIBE_TOKEN"
 
 
+def relay_urls_and_source(
+    url: str | Sequence[str] | None, source: str = "argument"
+) -> tuple[tuple[str, ...], str]:
+    """A client's relay addresses and where they came from: ``url`` (comma-separated or a list;
+    ``source`` names it), else ``FEDRELAY_URL`` (comma-separated), else the local default."""
+    urls = parse_urls(url)
+    if urls:
+        return urls, source
+    env = parse_urls(os.environ.get(URL_ENV))
+    if env:
+        return env, URL_ENV
+    return (DEFAULT_URL,), "default"
+
+
 def relay_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
-    """A client's relay addresses: ``url`` (comma-separated or a list), else ``FEDRELAY_URL``
-    (comma-separated), else the local default."""
-    return parse_urls(url) or parse_urls(os.environ.get(URL_ENV)) or (DEFAULT_URL,)
+    """A client's relay addresses (see :func:`relay_urls_and_source`)."""
+    return relay_urls_and_source(url)[0]
 
 
 def publish_token(token: str | None) -> str | None:

@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from ..client_settings import DEFAULT_URL as DEFAULT_URL
-from ..client_settings import URL_ENV as URL_ENV
-from ..client_settings import publish_token
+from ..client_settings import publish_token, relay_urls_and_source
 from ..failover import parse_urls
 from ..tls import CA_FILE_ENV as CA_FILE_ENV  # the emitter settings, in one place
 from ..tls import resolve_ca_file as resolve_ca_file
@@ -55,13 +53,7 @@ def resolve_urls_setting(url: str | Sequence[str] | None, source: str = "argumen
 
     A string may list several, comma-separated; so may each item of a list.
     """
-    urls = parse_urls(url)
-    if urls:
-        return RelayUrls(urls, source)
-    env = parse_urls(os.environ.get(URL_ENV))
-    if env:
-        return RelayUrls(env, URL_ENV)
-    return RelayUrls((DEFAULT_URL,), "default")
+    return RelayUrls(*relay_urls_and_source(url, source))
 
 
 def resolve_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
