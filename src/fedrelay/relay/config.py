@@ -181,10 +181,12 @@ class RelayConfig(BaseSettings):
     compression: bool = False
     """permessage-deflate: saves bandwidth, costs CPU per subscriber."""
     alert_webhook: Annotated[list[str], Flag(metavar="URL")] = Field(default_factory=list, repr=False)
-    """Webhook URLs alerts are POSTed to (docs/alerts.md). They hold secrets: prefer
+    """Webhook URLs an alert is POSTed to when a run fails, stalls or ends, or a rule holds
+    (docs/alerts.md). They hold secrets: prefer
     ``FEDRELAY_ALERT_WEBHOOK`` (comma-separated) or the alerts file to a flag ``ps`` shows."""
     alert_rule: Annotated[list[str], Flag(metavar="RULE")] = Field(default_factory=list)
-    """Rules on metrics, e.g. ``eval_metrics.val_loss > 2`` (docs/alerts.md has the syntax)."""
+    """Rules on metrics, e.g. ``eval_metrics.val_loss > 2`` or ``no improvement of auroc for 10
+    rounds`` (docs/alerts.md has the syntax)."""
     alerts: Annotated[str | None, Flag(metavar="FILE")] = None
     """A TOML file with webhooks, rules and delivery options; flags add to it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
