@@ -59,6 +59,18 @@ async def test_runs_lists_what_the_relay_holds(relay):
     assert as_json[0]["run_id"] == "cli-run" and as_json[0]["last_seq"] == 2
 
 
+def test_runs_reads_the_subscribe_token_from_the_environment_as_tail_and_export_do(relay_factory):
+    relay = relay_factory("--subscribe-token", "sub-7c1e")
+    refused = fedrelay("runs", "--url", relay.http)
+    assert refused.returncode == 1 and "401" in refused.stderr
+    out = fedrelay("runs", "--url", relay.http, env={"FEDRELAY_SUBSCRIBE_TOKEN": "sub-7c1e"})
+    assert out.returncode == 0 and out.stdout.strip() == "no runs yet", out.stderr
+    flag = fedrelay(
+        "runs", "--url", relay.http, "--token", "sub-7c1e", env={"FEDRELAY_SUBSCRIBE_TOKEN": "wrong"}
+    )
+    assert flag.returncode == 0, flag.stderr
+
+
 def test_runs_without_a_relay_says_so():
     out = fedrelay("runs", "--url", f"http://127.0.0.1:{free_port()}")
     assert out.returncode == 1
@@ -98,6 +110,59 @@ def _answers(relay: RelayProcess) -> bool:
         return relay.get("/healthz")[0] == 200
     except OSError:
         return False
+
+
+def test_a_flag_wins_over_the_environment_in_a_running_relay(tmp_path):
+    env_port, flag_port = free_port(), free_port()
+    env = {
+        "FEDRELAY_PORT": str(env_port),
+        "FEDRELAY_DB": str(tmp_path / "env.db"),
+        "FEDRELAY_HOST": "127.0.0.1",
+    }
+    cmd = [sys.executable, "-m", "fedrelay", "serve", "--port", str(flag_port), "--memory"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    try:
+        wait_until(
+            lambda: _answers(RelayProcess(":memory:", port=flag_port)), 20, what="relay on the flag's port"
+        )
+        assert not _answers(RelayProcess(":memory:", port=env_port))
+        assert not (tmp_path / "env.db").exists()  # --memory beat FEDRELAY_DB
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_help_lists_every_setting_with_its_variable():
+    from fedrelay.relay.config import RelayConfig, env_name, flag_of
+
+    out = fedrelay("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for name, field in RelayConfig.model_fields.items():
+        assert flag_of(name, field) in text and f"[{env_name(name)}]" in text, name
+    assert "--no-compression" in text and "--memory" in text
+    assert "(default: 8 MiB)" in text and "(default: relay.db in the user data dir)" in text
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    """An emitter-only install lacks pydantic-settings: the other commands work, serve says so."""
+    blocked = "import sys; sys.modules['pydantic_settings'] = None; from fedrelay.cli import main; "
+    for args in (["serve", "--port", "0"], ["serve", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-c", blocked + f"sys.exit(main({args!r}))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        said = out.stdout + out.stderr
+        assert "pip install 'fedrelay[server]'" in said and "Traceback" not in said, said
+    out = subprocess.run(
+        [sys.executable, "-c", blocked + "sys.exit(main(['schema', '--part', 'event']))"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and "round_end" in out.stdout, out.stderr
 
 
 def test_default_database_lives_in_the_user_data_dir(tmp_path):

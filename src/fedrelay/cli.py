@@ -17,8 +17,9 @@ from typing import Any
 from . import __version__, export, tail
 from .api_client import ApiClient
 from .bridge.cli import add_parser as add_bridge_parser
+from .client_settings import relay_urls, subscribe_token
 from .demo.cli import add_demo_parser
-from .follow import RelayRefused, relay_urls
+from .follow import RelayRefused
 from .tls import certificate_problem, explain_certificate, resolve_ca_file
 
 
@@ -65,39 +66,16 @@ def _raise_fd_limit() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .relay import Relay, RelayConfig
+    from .relay.settings_cli import given_settings
     from .relay.store import StoreError
     from .relay.tls import TlsError
 
+    given = given_settings(args)
+    if args.memory:
+        given["db"] = ":memory:"
     try:
-        config = RelayConfig.from_env(
-            host=[part for value in args.host for part in value.split(",")] if args.host else None,
-            port=args.port,
-            db=":memory:" if args.memory else args.db,
-            replay_size=args.replay_size,
-            replay_bytes=args.replay_bytes,
-            retain_events=args.retain_events,
-            forget_producers_after=args.forget_producers_after,
-            max_frame_bytes=args.max_frame_bytes,
-            max_events_per_frame=args.max_events_per_frame,
-            max_queue_bytes=args.max_queue_bytes,
-            max_store_lag=args.max_store_lag,
-            max_connections_per_ip=args.max_connections_per_ip,
-            ping_interval=args.ping_interval,
-            ping_timeout=args.ping_timeout,
-            publish_token=args.publish_token,
-            subscribe_token=args.subscribe_token,
-            allow_origins=args.allow_origin or None,
-            certfile=args.certfile,
-            keyfile=args.keyfile,
-            stall_after=args.stall_after,
-            alert_webhook=args.alert_webhook or None,
-            alert_rule=args.alert_rule or None,
-            alerts=args.alerts,
-            compression=True if args.compression else None,
-            log_level=args.log_level,
-            log_format=args.log_format,
-        )
-    except (ValueError, TypeError) as exc:
+        config = RelayConfig.from_env(**given)
+    except ValueError as exc:
         print(f"fedrelay serve: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level, config.log_format)
@@ -180,7 +158,7 @@ def _runs(args: argparse.Namespace) -> int:
     ca_file = resolve_ca_file(args.ca_file)
     urls = relay_urls(args.url)
     try:
-        client = ApiClient([_http_base(url) for url in urls], args.token, ca_file)
+        client = ApiClient([_http_base(url) for url in urls], subscribe_token(args.token), ca_file)
     except RelayRefused as exc:  # the CA file
         print(f"fedrelay runs: {exc}", file=sys.stderr)
         return 1
@@ -269,7 +247,22 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
+    """The flags of every relay setting (generated from ``RelayConfig``), and ``--memory``."""
+    try:
+        from .relay.settings_cli import add_settings_arguments
+    except ImportError as exc:  # the emitter-only install: no pydantic-settings, platformdirs
+        missing = f"fedrelay serve needs the server extra: pip install 'fedrelay[server]' ({exc})"
+        serve.description = missing
+        serve.set_defaults(func=lambda _: print(missing, file=sys.stderr) or 2, any_flags=True)
+        return
+    add_settings_arguments(serve)
+    serve.add_argument("--memory", action="store_true", help="keep events in memory only (--db :memory:)")
+
+
+def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without ``serve_options`` the serve flags are left out (building
+    them loads pydantic-settings, ~0.2 s that ``fedrelay tail`` and friends need not pay)."""
     parser = argparse.ArgumentParser(
         prog="fedrelay", description="Live telemetry relay for Flower and Lightning training."
     )
@@ -280,70 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the relay",
         description="Run the relay. Every option can also be set as FEDRELAY_<OPTION> "
-        "(e.g. FEDRELAY_PORT, FEDRELAY_PUBLISH_TOKEN); flags win over the environment.",
+        "(e.g. FEDRELAY_PORT, FEDRELAY_PUBLISH_TOKEN; lists comma-separated); flags win over "
+        "the environment. docs/settings.md has them all.",
     )
-    serve.add_argument(
-        "--host",
-        action="append",
-        help="address to listen on; repeat (or comma-separate in FEDRELAY_HOST) for several "
-        "(default: 127.0.0.1 and ::1, where localhost may point)",
-    )
-    serve.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
-    serve.add_argument("--db", help="SQLite file (default: the user data dir, relay.db)")
-    serve.add_argument("--memory", action="store_true", help="keep events in memory only")
-    serve.add_argument("--replay-size", type=int, help="events per run kept in memory (1000)")
-    serve.add_argument("--replay-bytes", type=int, help="characters per run kept in memory, at most (8 MiB)")
-    serve.add_argument("--retain-events", type=int, help="events per run kept on disk (0 = all)")
-    serve.add_argument(
-        "--forget-producers-after",
-        type=float,
-        help="seconds after which an idle producer's dedup position is forgotten; a resend of an "
-        "already stored event under its name is then stored again (30 days; 0 = never)",
-    )
-    serve.add_argument("--max-frame-bytes", type=int, help="largest accepted frame (1 MiB)")
-    serve.add_argument("--max-events-per-frame", type=int, help="events per frame (1000)")
-    serve.add_argument(
-        "--max-queue-bytes", type=int, help="send queue per subscriber before cutting it (4 MiB)"
-    )
-    serve.add_argument("--max-store-lag", type=int, help="uncommitted events before producers wait (200000)")
-    serve.add_argument(
-        "--max-connections-per-ip",
-        type=int,
-        help="open connections per client address (IPv6: per /64), WebSocket or HTTP; "
-        "more are refused with HTTP 503 (2048; 0 = no limit)",
-    )
-    serve.add_argument("--ping-interval", type=float, help="seconds between keepalive pings (20)")
-    serve.add_argument("--ping-timeout", type=float, help="seconds to wait for a pong (20)")
-    serve.add_argument("--publish-token", help="token producers must present")
-    serve.add_argument("--subscribe-token", help="token subscribers and /api must present")
-    serve.add_argument("--allow-origin", action="append", help="extra browser origin allowed ('*' = any)")
-    serve.add_argument(
-        "--certfile",
-        help="PEM certificate chain: serve wss:// and https:// on the port (FEDRELAY_CERTFILE)",
-    )
-    serve.add_argument("--keyfile", help="PEM private key of --certfile, unencrypted (FEDRELAY_KEYFILE)")
-    serve.add_argument("--stall-after", type=float, help="seconds of silence before 'stalled' (300)")
-    serve.add_argument(
-        "--alert-webhook",
-        action="append",
-        metavar="URL",
-        help="POST an alert here when a run fails, stalls or ends, or a rule holds; repeatable "
-        "(FEDRELAY_ALERT_WEBHOOK, comma-separated, keeps the URL out of ps; docs/alerts.md)",
-    )
-    serve.add_argument(
-        "--alert-rule",
-        action="append",
-        metavar="RULE",
-        help="alert when a metric rule holds, e.g. 'eval_metrics.val_loss > 2' or "
-        "'no improvement of auroc for 10 rounds'; repeatable",
-    )
-    serve.add_argument(
-        "--alerts", metavar="FILE", help="alerts file (TOML): webhooks, rules, delivery options"
-    )
-    serve.add_argument("--compression", action="store_true", help="enable permessage-deflate")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["text", "json"])
     serve.set_defaults(func=_serve)
+    if serve_options:
+        _add_serve_options(serve)
 
     runs = commands.add_parser("runs", help="list the runs a relay knows")
     runs.add_argument(
@@ -352,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay address (FEDRELAY_URL, else http://127.0.0.1:8765); several nodes of one relay: "
         "comma-separated or repeated, the next asked when one cannot answer",
     )
-    runs.add_argument("--token", help="subscribe token, if the relay needs one")
+    runs.add_argument("--token", help="subscribe token, if the relay needs one (FEDRELAY_SUBSCRIBE_TOKEN)")
     runs.add_argument(
         "--ca-file", help="CA bundle for an https:// relay (FEDRELAY_CA_FILE; default: system CAs)"
     )
@@ -394,5 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(serve_options="serve" in words)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_flags", False):  # only serve without its extra takes any
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args) or 0)

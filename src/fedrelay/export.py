@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from .api_client import ApiClient
+from .client_settings import DEFAULT_URL, relay_urls, subscribe_token
 from .failover import parse_urls
-from .follow import DEFAULT_URL, RelayRefused, http_base, relay_urls
+from .follow import RelayRefused, http_base
 from .tls import certificate_problem, explain_certificate, resolve_ca_file
 
 PAGE = 5000
@@ -127,7 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Write the file; exit 1 when the relay or the run cannot be read (no partial file is left)."""
     urls = relay_urls(args.url)
-    token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
+    token = subscribe_token(args.token)
     write = write_csv if args.format == "csv" else write_jsonl
     ca_file = resolve_ca_file(args.ca_file)
     try:

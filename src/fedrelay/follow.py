@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import ssl
 from collections.abc import Callable, Sequence
@@ -26,8 +25,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .failover import Failover, parse_urls
 from .tls import certificate_problem, context_for, explain_ca_file, explain_certificate
 
-DEFAULT_URL = "ws://127.0.0.1:8765"
-URL_ENV = "FEDRELAY_URL"
 FIRST_DELAY = 0.25
 """Seconds before the first reconnect of a follower; doubled per failed round up to its max."""
 SLOW_CONSUMER = 1013
@@ -49,12 +46,6 @@ def ws_base(url: str) -> str:
 
 def http_base(url: str) -> str:
     return "http" + ws_base(url)[2:]
-
-
-def relay_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
-    """A command's relay addresses: ``--url`` (comma-separated or repeated), else ``FEDRELAY_URL``
-    (comma-separated), else the local default."""
-    return parse_urls(url) or parse_urls(os.environ.get(URL_ENV)) or (DEFAULT_URL,)
 
 
 def tls_contexts(urls: Sequence[str], ca_file: str | None) -> dict[str, ssl.SSLContext | None]:

@@ -19,9 +19,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from .client_settings import DEFAULT_URL, relay_urls, subscribe_token
 from .clients_summary import round_line, top_failing_line
 from .federation import DEFAULT_FACTOR, DEFAULT_MIN_GAP, FederationHealth
-from .follow import DEFAULT_URL, Follower, RelayRefused, relay_urls
+from .follow import Follower, RelayRefused
 from .tls import resolve_ca_file
 
 _METRIC_SOURCES = ("fit_metrics", "eval_metrics", "server_metrics", "metrics")
@@ -399,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     Exit 1 if the relay refuses, 141 when the reader of the output goes away.
     """
     urls = relay_urls(args.url)
-    token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
+    token = subscribe_token(args.token)
     runs: list[str] | str = "*" if args.all else [args.run_id]
     if not (math.isfinite(args.straggler_factor) and args.straggler_factor >= 1):
         print("fedrelay tail: --straggler-factor must be a number >= 1", file=sys.stderr)

@@ -17,7 +17,9 @@ import sys
 import threading
 from typing import Any
 
-from ..follow import DEFAULT_URL, RelayRefused, relay_urls, ws_base
+from ..client_settings import DEFAULT_URL, relay_urls, subscribe_token
+from ..follow import RelayRefused, ws_base
+from ..tls import resolve_ca_file
 from .feed import Feed, FeedConnection
 from .mlflow_map import CLIENT_MODES, RunState, translate
 
@@ -139,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     urls = relay_urls(args.url)
-    token = args.token or os.environ.get("FEDRELAY_SUBSCRIBE_TOKEN")
-    ca_file = args.ca_file or os.environ.get("FEDRELAY_CA_FILE")
+    token = subscribe_token(args.token)
+    ca_file = resolve_ca_file(args.ca_file)
     try:
         return asyncio.run(_bridge(args, tracking_uri, urls, token, ca_file))
     except RelayRefused as exc:

@@ -20,9 +20,9 @@ import webbrowser
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from ..client_settings import DEFAULT_URL, relay_urls
 from ..emitters import get_emitter
 
-DEFAULT_URL = "ws://127.0.0.1:8765"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 
@@ -167,7 +167,7 @@ def _train(args: argparse.Namespace, url: str) -> dict:
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    url = args.relay or os.environ.get("FEDRELAY_URL") or DEFAULT_URL
+    url = relay_urls(args.relay)[0]
     relay: subprocess.Popen[bytes] | None = None
     if not args.no_telemetry and not args.no_start_relay and not relay_answers(url):
         try:

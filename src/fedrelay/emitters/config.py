@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ..client_settings import publish_token, relay_urls_and_source
 from ..failover import parse_urls
 from ..tls import CA_FILE_ENV as CA_FILE_ENV  # the emitter settings, in one place
 from ..tls import resolve_ca_file as resolve_ca_file
 
-DEFAULT_URL = "ws://127.0.0.1:8765"
-URL_ENV = "FEDRELAY_URL"
 SPOOL_ENV = "FEDRELAY_SPOOL_DIR"
 _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9.-]+")
 
@@ -54,13 +53,7 @@ def resolve_urls_setting(url: str | Sequence[str] | None, source: str = "argumen
 
     A string may list several, comma-separated; so may each item of a list.
     """
-    urls = parse_urls(url)
-    if urls:
-        return RelayUrls(urls, source)
-    env = parse_urls(os.environ.get(URL_ENV))
-    if env:
-        return RelayUrls(env, URL_ENV)
-    return RelayUrls((DEFAULT_URL,), "default")
+    return RelayUrls(*relay_urls_and_source(url, source))
 
 
 def resolve_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -70,7 +63,7 @@ def resolve_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def resolve_token(token: str | None) -> str | None:
     """The publish token: argument, ``FEDRELAY_PUBLISH_TOKEN`` or ``FEDRELAY_TOKEN``."""
-    return token or os.environ.get("FEDRELAY_PUBLISH_TOKEN") or os.environ.get("FEDRELAY_TOKEN") or None
+    return publish_token(token)
 
 
 def publish_url(base: str, producer: str) -> str:
@@ -138,11 +131,6 @@ def legacy_spool_dir(spool_dir: str | os.PathLike[str] | None) -> Path | None:
     if spool_dir or os.environ.get(SPOOL_ENV):
         return None
     return spool_root()
-
-
-def same_relay(a: str, b: str) -> bool:
-    """Whether two URLs name the same relay (scheme, host, port and path)."""
-    return relay_key(a) == relay_key(b)
 
 
 def share_a_node(a: Iterable[str], b: Iterable[str]) -> bool:

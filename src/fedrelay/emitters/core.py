@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..client_settings import DEFAULT_URL
 from ..failover import Failover
 from ..failover import backoff_delay as failover_delay
-from .config import DEFAULT_URL
 from .encode import Unencodable, encode_event, too_large_stand_in
 from .spool import Entry, Segment, run_of
 

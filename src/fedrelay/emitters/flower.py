@@ -44,6 +44,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from ..client_settings import PUBLISH_TOKEN_ENVS, URL_ENV
+from ..tls import CA_FILE_ENV
 from . import Emitter, get_emitter
 from .logs import LogSource, check_level, forwarding, installed_forwarder
 
@@ -56,9 +58,9 @@ CA_FILE_KEY = "fedrelay-ca-file"
 REPLY_RECORD = "fedrelay"
 """The ConfigRecord the mod adds to replies: ``client-id`` (see the module docstring)."""
 _ENV = {
-    URL_KEY: ("FEDRELAY_URL",),
-    TOKEN_KEY: ("FEDRELAY_PUBLISH_TOKEN", "FEDRELAY_TOKEN"),
-    CA_FILE_KEY: ("FEDRELAY_CA_FILE",),
+    URL_KEY: (URL_ENV,),
+    TOKEN_KEY: PUBLISH_TOKEN_ENVS,
+    CA_FILE_KEY: (CA_FILE_ENV,),
 }
 FLOWER_LOG = logging.getLogger("flwr.fedrelay")
 """Emitters of the Flower integration log through Flower's logger: its console handler shows INFO

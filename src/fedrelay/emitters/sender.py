@@ -111,7 +111,6 @@ class Sender:
         self.hand_back = False
         """close() could not take the core in time: the thread puts things away when it stops."""
         self.connected = False
-        self.gave_up = False
         self.last_error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"fedrelay-sender-{core.producer}", daemon=True)
 
@@ -210,7 +209,6 @@ class Sender:
                         outcome = self._apply(self.core.connect_failed(time.monotonic()))
                     self._publish(force=True)
                     if isinstance(outcome, GiveUp):
-                        self.gave_up = True
                         return
                     self._pause(outcome.seconds if isinstance(outcome, Wait) else 0.0)
                     continue

@@ -43,8 +43,6 @@ class HealthReader:
         self._report: tuple[tuple[str, int, float, float], HealthReport] | None = None
         """The last report, while its run, position and settings hold: pages after the first
         only encode."""
-        self.folds = 0
-        """Folds started from seq 0 (for tests: a second page must not start over)."""
 
     async def page(self, run_id: str, committed_seq: int, query: HealthQuery) -> bytes:
         async with self._lock:
@@ -53,7 +51,6 @@ class HealthReader:
             else:
                 self._kept = self._report = None  # free the previous run's fold before reading this one
                 position, health = 0, FederationHealth()
-                self.folds += 1
             while position < committed_seq:
                 rows = await self.store.read(
                     run_id, position, committed_seq, READ_ROWS, READ_BYTES, queue=API, types=FOLDED_TYPES
