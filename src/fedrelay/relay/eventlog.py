@@ -58,6 +58,11 @@ class EventLog(Protocol):
 
     async def open(self) -> Restored: ...
 
+    async def follow(self) -> None:
+        """Start the commit feed, once the hub holds what :meth:`open` restored: a shared log
+        first delivers what other nodes committed past the restored run summaries."""
+        ...
+
     def begin_close(self) -> None: ...
 
     async def close(self, timeout: float = 10.0) -> int:

@@ -278,6 +278,9 @@ class EventStore:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
 
+    async def follow(self) -> None:
+        """Nothing to catch up: this relay wrote every row (the hub delivers each commit)."""
+
     def _indexes_missing(self) -> bool:
         """An existing events table without the producer index: creating it reads every event."""
         assert self._db is not None
