@@ -8,6 +8,7 @@ directory is then one of its own under /tmp (pytest's tmp dirs are private to ro
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import itertools
 import os
@@ -83,10 +84,8 @@ class PgServer:
     def remove(self) -> None:
         """Stop if running and delete the data directory."""
         if self._initialised:
-            try:
+            with contextlib.suppress(RuntimeError):  # already stopped
                 self.stop("immediate")
-            except RuntimeError:
-                pass  # already stopped
         shutil.rmtree(self.base, ignore_errors=True)
 
     def fresh_db(self) -> str:
