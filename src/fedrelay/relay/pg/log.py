@@ -166,7 +166,7 @@ class PgEventLog:
     async def open(self) -> Restored:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, command_timeout=COMMAND_TIMEOUT
+                self.url, min_size=0, max_size=self.pool_size, command_timeout=COMMAND_TIMEOUT
             )
             async with self._pool.acquire() as conn:
                 found = await migrate(conn)
