@@ -41,6 +41,8 @@ MAX_BATCH_CHARS = 4 << 20
 COMMAND_TIMEOUT = 10.0
 """Seconds a statement may take: a network cut with no reset shows as a failed commit."""
 _BACKOFF_MAX = 2.0
+_RACES_RETRIED_AT_ONCE = 3
+"""Batches retried at once after a unique violation; past that, with backoff, as a failure."""
 _FORGET_BATCH = 100
 
 _COMMIT = f"""
@@ -339,6 +341,7 @@ class PgEventLog:
 
     async def _write_loop(self) -> None:
         backoff = 0.05
+        raced = 0
         saved_at = time.monotonic()
         while True:
             due = self._runs_to_save or (
@@ -362,17 +365,22 @@ class PgEventLog:
                     continue
                 batch = self._next_batch()
                 stored = await self._commit(batch)
-            except _RETRY:
-                continue  # another node stored one of these ids meanwhile: it is dropped now
-            except Exception as exc:  # the database away, a network cut: keep and retry
-                if self._write_failing is None:
-                    log.error("store: commit failed, will retry: %s", exc)
-                self._write_failing = f"{type(exc).__name__}: {exc}"
+            except _RETRY as exc:
+                raced += 1  # another node stored one of these ids meanwhile: dropped on the retry
+                if raced <= _RACES_RETRIED_AT_ONCE:
+                    continue
+                await self._failed(exc, backoff)  # a race that does not go away: not on a busy loop
                 if self._closing and backoff > 1.0:
                     return
-                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
+            except Exception as exc:  # the database away, a network cut: keep and retry
+                await self._failed(exc, backoff)
+                if self._closing and backoff > 1.0:
+                    return
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            raced = 0
             if self._write_failing is not None:
                 log.warning("store: commits work again")
                 self._write_failing = None
@@ -393,6 +401,13 @@ class PgEventLog:
                 except Exception:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)
+
+    async def _failed(self, exc: Exception, backoff: float) -> None:
+        """Commits fail (/healthz says so, producers are held past the lag): wait, then retry."""
+        if self._write_failing is None:
+            log.error("store: commit failed, will retry: %s", exc)
+        self._write_failing = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(backoff)
 
     async def _commit(self, batch: list[Sequenced]) -> list[Sequenced]:
         """Store a batch (:data:`_COMMIT`); returns the events stored, with their seqs."""
