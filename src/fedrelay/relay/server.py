@@ -119,7 +119,11 @@ class Relay:
         self.metrics = RelayMetrics()
         self.store: EventLog
         if shared:
-            from .pg.log import PgEventLog  # asyncpg only where PostgreSQL is used
+            try:  # asyncpg only where PostgreSQL is used
+                from .pg.log import PgEventLog
+            except ImportError as exc:
+                need = "a PostgreSQL --db needs asyncpg: pip install 'fedrelay[server]'"
+                raise StoreError(f"{need} ({exc})") from exc
 
             self.store = PgEventLog(
                 config.db,
