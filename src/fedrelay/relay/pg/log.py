@@ -40,6 +40,9 @@ log = logging.getLogger("fedrelay.store")
 MAX_BATCH_CHARS = 4 << 20
 COMMAND_TIMEOUT = 10.0
 """Seconds a statement may take: a network cut with no reset shows as a failed commit."""
+CONNECT_TIMEOUT = 5.0
+SLOW_COMMIT = 5.0
+"""Seconds a commit may be in flight before /healthz calls the store failing."""
 _BACKOFF_MAX = 2.0
 _RACES_RETRIED_AT_ONCE = 3
 """Batches retried at once after a unique violation; past that, with backoff, as a failure."""
@@ -181,6 +184,8 @@ class PgEventLog:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._write_failing: str | None = None
+        self._commit_since: float | None = None
+        """When the commit in flight began (monotonic), else None."""
         self.commits = 0
         self.duplicates = 0
         """Events dropped at commit because another node (or a commit whose answer was lost)
@@ -192,17 +197,23 @@ class PgEventLog:
         """Commits failing, or the database unreachable for reads: /healthz answers 503."""
         if self._write_failing is not None:
             return self._write_failing
+        if self._commit_since is not None and time.monotonic() - self._commit_since > SLOW_COMMIT:
+            return f"a commit has been waiting for the database for over {SLOW_COMMIT:g} s"
         return self.feed.failing if self.feed is not None else None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT)
+        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT)
 
     async def open(self) -> Restored:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=0, max_size=self.pool_size, command_timeout=COMMAND_TIMEOUT
+                self.url,
+                min_size=0,
+                max_size=self.pool_size,
+                command_timeout=COMMAND_TIMEOUT,
+                timeout=CONNECT_TIMEOUT,
             )
             async with self._pool.acquire() as conn:
                 found = await migrate(conn)
@@ -364,7 +375,11 @@ class PgEventLog:
                     saved_at = time.monotonic()
                     continue
                 batch = self._next_batch()
-                stored = await self._commit(batch)
+                self._commit_since = time.monotonic()
+                try:
+                    stored = await self._commit(batch)
+                finally:
+                    self._commit_since = None
             except _RETRY as exc:
                 raced += 1  # another node stored one of these ids meanwhile: dropped on the retry
                 if raced <= _RACES_RETRIED_AT_ONCE:
