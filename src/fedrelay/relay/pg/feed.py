@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from ..hub import Run, Sequenced
+from .conn import fetch
 
 log = logging.getLogger("fedrelay.store")
 
@@ -153,11 +154,11 @@ class CommitFeed:
     async def _poll_once(self) -> None:
         """Mark runs whose counter is past what this node delivered."""
         try:
-            rows = await self._pool.fetch("SELECT run_id, last_seq FROM runs WHERE last_seq > 0", timeout=10)
+            rows = await fetch(self._pool, "SELECT run_id, last_seq FROM runs WHERE last_seq > 0")
         except Exception as exc:
             if self.failing is None:
-                log.error("store: cannot read the database: %s", exc)
-            self.failing = f"cannot read the database: {exc}"
+                log.error("store: cannot read the database: %s: %s", type(exc).__name__, exc)
+            self.failing = f"cannot read the database: {type(exc).__name__}: {exc}"
             return
         if self.failing is not None:
             log.warning("store: the database answers again")
@@ -183,7 +184,7 @@ class CommitFeed:
         while self._dirty:
             run_id = next(iter(self._dirty))
             after = self.delivered(run_id)
-            rows = await self._pool.fetch(_FETCH, run_id, after, FETCH_ROWS, timeout=10)
+            rows = await fetch(self._pool, _FETCH, run_id, after, FETCH_ROWS)
             self._dirty.discard(run_id)
             after = self.delivered(run_id)  # local commits may have been delivered meanwhile
             batch = [Sequenced(*row) for row in rows if row[1] > after]

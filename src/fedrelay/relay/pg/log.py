@@ -32,6 +32,7 @@ import asyncpg
 from ..eventlog import Restored, StoreError
 from ..hub import Run, Sequenced, with_seq
 from ..ledger import RunLedger
+from .conn import execute, fetch
 from .feed import CHANNEL, CommitFeed
 from .schema import HOUSEKEEPING_LOCK, migrate
 
@@ -420,7 +421,7 @@ class PgEventLog:
     async def _failed(self, exc: Exception, backoff: float) -> None:
         """Commits fail (/healthz says so, producers are held past the lag): wait, then retry."""
         if self._write_failing is None:
-            log.error("store: commit failed, will retry: %s", exc)
+            log.error("store: commit failed, will retry: %s: %s", type(exc).__name__, exc)
         self._write_failing = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(backoff)
 
@@ -428,7 +429,8 @@ class PgEventLog:
         """Store a batch (:data:`_COMMIT`); returns the events stored, with their seqs."""
         assert self._pool is not None
         started = time.perf_counter()
-        rows = await self._pool.fetch(
+        rows = await fetch(
+            self._pool,
             _COMMIT,
             [i.run_id for i in batch],
             [i.type for i in batch],
@@ -469,7 +471,8 @@ class PgEventLog:
         )
         if not runs:
             return
-        await self._pool.execute(
+        await execute(
+            self._pool,
             _SAVE_SUMMARIES,
             [r.run_id for r in runs],
             [r.created_at for r in runs],
@@ -503,10 +506,10 @@ class PgEventLog:
         pool = self._live_pool()
         if types:
             sql = _READ_PAGE.format(types="AND type = ANY($6::text[])")
-            rows = await pool.fetch(sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
+            rows = await fetch(pool, sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
         else:
-            rows = await pool.fetch(
-                _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
+            rows = await fetch(
+                pool, _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
             )
         return [(row[0], row[1]) for row in rows]
 
@@ -516,7 +519,7 @@ class PgEventLog:
         pool = self._live_pool()
         while wanted:
             chunk = wanted[:_STORED_VERSIONS_IDS]
-            rows = await pool.fetch(_STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
+            rows = await fetch(pool, _STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
             for producer_id, seq, received_at, body in rows:
                 found[producer_id] = (seq, received_at, body)
             last = rows[-1][0] if rows else chunk[-1]
