@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 from tests.support.clients import Collector, ResendingProducer, event
 from tests.support.relay_process import RelayProcess
 from tests.support.stored import stored_events
-from tests.support.waiting import until
+from tests.support.waiting import until, wait_until
 
 
 async def hello_last_id(relay: RelayProcess, producer: str) -> int | None:
@@ -77,6 +77,29 @@ async def test_the_same_events_through_both_nodes_at_once_are_stored_once_gap_fr
             assert [e["seq"] for e in stored] == list(range(1, total + 501))
             twin = [e["id"] for e in stored if e["producer"] == "twin"]
             assert sorted(twin) == list(range(1, total + 1))
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_producer_forgotten_by_one_node_is_forgotten_on_every_node(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a, b = (RelayProcess(db, log_dir=tmp_path, args=["--forget-producers-after", "1"]).start() for _ in "ab")
+    try:
+        await ResendingProducer(a.url, "gone").publish_all([event("old", i) for i in range(1, 6)])
+        assert await hello_last_id(b, "gone") == 5
+
+        def forgotten() -> bool:
+            total = 0.0
+            for relay in (a, b):
+                for line in relay.get("/metrics")[1].decode().splitlines():
+                    if line.startswith("fedrelay_producers_forgotten_total "):
+                        total += float(line.split()[1])
+            return total >= 1
+
+        await asyncio.to_thread(wait_until, forgotten, 30, interval=0.2, what="the producer forgotten")
+        assert await hello_last_id(a, "gone") is None
+        assert await hello_last_id(b, "gone") is None
     finally:
         a.stop()
         b.stop()

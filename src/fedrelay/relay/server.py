@@ -557,15 +557,20 @@ class Relay:
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
-        if self.store.shared:  # another node may have stored more of it than this one has read
+        if self.store.shared:
+            # The database's position: another node may have stored more of the name than this
+            # one has read, or forgotten it (housekeeping runs on one node).
             try:
                 stored = await self.store.producer_position(name)
             except Exception as exc:  # the database away: what this node folded (dedup is the log's)
                 log.debug("producer %r: stored position unknown (%s); using this node's", name, exc)
-                stored = None
-            if stored is not None and stored > (last_id or 0):
-                last_id = self.hub.stored_positions[name] = stored
-                self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)
+            else:
+                if stored is None:
+                    self.hub.forget_producers([name])
+                elif stored > (last_id or 0):
+                    self.hub.stored_positions[name] = stored
+                    self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)
+                last_id = stored
             older = self._publishing.get(name)
             if older is not None:  # it took the name while the position was read
                 await self._refuse_in_use(conn, name, older)
