@@ -49,6 +49,7 @@ class CommitFeed:
         deliver: Callable[[list[Sequenced]], None],
         *,
         poll_every: float = POLL_EVERY,
+        own_pids: set[int] | None = None,
     ) -> None:
         self._pool = pool
         self._connect = connect
@@ -56,6 +57,8 @@ class CommitFeed:
         """The hub's runs: ``committed_seq`` is what this node has delivered."""
         self._deliver = deliver
         self.poll_every = poll_every
+        self._own_pids = own_pids if own_pids is not None else set()
+        """Server pids of this node's writer connections: their notifications need no read."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -108,7 +111,9 @@ class CommitFeed:
         self._dirty.add(run_id)
         self._wake.set()
 
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid in self._own_pids:
+            return  # this node's commit: delivered when it returned (or found by the poll)
         run_id, _, seq = payload.rpartition(":")
         try:
             if int(seq) > self.delivered(run_id):

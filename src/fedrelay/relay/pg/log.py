@@ -185,6 +185,8 @@ class PgEventLog:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._write_failing: str | None = None
+        self._own_pids: set[int] = set()
+        """Server pids of this node's pool connections."""
         self._commit_since: float | None = None
         """When the commit in flight began (monotonic), else None."""
         self.commits = 0
@@ -204,6 +206,13 @@ class PgEventLog:
 
     # -- lifecycle ---------------------------------------------------------
 
+    async def _own_connection(self, conn: asyncpg.Connection) -> None:
+        """A pool connection: the feed ignores its notifications (this node delivers its own
+        commits when they return; a lost answer is found by the poll)."""
+        pid = conn.get_server_pid()
+        self._own_pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
+
     async def _connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT)
 
@@ -215,6 +224,7 @@ class PgEventLog:
                 max_size=self.pool_size,
                 command_timeout=COMMAND_TIMEOUT,
                 timeout=CONNECT_TIMEOUT,
+                init=self._own_connection,
             )
             async with self._pool.acquire() as conn:
                 found = await migrate(conn)
@@ -228,8 +238,9 @@ class PgEventLog:
         if found == 0:
             log.info("store: created the schema in %s", self.path)
         assert self._pool is not None
-        self.feed = CommitFeed(self._pool, self._connect, self._runs, self._on_commit)
-        self._restored = restored
+        self.feed = CommitFeed(
+            self._pool, self._connect, self._runs, self._on_commit, own_pids=self._own_pids
+        )
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-pg-writer")
         return restored
 
@@ -545,8 +556,8 @@ class PgEventLog:
         on_forgotten: Callable[[list[str]], None],
     ) -> int | None:
         """Forget producers idle past ``forget_producers_after``; one node at a time (an
-        advisory lock: a node that finds it taken skips the pass). Other nodes keep the names
-        in memory until they restart; the events table's unique index still drops resends."""
+        advisory lock: a node that finds it taken skips the pass). Other nodes drop a name from
+        memory when a hello asks for it; the events table's unique index drops resends anyway."""
         if not self.forget_producers_after > 0 or self._pool is None:
             return 0
         now = time.time()
