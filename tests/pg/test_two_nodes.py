@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from websockets.asyncio.client import connect
 
 from tests.support.clients import Collector, ResendingProducer, event
@@ -72,6 +73,8 @@ async def test_the_same_events_through_both_nodes_at_once_are_stored_once_gap_fr
             )
             await on_a.wait_for(total + 500)
             assert on_a.seqs("race") == list(range(1, total + 501))
+        # B has read every commit too (within milliseconds: its notifications, then one read).
+        await until(lambda: b.get_json("/api/runs/race")[1].get("last_seq") == total + 500, timeout=5)
         for relay in (a, b):
             stored = stored_events(relay, "race")
             assert [e["seq"] for e in stored] == list(range(1, total + 501))
@@ -100,6 +103,27 @@ async def test_a_producer_forgotten_by_one_node_is_forgotten_on_every_node(pg_se
         await asyncio.to_thread(wait_until, forgotten, 30, interval=0.2, what="the producer forgotten")
         assert await hello_last_id(a, "gone") is None
         assert await hello_last_id(b, "gone") is None
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_another_emitter_under_the_name_on_another_node_is_a_conflict(pg_server, tmp_path):
+    """The check of reused ids reads the stored bodies from the database: a second emitter
+    under a name is caught on a node that never saw the first one's events arrive."""
+    db = pg_server.fresh_db()
+    a = RelayProcess(db, log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        await ResendingProducer(a.url, "twin").publish_all([event("twins", i) for i in range(1, 11)])
+        other = ResendingProducer(b.url, "twin")
+        mixed = [event("twins", 9), event("twins", 10, note="other"), event("twins", 11)]
+        with pytest.raises(TimeoutError):  # 10 and 11 are never acked: B refuses them
+            await other.publish_all(mixed, timeout=5)
+        assert other.acked == 9
+        assert {e["code"] for e in other.errors} == {"producer_conflict"}
+        stored = stored_events(b, "twins")
+        assert [e["id"] for e in stored] == list(range(1, 11)) and "note" not in stored[-1]["data"]
     finally:
         a.stop()
         b.stop()

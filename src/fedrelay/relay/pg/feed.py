@@ -188,9 +188,14 @@ class CommitFeed:
     async def _drain(self) -> None:
         while self._dirty:
             run_id = next(iter(self._dirty))
-            after = self.delivered(run_id)
-            rows = await fetch(self._pool, _FETCH, run_id, after, FETCH_ROWS)
+            # Unmarked before the read: a commit marked while it runs may be past its snapshot.
             self._dirty.discard(run_id)
+            after = self.delivered(run_id)
+            try:
+                rows = await fetch(self._pool, _FETCH, run_id, after, FETCH_ROWS)
+            except BaseException:
+                self._dirty.add(run_id)
+                raise
             after = self.delivered(run_id)  # local commits may have been delivered meanwhile
             batch = [Sequenced(*row) for row in rows if row[1] > after]
             if batch and batch[0].seq != after + 1:
