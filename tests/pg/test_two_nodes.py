@@ -8,7 +8,7 @@ import json
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.support.clients import Collector, ResendingProducer, event
+from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
 from tests.support.relay_process import RelayProcess
 from tests.support.stored import stored_events
 from tests.support.waiting import until, wait_until
@@ -124,6 +124,25 @@ async def test_another_emitter_under_the_name_on_another_node_is_a_conflict(pg_s
         assert {e["code"] for e in other.errors} == {"producer_conflict"}
         stored = stored_events(b, "twins")
         assert [e["id"] for e in stored] == list(range(1, 11)) and "note" not in stored[-1]["data"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_since_no_node_handed_out_is_refused_one_some_node_did_waits(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a = RelayProcess(db, log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        await ResendingProducer(a.url, "p").publish_all([event("far", i) for i in range(1, 11)])
+        past, head = Collector(b.url, "run_id=far&since=50"), Collector(b.url, "run_id=far&since=10")
+        async with past as refused, head as ok:
+            error = await wait_for_control(refused, "error")
+            assert (error["code"], error["run_id"]) == ("bad_since", "far")
+            await ResendingProducer(a.url, "p").publish_all([event("far", 11)])
+            await ok.wait_for(1)
+            assert ok.seqs("far") == [11]
+            assert not [c for c in ok.controls if c["op"] == "error"]
     finally:
         a.stop()
         b.stop()

@@ -972,6 +972,8 @@ class Relay:
         waiting = joined.last_seq < since or run_id not in self.hub.runs
         start = "waiting" if waiting else "catch_up" if joined.from_store else "live"
         self.metrics.subscriptions.labels(start).inc()
+        if self.store.shared and since > joined.last_seq:
+            self._track(self._check_since(conn, sub, run_id, since))
         if joined.gap_resume_from is not None:
             self._send_gap(conn, run_id, since, joined.gap_resume_from)
         self._write_events(conn, sub, joined.backlog)
@@ -979,6 +981,26 @@ class Relay:
             task = asyncio.create_task(self._catch_up(conn, sub, run_id))
             self._catch_ups[(sub, run_id)] = task
             task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
+
+    async def _check_since(self, conn: ServerConnection, sub: Subscription, run_id: str, since: int) -> None:
+        """Shared log: a ``since`` past what this node has read waits, since another node may
+        have handed it out; one past every seq the database handed out is refused, as on one
+        relay (``bad_since``, after ``subscribed``), so no later event hides behind it."""
+        try:
+            handed_out = await self.store.last_seq(run_id)
+        except Exception as exc:  # the database away: keep waiting
+            log.debug("since=%d of run %s not checked: %s", since, run_id, exc)
+            return
+        if since <= handed_out or sub.cursors.get(run_id) != since or self._subscribers.get(sub) is not conn:
+            return
+        self._stop_catch_up(sub, run_id)
+        self.hub.unsubscribe(sub, run_id)
+        refused = Refused(
+            "bad_since",
+            f"since={since} is past run {run_id!r}'s last seq {handed_out}: those seqs come from "
+            "another relay or a store that lost events; subscribe again from 0",
+        )
+        self._reject(conn, refused, run_id=run_id)
 
     def _history_changed(self, run_id: str, committed_seq: int) -> None:
         """Rows another process wrote are now part of the run: live subscribers page them."""

@@ -537,6 +537,10 @@ class PgEventLog:
             wanted = [i for i in wanted if i > last]
         return found
 
+    async def last_seq(self, run_id: str) -> int:
+        rows = await fetch(self._live_pool(), "SELECT last_seq FROM runs WHERE run_id = $1", run_id)
+        return int(rows[0][0]) if rows else 0
+
     async def producer_position(self, producer: str) -> int | None:
         value = await self._live_pool().fetchval("SELECT last_id FROM producers WHERE name = $1", producer)
         return int(value) if value is not None else None
