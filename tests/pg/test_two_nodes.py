@@ -146,3 +146,27 @@ async def test_a_since_no_node_handed_out_is_refused_one_some_node_did_waits(pg_
     finally:
         a.stop()
         b.stop()
+
+
+async def test_retention_prunes_the_run_for_every_node(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a, b = (RelayProcess(db, log_dir=tmp_path, args=["--retain-events", "100"]).start() for _ in "ab")
+    try:
+        await ResendingProducer(a.url, "p").publish_all([event("kept", i) for i in range(1, 1001)], batch=20)
+
+        def first_seq_on_b() -> int:
+            run = b.get_json("/api/runs/kept")[1]
+            return run["first_seq"] if run.get("last_seq") == 1000 and run["first_seq"] >= 891 else 0
+
+        first = await asyncio.to_thread(wait_until, first_seq_on_b, 10, what="pruned on B")
+        assert first <= 901 and a.get_json("/api/runs/kept")[1]["first_seq"] == first
+        for relay in (a, b):
+            assert [e["seq"] for e in stored_events(relay, "kept")] == list(range(first, 1001))
+        async with Collector(b.url, "run_id=kept&since=0") as late:
+            await late.wait_for(1001 - first)
+            gap = await wait_for_control(late, "gap")
+            assert (gap["since"], gap["resume_from"]) == (0, first)
+            assert late.seqs("kept") == list(range(first, 1001))
+    finally:
+        a.stop()
+        b.stop()

@@ -130,6 +130,8 @@ class Relay:
                 runs=self.hub.runs,
                 on_commit=self._on_commit,
                 forget_producers_after=config.forget_producers_after,
+                retain_events=config.retain_events,
+                on_pruned=self.hub.pruned,
             )
         else:
             self.store = EventStore(
@@ -186,8 +188,6 @@ class Relay:
         cfg = self.config
         if self.store.shared and cfg.alerting is not None:
             raise StoreError("alerts need a SQLite --db for now (PostgreSQL: run without alert settings)")
-        if self.store.shared and cfg.retain_events:
-            raise StoreError("--retain-events is not supported with a PostgreSQL --db yet")
         tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:

@@ -50,6 +50,7 @@ class CommitFeed:
         *,
         poll_every: float = POLL_EVERY,
         own_pids: set[int] | None = None,
+        on_pruned: Callable[[str, int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._connect = connect
@@ -57,6 +58,8 @@ class CommitFeed:
         """The hub's runs: ``committed_seq`` is what this node has delivered."""
         self._deliver = deliver
         self.poll_every = poll_every
+        self._on_pruned = on_pruned
+        """Called with (run_id, first_seq) when the poll finds a run pruned (retention)."""
         self._own_pids = own_pids if own_pids is not None else set()
         """Server pids of this node's writer connections: their notifications need no read."""
         self._dirty: set[str] = set()
@@ -159,7 +162,7 @@ class CommitFeed:
     async def _poll_once(self) -> None:
         """Mark runs whose counter is past what this node delivered."""
         try:
-            rows = await fetch(self._pool, "SELECT run_id, last_seq FROM runs WHERE last_seq > 0")
+            rows = await fetch(self._pool, "SELECT run_id, last_seq, first_seq FROM runs WHERE last_seq > 0")
         except Exception as exc:
             if self.failing is None:
                 log.error("store: cannot read the database: %s: %s", type(exc).__name__, exc)
@@ -168,9 +171,12 @@ class CommitFeed:
         if self.failing is not None:
             log.warning("store: the database answers again")
             self.failing = None
-        for run_id, last_seq in rows:
+        for run_id, last_seq, first_seq in rows:
             if last_seq > self.delivered(run_id):
                 self.mark(run_id)
+            run = self._runs.get(run_id)
+            if first_seq > 1 and run is not None and first_seq > run.first_seq and self._on_pruned:
+                self._on_pruned(run_id, first_seq)
 
     # -- reads ------------------------------------------------------------
 

@@ -113,6 +113,10 @@ ON CONFLICT (run_id) DO UPDATE SET
     ledger = excluded.ledger
 WHERE r.summary_seq <= excluded.summary_seq
 """
+_PRUNE = """
+WITH pruned AS (DELETE FROM events WHERE run_id = $1 AND seq < $2)
+UPDATE runs SET first_seq = GREATEST(first_seq, $2) WHERE run_id = $1
+"""
 SUMMARIES_EVERY = 1.0
 """Seconds between writes of the runs' summaries as this node folded them: a node that starts
 folds the events after them (about this long of a busy run's events)."""
@@ -159,6 +163,8 @@ class PgEventLog:
         on_commit: Callable[[list[Sequenced]], None],
         max_batch: int = 2000,
         forget_producers_after: float = 0.0,
+        retain_events: int = 0,
+        on_pruned: Callable[[str, int], None] | None = None,
         pool_size: int = 4,
     ) -> None:
         self.url = url
@@ -167,6 +173,9 @@ class PgEventLog:
         self._on_commit = on_commit
         self.max_batch = max_batch
         self.forget_producers_after = forget_producers_after
+        self.retain_events = retain_events
+        """Events kept per run (0: all): the node that commits to a run prunes it."""
+        self._on_pruned = on_pruned
         self.pool_size = pool_size
         self.repaired_runs: list[dict[str, Any]] = []
         self._pool: asyncpg.Pool | None = None
@@ -239,7 +248,12 @@ class PgEventLog:
             log.info("store: created the schema in %s", self.path)
         assert self._pool is not None
         self.feed = CommitFeed(
-            self._pool, self._connect, self._runs, self._on_commit, own_pids=self._own_pids
+            self._pool,
+            self._connect,
+            self._runs,
+            self._on_commit,
+            own_pids=self._own_pids,
+            on_pruned=self._on_pruned,
         )
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-pg-writer")
         return restored
@@ -421,6 +435,8 @@ class PgEventLog:
                     self.feed.local(stored)
                 except Exception:
                     log.exception("store: delivering a committed batch failed")
+            if self.retain_events and stored:
+                await self._prune(stored)
             while self._waiters and self._waiters[0][0] <= self._committed:
                 callback = self._waiters.popleft()[1]
                 try:
@@ -428,6 +444,29 @@ class PgEventLog:
                 except Exception:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)
+
+    async def _prune(self, stored: list[Sequenced]) -> None:
+        """Keep at most ``retain_events`` per run, pruning in chunks (a tenth of it) after the
+        commit that passed the slack. A failure leaves it to the next commit; pruning twice
+        (two nodes) is harmless: the delete is idempotent, ``first_seq`` only moves up."""
+        assert self._pool is not None
+        slack = max(1, self.retain_events // 10)
+        last_seqs = {item.run_id: item.seq for item in stored}
+        for run_id, last_seq in last_seqs.items():
+            run = self._runs.get(run_id)
+            first_seq = run.first_seq if run is not None else 1
+            if last_seq - first_seq + 1 <= self.retain_events + slack:
+                continue
+            new_first = last_seq - self.retain_events + 1
+            try:
+                await execute(self._pool, _PRUNE, run_id, new_first)
+            except Exception as exc:
+                log.warning(
+                    "store: pruning run %s failed, will retry: %s: %s", run_id, type(exc).__name__, exc
+                )
+                return
+            if self._on_pruned is not None:
+                self._on_pruned(run_id, new_first)
 
     async def _failed(self, exc: Exception, backoff: float) -> None:
         """Commits fail (/healthz says so, producers are held past the lag): wait, then retry."""
