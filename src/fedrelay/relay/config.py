@@ -121,10 +121,12 @@ class RelayConfig(BaseSettings):
     browsers); without IPv6 the relay starts on 127.0.0.1 alone and says so."""
     port: int = Field(8765, ge=0, le=65535)
     """Port to listen on; 0 picks a free one."""
-    db: Annotated[str, Flag(metavar="PATH", default="relay.db in the user data dir")] = Field(
-        default_factory=default_db_path
+    db: Annotated[str, Flag(metavar="PATH|URL", default="relay.db in the user data dir")] = Field(
+        default_factory=default_db_path, repr=False  # a PostgreSQL URL may hold a password
     )
-    """SQLite file (WAL), or ``:memory:`` for a relay that forgets on exit (``--memory``)."""
+    """SQLite file (WAL), ``:memory:`` for a relay that forgets on exit (``--memory``), or a
+    PostgreSQL URL (``postgresql://USER@HOST:PORT/DB``): several relays on one database form one
+    relay (docs/operations.md)."""
     replay_size: int = Field(1000, ge=0)
     """Events per run kept in memory for instant catch-up."""
     replay_bytes: int = Field(8 << 20, ge=0)
