@@ -122,7 +122,8 @@ class RelayConfig(BaseSettings):
     port: int = Field(8765, ge=0, le=65535)
     """Port to listen on; 0 picks a free one."""
     db: Annotated[str, Flag(metavar="PATH|URL", default="relay.db in the user data dir")] = Field(
-        default_factory=default_db_path, repr=False  # a PostgreSQL URL may hold a password
+        default_factory=default_db_path,
+        repr=False,  # a PostgreSQL URL may hold a password
     )
     """SQLite file (WAL), ``:memory:`` for a relay that forgets on exit (``--memory``), or a
     PostgreSQL URL (``postgresql://USER@HOST:PORT/DB``): several relays on one database form one
