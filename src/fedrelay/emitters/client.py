@@ -372,7 +372,8 @@ class Emitter:
         For points where training waits (a Flower reply, the end of a fit, process exit): with
         the relay known unreachable (a connect failed, or another process marked it so, see
         docs/emitters.md) it does not wait at all; before the first connection's outcome is
-        known it waits at most ``reach_timeout``. What is not acked is spooled (``persist``),
+        known it waits at most ``reach_timeout``, and at most ``connect_budget`` while a TCP
+        connect goes unanswered (a host that drops packets). What is not acked is spooled (``persist``),
         so that a process ended without atexit hooks (Ray actors) loses nothing.
         """
         if self._pid != os.getpid():
