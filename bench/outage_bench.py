@@ -55,6 +55,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+sys.path.insert(0, str(HERE.parent))  # tests.support.* import each other as a package
 
 NETWORK_RELAY, NETWORK_CLIENT = "10.97.0.1", "10.97.0.2"
 """The veth pair between the host (the relay) and the bench's namespace (the clients)."""
