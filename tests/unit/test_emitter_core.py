@@ -495,6 +495,7 @@ def test_a_connect_nothing_answers_stops_waits_after_the_connect_budget_and_lose
     assert core.reach_deadline() == pytest.approx(100.11), "the connect budget, not reach_timeout"
     assert core.not_worth_waiting(100.105) is None
     assert core.not_worth_waiting(100.11) == SILENT, "a host that drops packets: stop waiting"
+    assert core.not_worth_waiting(100.11, answered=True) is None, "answered, not reported yet"
     assert core.settled == 0 and core.reach == "unknown", "nothing settled, nothing called down yet"
     leftovers = core.leftovers(100.12)
     assert isinstance(leftovers, WriteSegments)

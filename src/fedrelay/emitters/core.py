@@ -839,19 +839,23 @@ class EmitterCore:
         """Whether waiting for acks can pay off (:meth:`not_worth_waiting` says why not)."""
         return self.not_worth_waiting(now) is None
 
-    def not_worth_waiting(self, now: float) -> str | None:
+    def not_worth_waiting(self, now: float, *, answered: bool = False) -> str | None:
         """None while waiting for acks can pay off: connected, or the current attempt to reach
         the relay (the first connection, or moving on to its next address after a loss) within
         ``reach_timeout`` and its TCP connect, if one is pending, answered within
         ``connect_budget``. Else why not: ``UNREACHABLE`` (every address failed to connect or
         lost its session, or another process marked it so, until a connection succeeds
         again), ``SILENT`` (nothing answered the TCP connect: a host that drops packets, which
-        would otherwise cost a fresh process the whole ``reach_timeout``), ``OVERDUE``."""
+        would otherwise cost a fresh process the whole ``reach_timeout``), ``OVERDUE``.
+
+        ``answered``: the shell sees that the pending connect has an answer its connecting
+        thread has not reported yet (a busy machine may not run that thread for milliseconds):
+        not silent, whatever the clock says."""
         if self.reach == UP:
             return None  # connected, or reconnecting at once (a new name, smaller frames)
         if self.reach == DOWN:
             return UNREACHABLE
-        if self.dial_started is not None and now - self.dial_started >= self.connect_budget:
+        if self.dial_started is not None and not answered and now - self.dial_started >= self.connect_budget:
             return SILENT
         since = self.attempt_started if self.attempt_started is not None else self.started
         return None if now - since < self.reach_timeout else OVERDUE

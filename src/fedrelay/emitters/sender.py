@@ -114,6 +114,8 @@ class Sender:
         self.connected = False
         self.gave_up = False
         self.last_error: str | None = None
+        self._dial: socket.socket | None = None
+        """The socket of the TCP connect in progress, for waiters (:meth:`_answered`)."""
         self.stopped_waiting: str | None = None
         """Why the latest bounded wait (settle, close) stopped before its acks: the core's
         ``UNREACHABLE``, ``SILENT`` or ``OVERDUE`` (None: it got them, or timed out)."""
@@ -140,7 +142,7 @@ class Sender:
                     return False
                 step = deadline - now
                 if bounded:
-                    why = self.core.not_worth_waiting(now)
+                    why = self.core.not_worth_waiting(now, answered=self._answered())
                     if why is not None:
                         self.stopped_waiting = why
                         return False
@@ -149,6 +151,20 @@ class Sender:
                         step = min(step, max(0.001, until - now))
                 self.cond.wait(min(step, 0.05))
         return True
+
+    def _answered(self) -> bool:
+        """Whether the pending TCP connect has an answer (connected or refused) that this sender's
+        thread has not reported to the core yet: a relay that answered in time is not called
+        silent because the thread that connects was not scheduled. Only looks: reading the
+        socket's error would take it from the connecting thread."""
+        sock = self._dial
+        if sock is None:
+            return False
+        try:
+            _, writable, _ = select.select([], [sock], [], 0)
+        except (OSError, ValueError):  # closed meanwhile: the thread has reported (or will)
+            return False
+        return bool(writable)
 
     def first_contact_overdue(self) -> None:
         """A bounded wait stopped before the first connection's outcome was known: tell the next
@@ -363,6 +379,7 @@ class Sender:
                 code = sock.connect_ex(address)
                 if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
                     raise OSError(code, f"{errno.errorcode.get(code, code)} connecting to {address}")
+                self._dial = sock
                 while code != 0:
                     if self.stop.is_set():
                         raise ConnectionAbortedError("the emitter is closing")
@@ -376,9 +393,11 @@ class Sender:
                             raise OSError(code, f"{errno.errorcode.get(code, code)} connecting to {address}")
                         break
                 self._tell_core(self.core.transport_connected)
+                self._dial = None
                 sock.setblocking(True)
                 return sock
             except OSError as exc:
+                self._dial = None
                 sock.close()
                 failure = exc
         raise failure
