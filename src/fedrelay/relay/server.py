@@ -181,7 +181,8 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self})
+        # TLS runs in the connection (connection.py), after the TCP connection has been counted.
+        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self, "tls": tls})
         self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
             self._handle,
@@ -198,9 +199,6 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
-            ssl=tls,
-            # The TLS handshake comes before the request's 10 s; asyncio's default waits 60 s.
-            **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         if self.alerts is not None:
