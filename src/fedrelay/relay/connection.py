@@ -20,6 +20,7 @@ the connection's life to it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,6 +29,8 @@ from websockets.protocol import State
 
 if TYPE_CHECKING:
     from .server import Relay
+
+log = logging.getLogger("fedrelay.relay")
 
 REQUEST_BYTES_MAX = 32 * 1024
 """Bytes a client may send before its request is complete (request line and headers):
@@ -40,6 +43,9 @@ READ_AHEAD_FRAMES = 4
 """Frames websockets reads ahead of the relay on one connection (``max_queue``)."""
 DEFLATE_RATIO_MAX = 1032
 """Deflate's largest expansion: one byte on the wire becomes at most this many."""
+UNREAD_BACKLOG_FACTOR = 4
+"""A connection is cut once this many times ``max_queue_bytes`` wait unread for it (as
+``server.HARD_QUEUE_FACTOR`` cuts a subscriber at once)."""
 TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets for its TLS handshake (asyncio's default waits 60 s)."""
 TLS_SHUTDOWN_TIMEOUT = 5.0
@@ -62,6 +68,7 @@ class RelayConnection(ServerConnection):
     over_since: float | None = None
     """When its send queue went over ``max_queue_bytes`` (None: under it)."""
     _configured: bool = False
+    _cut: bool = False
     _feed_step: int = 0
     """Bytes of a compressed connection's reads fed to the protocol at a time (0: whole reads)."""
     _held: bytearray | None = None
@@ -182,6 +189,7 @@ class RelayConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._configured and not self._feed_step:
             super().data_received(data)  # the common case: an open, uncompressed connection
+            self._check_unread()
             return
         if self._before_tls is not None:  # TLS not started yet: bytes for the TLS handshake
             if len(self._before_tls) + len(data) > REQUEST_BYTES_MAX:
@@ -205,6 +213,29 @@ class RelayConnection(ServerConnection):
             self._feed(data)
         else:
             super().data_received(data)
+        if self._configured:
+            self._check_unread()
+
+    def _check_unread(self) -> None:
+        """Cut a peer whose unread backlog is past the hard bound, whatever queued it.
+
+        The relay checks what it writes itself (events, replies), but websockets answers every
+        ping with a pong on its own: a peer that sends pings and never reads made the relay
+        queue them without end (15 s of pings: +367 MiB).
+        """
+        queued = self.transport.get_write_buffer_size()
+        if self._cut or queued <= UNREAD_BACKLOG_FACTOR * self.relay.config.max_queue_bytes:
+            return
+        self._cut = True
+        self.relay.metrics.slow_consumers.inc()
+        log.warning(
+            "cut %s: %d bytes queued for it unread (over %d x --max-queue-bytes), pongs for its pings "
+            "or replies to its frames",
+            self.address,
+            queued,
+            UNREAD_BACKLOG_FACTOR,
+        )
+        self.transport.abort()
 
     def _configure(self) -> None:
         """Once the handshake is done: a compressed connection gets its decompressed frame limit
@@ -236,6 +267,7 @@ class RelayConnection(ServerConnection):
         held, self._held = self._held, None
         if held:
             self._feed(held)
+            self._check_unread()
         if self._held is None and not self.recv_messages.paused and not self.transport.is_closing():
             self.transport.resume_reading()
 
