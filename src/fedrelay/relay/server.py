@@ -63,6 +63,7 @@ from .store import EventStore
 from .store_reads import CATCH_UP
 from .throttle import LogThrottle, OncePer
 from .tls import server_context
+from .turns import TurnsPerKey
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -70,6 +71,8 @@ CATCH_UP_PAGE = 5000
 """Events per store read while a subscriber catches up."""
 CATCH_UP_PAGE_BYTES = 2 << 20
 """...and bytes per read, so that a page of large events stays small."""
+CATCH_UP_READS_PER_ADDRESS = 4
+"""Catch-up reads of one client address in the reader's line at a time (turns.py)."""
 MAX_RUNS_PER_SUBSCRIBER = 1024
 MAX_STORE_LAG_CHARS = 256 << 20
 """Uncommitted characters past which producers are not read (with ``max_store_lag``)."""
@@ -157,6 +160,8 @@ class Relay:
         self.handshakes = ConnectionLimiter(HANDSHAKES_PER_ADDRESS)
         """Connections per address whose request is not complete yet."""
         self.api_reads = ConnectionLimiter(API_READS_PER_ADDRESS)
+        self._catch_up_turns = TurnsPerKey(CATCH_UP_READS_PER_ADDRESS)
+        """Catch-up reads per address in the reader's line: one address cannot fill it."""
         """API requests per address from their request until their connection closes."""
 
     # -- lifecycle ---------------------------------------------------------
@@ -964,9 +969,10 @@ class Relay:
         try:
             while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
-                rows = await self.store.read(
-                    run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
-                )
+                async with self._catch_up_turns.turn(getattr(conn, "address", "")):
+                    rows = await self.store.read(
+                        run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                    )
                 assert rows is not None  # skipped only for a ``wanted`` that says no
                 self.metrics.store_reads.labels(CATCH_UP, "done").inc()
                 if rows and rows[0][0] != cursor + 1:
