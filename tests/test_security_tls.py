@@ -44,9 +44,11 @@ def tls_relay(tmp_path):
         tmp_path / "relay.db",
         args=["--certfile", str(paths["cert"]), "--keyfile", str(paths["key"])],
         ca_file=paths["ca"],
-    ).start()
-    yield relay
-    relay.stop()
+    )
+    try:  # stopped even when it never answers (a relay whose TLS is broken)
+        yield relay.start()
+    finally:
+        relay.stop()
 
 
 def https_get(relay: RelayProcess, path: str, source: str = OTHER) -> tuple[int, bytes]:
