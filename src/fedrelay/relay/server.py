@@ -64,6 +64,7 @@ from .store import EventStore
 from .store_reads import CATCH_UP
 from .throttle import LogThrottle, OncePer
 from .tls import server_context
+from .turns import TurnsPerKey
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -71,6 +72,8 @@ CATCH_UP_PAGE = 5000
 """Events per store read while a subscriber catches up."""
 CATCH_UP_PAGE_BYTES = 2 << 20
 """...and bytes per read, so that a page of large events stays small."""
+CATCH_UP_READS_PER_ADDRESS = 4
+"""Catch-up reads of one client address in the reader's line at a time (turns.py)."""
 MAX_RUNS_PER_SUBSCRIBER = 1024
 MAX_STORE_LAG_CHARS = 256 << 20
 """Uncommitted characters past which producers are not read (with ``max_store_lag``)."""
@@ -178,6 +181,8 @@ class Relay:
         self.handshakes = ConnectionLimiter(HANDSHAKES_PER_ADDRESS)
         """Connections per address whose request is not complete yet."""
         self.api_reads = ConnectionLimiter(API_READS_PER_ADDRESS)
+        self._catch_up_turns = TurnsPerKey(CATCH_UP_READS_PER_ADDRESS)
+        """Catch-up reads per address in the reader's line: one address cannot fill it."""
         """API requests per address from their request until their connection closes."""
 
     # -- lifecycle ---------------------------------------------------------
@@ -205,7 +210,8 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self})
+        # TLS runs in the connection (connection.py), after the TCP connection has been counted.
+        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self, "tls": tls})
         self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
             self._handle,
@@ -222,9 +228,6 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
-            ssl=tls,
-            # The TLS handshake comes before the request's 10 s; asyncio's default waits 60 s.
-            **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         if self.alerts is not None:
@@ -1030,9 +1033,10 @@ class Relay:
         try:
             while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
-                rows = await self.store.read(
-                    run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
-                )
+                async with self._catch_up_turns.turn(getattr(conn, "address", "")):
+                    rows = await self.store.read(
+                        run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                    )
                 assert rows is not None  # skipped only for a ``wanted`` that says no
                 self.metrics.store_reads.labels(CATCH_UP, "done").inc()
                 if rows and rows[0][0] != cursor + 1:
