@@ -12,6 +12,8 @@ from 127.0.0.1 (one client address), on loopback:
 | slowloris | 2,048 connections each send a 50-byte partial request and never finish it |
 | unread | 60 requests for a 10,000-event page of 8 KB (4-byte emoji) events, never read |
 | idle | 1,000 idle subscribers: the cost of one open connection |
+| idle-deflate | the same with ``--compression``, each negotiating permessage-deflate |
+| pings | one /subscribe connection sends 125-byte pings for up to 15 s and never reads |
 
 Also ``runs``: the time one ``GET /api/runs`` takes on the event loop with 50,000 runs
 (``runs_listing.page`` called in-process, as the relay calls it), for a few queries.
@@ -192,11 +194,14 @@ def unread(relay: Relay) -> str:
     return "60 requests for a 10,000-event page of 8 KB events, never read"
 
 
-def idle(relay: Relay) -> str:
+DEFLATE = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+
+
+def idle(relay: Relay, extra: str = "") -> str:
     socks = []
     for _ in range(1000):
         sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-        sock.sendall(upgrade(relay.port, "/subscribe?run_id=*"))
+        sock.sendall(upgrade(relay.port, "/subscribe?run_id=*", extra))
         read_head(sock)
         socks.append(sock)
     time.sleep(1)
@@ -205,6 +210,24 @@ def idle(relay: Relay) -> str:
         sock.close()
     relay.idle_rss = rss  # type: ignore[attr-defined]
     return "1,000 idle subscribers (growth / 1,000 = per connection)"
+
+
+def pings(relay: Relay) -> str:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", relay.port))
+    sock.sendall(upgrade(relay.port, "/subscribe?run_id=*"))
+    read_head(sock)
+    chunk = (bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125) * 512
+    sent, started = 0, time.monotonic()
+    sock.settimeout(5)
+    with contextlib.suppress(OSError):
+        while time.monotonic() - started < 15:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    took = time.monotonic() - started
+    sock.close()
+    return f"{sent / MIB:.0f} MiB of pings in {took:.1f} s, never read"
 
 
 ATTACKS: dict[str, tuple[list[str], Callable[[Relay], str]]] = {
@@ -222,6 +245,8 @@ ATTACKS: dict[str, tuple[list[str], Callable[[Relay], str]]] = {
     ),
     "unread": (["--replay-size", "10"], unread),
     "idle": ([], idle),
+    "idle-deflate": (["--compression"], lambda r: idle(r, DEFLATE)),
+    "pings": ([], pings),
 }
 
 
@@ -235,7 +260,7 @@ def run_attack(name: str, workdir: Path) -> tuple[str, float, float, str]:
         base = getattr(relay, "base_kib", base)
         peak = memory_kib(relay.proc.pid)["VmHWM"]
         serving = relay.healthy()
-        if name == "idle":
+        if name.startswith("idle"):
             return name, base / 1024, (relay.idle_rss - base) / 1024, what  # type: ignore[attr-defined]
         return (
             name,

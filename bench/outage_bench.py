@@ -1,20 +1,23 @@
 """What a relay outage costs training: the ClientApp mod, the Lightning callback, process exit.
 
-Three relay states:
+Relay states:
 
 - ``up``: a real relay (``fedrelay serve``) on loopback;
+- ``network``: the same relay reached over a network (as root: from a network namespace through a
+  veth pair, so through the kernel's IP stack and a link rather than loopback);
 - ``closed``: nothing listens on the port (connects are refused at once);
 - ``blackhole``: the relay's host drops packets (connects hang until their timeout). As root, the
   clients run in a network namespace whose route to the relay's address leads nowhere
   (``ip netns``); otherwise they connect to a local port whose accept queue is full, which Linux
   treats the same way (SYNs dropped).
 
-Two ways for a fresh process to learn that the relay is unreachable (issue 13):
+How a fresh process learns that the relay is unreachable (issue 13):
 
-- ``mark`` (what the emitter does): a mark file in the spool directory, written by whoever found
-  the relay unreachable, read by every new emitter; a first connection whose outcome is unknown
-  gets ``reach_timeout`` (1 s) before waits stop;
-- ``probe``: no shared mark, the first connection bounded at 15 ms instead (``reach_timeout``).
+- ``mark`` (the emitter as shipped): a mark file in the spool directory, written by whoever found
+  the relay unreachable, read by every new emitter; a first connection whose TCP connect nothing
+  answers within ``connect_budget`` (10 ms) ends the waits (and writes the mark); one whose TCP
+  connect is answered gets up to ``reach_timeout`` (1 s) for the TLS handshake and the hello;
+- ``nomark``: the same without the shared mark (every process pays the connect budget).
 
 Measured:
 
@@ -53,6 +56,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.support, as the tests import it
 
+NETWORK_RELAY, NETWORK_CLIENT = "10.97.0.1", "10.97.0.2"
+"""The veth pair between the host (the relay) and the bench's namespace (the clients)."""
 BLACKHOLE_ADDRESS = "10.99.1.2"
 """Inside the bench's namespace, 10.99.1.0/24 routes via an address on lo that is not the
 destination: the kernel drops the packets, connects hang."""
@@ -69,7 +74,7 @@ CLIENTAPP_CHILD = textwrap.dedent(
     if telemetry:
         from fedrelay.emitters import get_emitter, reach
         from fedrelay.emitters.flower import FLOWER_LOG, fedrelay_mod
-        if strategy == "probe":
+        if strategy == "nomark":
             reach.ReachMark.down_recently = lambda self, now=None: False
             reach.ReachMark.set = lambda self, up: None
 
@@ -89,8 +94,6 @@ CLIENTAPP_CHILD = textwrap.dedent(
     msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 7, "train")
     imported = time.monotonic()
     t0 = time.perf_counter()
-    if telemetry and strategy == "probe":
-        get_emitter(url, url_source="run config fedrelay-url", reach_timeout=0.015, logger=FLOWER_LOG)
     app(msg, context)
     mod_s = time.perf_counter() - t0 - handled[0]
     acked = None
@@ -140,10 +143,9 @@ LIGHTNING_CHILD = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     from fedrelay.emitters import get_emitter, reach
     from fedrelay.emitters.lightning import FedRelayCallback
-    if strategy == "probe":
+    if strategy == "nomark":
         reach.ReachMark.down_recently = lambda self, now=None: False
         reach.ReachMark.set = lambda self, up: None
-        get_emitter(url, reach_timeout=0.015)
 
     class Timed(FedRelayCallback):
         spent = 0.0
@@ -262,16 +264,24 @@ def namespace(name: str):
     if os.geteuid() != 0 or shutil.which("ip") is None:
         yield None
         return
+    host_end, ns_end = f"fro{os.getpid() % 100000}h", f"fro{os.getpid() % 100000}n"
     steps = [
         ["ip", "netns", "add", name],
         ["ip", "-n", name, "link", "set", "lo", "up"],
         ["ip", "-n", name, "addr", "add", "10.98.0.1/32", "dev", "lo"],
         ["ip", "-n", name, "route", "add", "10.99.1.0/24", "via", "10.98.0.1", "dev", "lo"],
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end],
+        ["ip", "link", "set", ns_end, "netns", name],
+        ["ip", "addr", "add", f"{NETWORK_RELAY}/30", "dev", host_end],
+        ["ip", "link", "set", host_end, "up"],
+        ["ip", "-n", name, "addr", "add", f"{NETWORK_CLIENT}/30", "dev", ns_end],
+        ["ip", "-n", name, "link", "set", ns_end, "up"],
     ]
     try:
         for step in steps:
             subprocess.run(step, check=True, capture_output=True, timeout=10)
     except (subprocess.CalledProcessError, OSError) as exc:
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
         print(f"no network namespace ({exc}); using a full accept queue instead", file=sys.stderr)
         yield None
@@ -279,6 +289,7 @@ def namespace(name: str):
     try:
         yield name
     finally:
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
@@ -309,7 +320,7 @@ def report(results: dict, args: argparse.Namespace, blackhole_how: str) -> str:
         )
     lines += [
         "",
-        "**ClientApp mod, one warm process** (a Ray actor), messages 2..M, mark strategy",
+        "**ClientApp mod, one warm process** (a Ray actor), messages 2..M, the emitter as shipped",
         "",
         "| relay | mod + handler (ms) |",
         "|---|---|",
@@ -344,8 +355,8 @@ def main() -> int:
     )
     parser.add_argument("--messages", type=int, default=30, help="messages in the warm process")
     parser.add_argument("--fits", type=int, default=5, help="fit() calls in the Lightning process")
-    parser.add_argument("--states", nargs="+", default=["up", "closed", "blackhole"])
-    parser.add_argument("--strategies", nargs="+", default=["mark", "probe"])
+    parser.add_argument("--states", nargs="+", default=["up", "network", "closed", "blackhole"])
+    parser.add_argument("--strategies", nargs="+", default=["mark", "nomark"])
     parser.add_argument(
         "--no-lightning", action="store_true", help="skip the Lightning part (~5 s per process)"
     )
@@ -361,11 +372,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, namespace(args.netns) as netns:
         work = Path(tmp)
         base_env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
-        relay = RelayProcess(work / "relay.db").start() if "up" in args.states else None
+        hosts = ["127.0.0.1", NETWORK_RELAY] if netns else ["127.0.0.1"]
+        wanted = {"up", "network"} & set(args.states)
+        relay = RelayProcess(work / "relay.db", hosts=hosts).start() if wanted else None
         hole = Blackhole() if netns is None and "blackhole" in args.states else None
         prefix = ["ip", "netns", "exec", netns] if netns else []
         targets = {
             "up": Target("up", relay.url if relay else ""),
+            "network": Target("network", f"ws://{NETWORK_RELAY}:{relay.port}" if relay else "", prefix),
             "closed": Target("closed", f"ws://127.0.0.1:{free_port()}", prefix),
             "blackhole": Target(
                 "blackhole", f"ws://{BLACKHOLE_ADDRESS}:8765" if netns else hole.url if hole else "", prefix
@@ -380,6 +394,9 @@ def main() -> int:
         try:
             for state in args.states:
                 target = targets[state]
+                if state == "network" and netns is None:
+                    print("network: needs root (a network namespace); skipped", file=sys.stderr)
+                    continue
                 for strategy in args.strategies:
                     spool = work / f"spool-{state}-{strategy}"
                     env = {**base_env, "FEDRELAY_SPOOL_DIR": str(spool)}

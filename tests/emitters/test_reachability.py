@@ -4,7 +4,8 @@ Each process here is a new Python interpreter, as Flower's Deployment Engine sta
 message. The relay is either a closed port or a blackhole (connects hang: a host that drops
 packets). A wait that should not happen would last a minute (``connect_timeout``,
 ``reach_timeout`` and ``settle``'s timeout are set that long), so the subprocess timeouts below
-catch it without asserting durations.
+catch it without asserting durations; the child reports why its wait stopped (``silent``: no TCP
+connect answered within ``connect_budget``; ``unreachable``: known down, the mark).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ CHILD = textwrap.dedent(
                  reach_timeout=reach_timeout, max_backoff=60)
     for i in range(5):
         em.emit("status", {"message": "m", "i": i})
-    result = {"settled": em.settle(60), "spooled": em.stats["spooled"], "producer": em.producer}
+    result = {"settled": em.settle(60), "spooled": em.stats["spooled"], "producer": em.producer,
+              "why": em._sender.stopped_waiting}
     print(json.dumps(result), flush=True)
     # exit: close() at exit must not wait for the relay either
     """
@@ -61,16 +63,51 @@ def mark_of(spool, port: int):
     return spool / f".reach-ws-127.0.0.1-{port}"
 
 
-def test_a_blackholed_relay_costs_one_process_the_first_contact_budget_and_the_next_nothing(
-    blackhole, tmp_path
+def test_a_blackholed_relay_costs_a_fresh_process_the_connect_budget_and_the_next_nothing(
+    blackhole, tmp_path, make_emitter
 ):
     spool = tmp_path / "spool"
-    first = child(blackhole.url, spool, reach_timeout=0.3)  # waits 0.3 s, then marks the relay
-    assert first == {"settled": False, "spooled": 5, "producer": first["producer"]}
-    assert mark_of(spool, blackhole.port).exists()
-    for _ in range(2):  # these would wait reach_timeout = 60 s without the mark
-        assert child(blackhole.url, spool, reach_timeout=60)["settled"] is False
+    # reach_timeout is 60 s: only the connect budget (10 ms) can end this wait in time
+    first = child(blackhole.url, spool, reach_timeout=60)
+    assert first == {"settled": False, "spooled": 5, "producer": first["producer"], "why": "silent"}
+    assert mark_of(spool, blackhole.port).exists(), "the next processes need not even dial"
+    for _ in range(2):
+        later = child(blackhole.url, spool, reach_timeout=60)
+        assert (later["settled"], later["why"]) == (False, "unreachable")
     assert spooled_count(spool) == 15  # nothing lost: all on disk for a later process or sync
+
+    port = blackhole.port
+    blackhole.close()  # the host answers again: a relay on the same address
+    relay = RelayProcess(tmp_path / "relay.db", port=port).start()
+    try:
+        em = make_emitter(f"ws://127.0.0.1:{port}", run_id="reach")
+        em.emit("status", {"message": "back", "i": 5})  # read the mark: no wait until it connects
+        wait_until(lambda: not mark_of(spool, port).exists(), 10, what="the mark removed")
+        assert em.settle(10) is True
+        wait_until(lambda: len(stored_events(relay, "reach")) == 16, 15, what="the spools delivered later")
+    finally:
+        relay.stop()
+
+
+def test_a_relay_that_is_up_is_waited_for_in_a_fresh_process(tmp_path, relay):
+    result = child(relay.url, tmp_path / "spool", reach_timeout=60)
+    assert (result["settled"], result["spooled"], result["why"]) == (True, 0, None)
+    assert len(stored_events(relay, "reach")) == 5, "acked before settle() returned"
+
+
+def test_with_several_addresses_a_silent_one_stops_waits_but_marks_nothing(blackhole, tmp_path, relay):
+    spool = tmp_path / "spool"
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, f"{blackhole.url},{relay.url}", str(spool), "60"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["settled"], result["why"]) == (False, "silent")
+    assert not list(spool.glob(".reach-*")), "the relay's other address may answer: no mark"
+    assert spooled_count(spool) == 5
 
 
 def test_a_closed_port_is_known_unreachable_after_the_first_failed_connect(tmp_path):

@@ -13,7 +13,10 @@ import pytest
 
 from fedrelay.emitters.core import (
     MAX_SPANS,
+    OVERDUE,
+    SILENT,
     SPOOL_RETRY,
+    UNREACHABLE,
     DeleteSegments,
     EmitterCore,
     GiveUp,
@@ -480,6 +483,58 @@ def test_a_fresh_process_trusts_the_shared_mark_until_it_connects_itself():
     fresh = make_core(now=0.0)
     fresh.shared_mark(False)
     assert fresh.worth_waiting(0.0)
+
+
+def test_a_connect_nothing_answers_stops_waits_after_the_connect_budget_and_loses_nothing():
+    core = make_core(reach_timeout=1.0, connect_budget=0.01, now=100.0)
+    emit = Emits(core)
+    emit(3, now=100.0)
+    core.connecting(100.0)
+    assert core.not_worth_waiting(100.05) is None, "no connect pending yet: the first attempt's budget"
+    core.dialing(100.1)  # name resolved, TLS set up: the SYN leaves now
+    assert core.reach_deadline() == pytest.approx(100.11), "the connect budget, not reach_timeout"
+    assert core.not_worth_waiting(100.105) is None
+    assert core.not_worth_waiting(100.11) == SILENT, "a host that drops packets: stop waiting"
+    assert core.not_worth_waiting(100.11, answered=True) is None, "answered, not reported yet"
+    assert core.settled == 0 and core.reach == "unknown", "nothing settled, nothing called down yet"
+    leftovers = core.leftovers(100.12)
+    assert isinstance(leftovers, WriteSegments)
+    assert [e[0] for chunk in leftovers.chunks for e in chunk] == [1, 2, 3], "all of it to the spool"
+    assert core.connect_failed(105.1)[0] == MarkReach(False), "the connect timed out: known down"
+    assert core.not_worth_waiting(105.2) == UNREACHABLE
+
+
+def test_once_the_tcp_connect_is_answered_waits_go_on_up_to_reach_timeout():
+    """A relay that is there but slow (a TLS handshake, a busy relay's upgrade) is waited for."""
+    core = make_core(reach_timeout=1.0, connect_budget=0.01, now=0.0)
+    core.connecting(0.0)
+    core.dialing(0.0)
+    core.transport_connected(0.004)
+    assert core.transport and core.reach_deadline() == pytest.approx(1.0)
+    assert core.not_worth_waiting(0.5) is None, "past the connect budget, but something answered"
+    assert core.not_worth_waiting(1.0) == OVERDUE
+    assert connect(core, now=1.2) == [MarkReach(True)]
+    assert core.not_worth_waiting(1.3) is None and core.reach_deadline() is None
+
+
+def test_the_connect_budget_applies_to_each_address_and_not_between_them():
+    core = make_core(urls=("ws://a", "ws://b"), reach_timeout=1.0, connect_budget=0.01, now=0.0)
+    core.connecting(0.0)
+    core.dialing(0.0)
+    core.connect_failed(0.001)  # ws://a refused at once; ws://b is left
+    assert not core.transport and core.dial_started is None
+    assert core.not_worth_waiting(0.05) is None, "backing off before ws://b: reach_timeout runs"
+    core.dialing(0.1)
+    assert core.not_worth_waiting(0.2) == SILENT, "ws://b drops packets"
+    core.connect_failed(5.1)
+    assert core.not_worth_waiting(5.2) == UNREACHABLE
+    core.dialing(5.3)
+    core.transport_connected(5.3)
+    connect(core, now=5.4)
+    core.session_ended(9.0, failed=True)  # lost: moving on, and the budget applies to the next dial
+    assert core.not_worth_waiting(9.0) is None and core.reach_deadline() == pytest.approx(10.0)
+    core.dialing(9.1)
+    assert core.reach_deadline() == pytest.approx(9.11)
 
 
 # -- several addresses ------------------------------------------------------------------------------

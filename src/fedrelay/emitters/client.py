@@ -34,7 +34,7 @@ from .config import (
     share_a_node,
     spool_urls,
 )
-from .core import EmitterCore
+from .core import DEFAULT_CONNECT_BUDGET, EmitterCore
 from .reach import ReachMark
 from .sender import Sender
 from .spool import Spool, producer_dirs
@@ -92,6 +92,7 @@ class Emitter:
         connect_timeout: float = 5.0,
         close_timeout: float = 5.0,
         reach_timeout: float = 1.0,
+        connect_budget: float = DEFAULT_CONNECT_BUDGET,
         resume: bool = True,
         give_up_after: int | None = None,
         ca_file: str | os.PathLike[str] | None = None,
@@ -120,6 +121,7 @@ class Emitter:
         self._connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self._reach_timeout = reach_timeout
+        self._connect_budget = max(0.0, float(connect_budget))
         self._resume = resume
         self._give_up_after = give_up_after
         self._warned: set[str] = set()
@@ -370,7 +372,8 @@ class Emitter:
         For points where training waits (a Flower reply, the end of a fit, process exit): with
         the relay known unreachable (a connect failed, or another process marked it so, see
         docs/emitters.md) it does not wait at all; before the first connection's outcome is
-        known it waits at most ``reach_timeout``. What is not acked is spooled (``persist``),
+        known it waits at most ``reach_timeout``, and at most ``connect_budget`` while a TCP
+        connect goes unanswered (a host that drops packets). What is not acked is spooled (``persist``),
         so that a process ended without atexit hooks (Ray actors) loses nothing.
         """
         if self._pid != os.getpid():
@@ -487,6 +490,7 @@ class Emitter:
             max_backoff=self._max_backoff,
             give_up_after=self._give_up_after,
             reach_timeout=self._reach_timeout,
+            connect_budget=self._connect_budget,
             report=self._report,
             now=now,
         )

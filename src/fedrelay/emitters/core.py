@@ -35,6 +35,12 @@ SPOOL_RETRY = 1.0
 """Seconds between attempts at a spool that could not be opened or written."""
 FIRST_BACKOFF = 0.1
 """Seconds before the first reconnect; doubled per failure up to ``max_backoff``."""
+DEFAULT_CONNECT_BUDGET = 0.01
+"""Seconds a TCP connect may stay unanswered before waits stop (``connect_budget``): a relay that
+is there answers a SYN within one round trip (microseconds on loopback, about a millisecond on a
+LAN or within a cloud region); a host that drops packets never does. Short enough that a fresh
+process pays it and still keeps the mod's 20 ms budget per message; settable for relays further
+away, whose events are otherwise spooled and delivered after the reply."""
 DEFAULT_STALE_AFTER = 40.0
 """``producer_in_use`` without ``stale_after``: the relay's default ping interval + timeout."""
 MAX_SPANS = 100_000
@@ -42,6 +48,10 @@ MAX_SPANS = 100_000
 FRAME_LEVEL_ERRORS = frozenset(("too_large", "too_many_events"))
 
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
+UNREACHABLE, SILENT, OVERDUE = "unreachable", "silent", "overdue"
+"""Why waiting for acks stopped (:meth:`EmitterCore.not_worth_waiting`): the relay known
+unreachable; no TCP connect answered within ``connect_budget``; no session within
+``reach_timeout``."""
 
 
 def backoff_delay(failures: int, max_backoff: float, jitter: float) -> float:
@@ -244,6 +254,7 @@ class EmitterCore:
         max_backoff: float = 5.0,
         give_up_after: int | None = None,
         reach_timeout: float = 1.0,
+        connect_budget: float = DEFAULT_CONNECT_BUDGET,
         jitter: Callable[[], float] = random.random,
         report: Callable[..., None] = _no_report,
         now: float = 0.0,
@@ -256,6 +267,7 @@ class EmitterCore:
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.reach_timeout = reach_timeout
+        self.connect_budget = connect_budget
         self.jitter = jitter
         self.report = report
         self.relays = Failover(urls, first_delay=FIRST_BACKOFF, max_delay=max_backoff, jitter=jitter)
@@ -289,6 +301,10 @@ class EmitterCore:
         self.attempt_started: float | None = None
         """When the current attempt to reach the relay began: the first connect of this core, or
         the loss of a session while other addresses are left to try (reset by a ``hello``)."""
+        self.dial_started: float | None = None
+        """When the pending TCP connect began (None: none pending, or it completed)."""
+        self.transport = False
+        """The current connection's TCP connect completed (a relay, or something, is there)."""
         self.acked_at_session_start = 0
         self.in_use_since: float | None = None
         self.in_use_failures = 0
@@ -542,9 +558,26 @@ class EmitterCore:
         if self.attempt_started is None:
             self.attempt_started = now
 
+    def dialing(self, now: float) -> None:
+        """The shell starts a TCP connect to :attr:`url` (after name resolution and TLS set-up,
+        which cost this process, not the network): the ``connect_budget`` runs from now."""
+        self.dial_started = now
+        self.transport = False
+
+    def transport_connected(self, now: float) -> None:
+        """The TCP connect completed: something answers at the address, so waiting for the
+        TLS handshake, the upgrade and the hello may pay off, up to ``reach_timeout``."""
+        self.dial_started = None
+        self.transport = True
+
+    def _transport_lost(self) -> None:
+        self.dial_started = None
+        self.transport = False
+
     def connect_failed(self, now: float) -> list[Action]:
         """A connect (TCP, TLS or the HTTP upgrade) failed: the next address after a backoff, or
         give up after ``give_up_after`` rounds of the list."""
+        self._transport_lost()
         delay = self.relays.failed(progress=False)
         actions = self._unreached(now)
         if self.give_up_after and self.relays.rounds_failed >= self.give_up_after:
@@ -653,6 +686,7 @@ class EmitterCore:
         frames) stays on the address."""
         self.session = False
         self.loaded = None
+        self._transport_lost()
         if close_code == 1009:
             self.halve_limits()  # a frame over 4x the relay's limit: smaller ones
         if not failed:
@@ -802,25 +836,41 @@ class EmitterCore:
         return first - 1 if first > self.acked else self.acked  # a partly acked segment
 
     def worth_waiting(self, now: float) -> bool:
-        """Whether waiting for acks can pay off: connected, or the current attempt to reach the
-        relay (the first connection, or moving on to its next address after a loss) still within
-        ``reach_timeout``. Not once the relay is known unreachable (every address failed to
-        connect or lost its session, or another process marked it so) until a connection
-        succeeds again."""
+        """Whether waiting for acks can pay off (:meth:`not_worth_waiting` says why not)."""
+        return self.not_worth_waiting(now) is None
+
+    def not_worth_waiting(self, now: float, *, answered: bool = False) -> str | None:
+        """None while waiting for acks can pay off: connected, or the current attempt to reach
+        the relay (the first connection, or moving on to its next address after a loss) within
+        ``reach_timeout`` and its TCP connect, if one is pending, answered within
+        ``connect_budget``. Else why not: ``UNREACHABLE`` (every address failed to connect or
+        lost its session, or another process marked it so, until a connection succeeds
+        again), ``SILENT`` (nothing answered the TCP connect: a host that drops packets, which
+        would otherwise cost a fresh process the whole ``reach_timeout``), ``OVERDUE``.
+
+        ``answered``: the shell sees that the pending connect has an answer its connecting
+        thread has not reported yet (a busy machine may not run that thread for milliseconds):
+        not silent, whatever the clock says."""
         if self.reach == UP:
-            return True  # connected, or reconnecting at once (a new name, smaller frames)
+            return None  # connected, or reconnecting at once (a new name, smaller frames)
         if self.reach == DOWN:
-            return False
+            return UNREACHABLE
+        if self.dial_started is not None and not answered and now - self.dial_started >= self.connect_budget:
+            return SILENT
         since = self.attempt_started if self.attempt_started is not None else self.started
-        return now - since < self.reach_timeout
+        return None if now - since < self.reach_timeout else OVERDUE
 
     def reach_deadline(self) -> float | None:
-        """When :meth:`worth_waiting` turns False by itself (the first connection's budget)."""
+        """When :meth:`worth_waiting` turns False by itself: the pending TCP connect's budget,
+        or the first connection's."""
         if self.reach != UNKNOWN:
             return None
-        return (
-            self.attempt_started if self.attempt_started is not None else self.started
-        ) + self.reach_timeout
+        deadline = (self.attempt_started if self.attempt_started is not None else self.started) + (
+            self.reach_timeout
+        )
+        if self.dial_started is not None:
+            deadline = min(deadline, self.dial_started + self.connect_budget)
+        return deadline
 
     def _set_reach(self, state: str) -> list[Action]:
         """Up: clear the shared mark once (it may be stale). Down: (re)write it at every failure,

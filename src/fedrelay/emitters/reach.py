@@ -3,7 +3,8 @@
 Under Flower's Deployment Engine every train/evaluate message runs in a new ``flwr-clientapp``
 process, whose emitter would otherwise learn the relay is down only by trying, and waiting,
 every time. ``<spool dir>/.reach-<relay key>`` holds the wall-clock time of the latest failure
-to connect (or of a first connection that took longer than ``reach_timeout``); it is removed
+to connect (or of a first connection that took longer than ``reach_timeout``, or whose TCP
+connect nothing answered within ``connect_budget``, with one address); it is removed
 when a connection succeeds. An emitter that starts while the mark is younger than
 ``MARK_TTL`` does not wait for acks (it spools instead) until it connects itself; it still
 tries to connect at once, so a relay that is back is noticed by the first process that gets
@@ -25,8 +26,8 @@ from pathlib import Path
 from .config import relays_key
 
 MARK_TTL = 600.0
-"""Seconds a mark is trusted: one process per this period pays the first-connection budget
-when the relay drops packets (no process then lives long enough to see its connect fail)."""
+"""Seconds a mark is trusted: one process per this period pays the connect budget when the
+relay drops packets (no process then lives long enough to see its connect fail)."""
 
 
 class ReachMark:

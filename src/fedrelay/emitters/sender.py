@@ -31,6 +31,7 @@ from .. import __version__
 from ..tls import certificate_problem, explain_ca_file, explain_certificate
 from .config import publish_url
 from .core import (
+    SILENT,
     SPOOL_RETRY,
     Action,
     DeleteSegments,
@@ -112,6 +113,11 @@ class Sender:
         """close() could not take the core in time: the thread puts things away when it stops."""
         self.connected = False
         self.last_error: str | None = None
+        self._dial: socket.socket | None = None
+        """The socket of the TCP connect in progress, for waiters (:meth:`_answered`)."""
+        self.stopped_waiting: str | None = None
+        """Why the latest bounded wait (settle, close) stopped before its acks: the core's
+        ``UNREACHABLE``, ``SILENT`` or ``OVERDUE`` (None: it got them, or timed out)."""
         self.thread = threading.Thread(target=self._run, name=f"fedrelay-sender-{core.producer}", daemon=True)
 
     def start(self) -> None:
@@ -121,7 +127,8 @@ class Sender:
 
     def wait_settled(self, target: int, deadline: float, *, bounded: bool) -> bool:
         """Wait until nothing up to ``target`` is pending (True) or ``deadline``; with ``bounded``,
-        also stop as soon as waiting cannot pay off (the relay known unreachable)."""
+        also stop as soon as waiting cannot pay off (the relay known unreachable, or silent)."""
+        self.stopped_waiting = None
         if self.settled >= target:
             return True
         self.wake.set()  # send now rather than after the linger
@@ -134,7 +141,9 @@ class Sender:
                     return False
                 step = deadline - now
                 if bounded:
-                    if not self.core.worth_waiting(now):
+                    why = self.core.not_worth_waiting(now, answered=self._answered())
+                    if why is not None:
+                        self.stopped_waiting = why
                         return False
                     until = self.core.reach_deadline()
                     if until is not None:
@@ -142,10 +151,31 @@ class Sender:
                 self.cond.wait(min(step, 0.05))
         return True
 
+    def _answered(self) -> bool:
+        """Whether the pending TCP connect has an answer (connected or refused) that this sender's
+        thread has not reported to the core yet: a relay that answered in time is not called
+        silent because the thread that connects was not scheduled. Only looks: reading the
+        socket's error would take it from the connecting thread."""
+        sock = self._dial
+        if sock is None:
+            return False
+        try:
+            _, writable, _ = select.select([], [sock], [], 0)
+        except (OSError, ValueError):  # closed meanwhile: the thread has reported (or will)
+            return False
+        return bool(writable)
+
     def first_contact_overdue(self) -> None:
-        """A first connection took longer than ``reach_timeout``: tell the next processes."""
-        if self.mark is not None and self.core.reach == "unknown":
-            self.mark.set(up=False)
+        """A bounded wait stopped before the first connection's outcome was known: tell the next
+        processes, so that they do not wait at all. After ``reach_timeout`` (as before), or as
+        soon as a TCP connect went unanswered for ``connect_budget`` (``SILENT``) when there is
+        one address: a process given several is never told the relay is down because one
+        address is silent (the mark is the list's)."""
+        if self.mark is None or self.core.reach != "unknown":
+            return
+        if self.stopped_waiting == SILENT and self.core.relays.several:
+            return
+        self.mark.set(up=False)
 
     def persist(self, timeout: float, *, durable: bool = True) -> bool:
         """Spool everything not acked, now; True once all of it is on disk.
@@ -339,6 +369,7 @@ class Sender:
         port = parts.port or (443 if parts.scheme == "wss" else 80)
         infos = socket.getaddrinfo(parts.hostname or "localhost", port, type=socket.SOCK_STREAM)
         failure: OSError = OSError(f"no address for {parts.hostname}")
+        self._tell_core(self.core.dialing)
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             try:
@@ -346,6 +377,7 @@ class Sender:
                 code = sock.connect_ex(address)
                 if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
                     raise OSError(code, f"{errno.errorcode.get(code, code)} connecting to {address}")
+                self._dial = sock
                 while code != 0:
                     if self.stop.is_set():
                         raise ConnectionAbortedError("the emitter is closing")
@@ -358,12 +390,25 @@ class Sender:
                         if code:
                             raise OSError(code, f"{errno.errorcode.get(code, code)} connecting to {address}")
                         break
+                self._tell_core(self.core.transport_connected)
+                self._dial = None
                 sock.setblocking(True)
                 return sock
             except OSError as exc:
+                self._dial = None
                 sock.close()
                 failure = exc
         raise failure
+
+    def _tell_core(self, step: Any) -> None:
+        """A connect's progress to the core (``dialing``, ``transport_connected``), then to the
+        waiters: their wait's end moves with it (the connect budget starts, or no longer
+        applies)."""
+        with self.lock:
+            if self.taken_over:
+                return
+            step(time.monotonic())
+        self._publish(force=True)
 
     # -- a session ----------------------------------------------------------------------------
 

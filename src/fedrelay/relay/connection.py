@@ -4,6 +4,9 @@
 - Until its request is complete it also holds one of ``HANDSHAKES_PER_ADDRESS`` handshake slots,
   and may send at most ``REQUEST_BYTES_MAX`` bytes: an unfinished request costs at most that
   much memory, for at most the handshake timeout.
+- With TLS, the TCP connection is counted at accept and the TLS handshake runs here
+  (``loop.start_tls``), under the same slots: asyncio only calls ``connection_made`` once the
+  handshake is done, so a server given ``ssl=`` cannot count the connections still in theirs.
 - With permessage-deflate, a few KiB on the wire can inflate to megabytes. websockets decodes
   every complete frame of a socket read before its read-ahead limit (``max_queue`` frames) can
   stop it, so one 256 KiB read of deflated frames could become gigabytes. Here a compressed
@@ -17,13 +20,17 @@ the connection's life to it.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 if TYPE_CHECKING:
     from .server import Relay
+
+log = logging.getLogger("fedrelay.relay")
 
 REQUEST_BYTES_MAX = 32 * 1024
 """Bytes a client may send before its request is complete (request line and headers):
@@ -36,6 +43,12 @@ READ_AHEAD_FRAMES = 4
 """Frames websockets reads ahead of the relay on one connection (``max_queue``)."""
 DEFLATE_RATIO_MAX = 1032
 """Deflate's largest expansion: one byte on the wire becomes at most this many."""
+UNREAD_BACKLOG_FACTOR = 4
+"""A connection is cut once this many times ``max_queue_bytes`` wait unread for it (as
+``server.HARD_QUEUE_FACTOR`` cuts a subscriber at once)."""
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection gets for its TLS handshake (asyncio's default waits 60 s)."""
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class RelayConnection(ServerConnection):
@@ -43,6 +56,8 @@ class RelayConnection(ServerConnection):
 
     relay: Relay
     """Set on the subclass each relay makes (serve() takes a class, not an instance)."""
+    tls: ClassVar[ssl.SSLContext | None] = None
+    """The server's TLS context, on that subclass too: the TLS handshake runs here, counted."""
     address: str = ""
     over_limit: bool = False
     handshaking: bool = False
@@ -53,23 +68,137 @@ class RelayConnection(ServerConnection):
     over_since: float | None = None
     """When its send queue went over ``max_queue_bytes`` (None: under it)."""
     _configured: bool = False
+    _cut: bool = False
     _feed_step: int = 0
     """Bytes of a compressed connection's reads fed to the protocol at a time (0: whole reads)."""
     _held: bytearray | None = None
     """Compressed bytes read but not fed yet, while the read-ahead queue is full."""
 
+    _tcp: asyncio.BaseTransport | None = None
+    """With TLS, the TCP transport (``transport`` is the TLS one, once the handshake is done)."""
+    _before_tls: bytearray | None = None
+    """With TLS, bytes read before start_tls took the transport over (a ClientHello's start)."""
+    _early: bytearray | None = None
+    """With TLS, what arrived between the end of the TLS handshake and ``connection_made``."""
+    _early_eof: bool = False
+    _accepted: bool = False
+    """With TLS: the TCP connection was counted (``connection_made`` comes again with TLS on)."""
+    _tls_up: bool = False
+    """With TLS: the WebSocket connection runs on the TLS transport (its ``connection_made`` ran)."""
+    _released: bool = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.tls is not None and not self._accepted:
+            # The TCP connection, just accepted: it takes its address's slots before any TLS work.
+            self._accepted = True
+            self._tcp = transport
+            self.relay._opened(self, transport)
+            if not transport.is_closing():
+                self._before_tls = bytearray()
+                self.relay._track(self._start_tls(transport, self.tls))
+            return
         super().connection_made(transport)
-        self.relay._opened(self, transport)
+        if self.tls is None:
+            self.relay._opened(self, transport)
+
+    async def _start_tls(self, tcp: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
+        """The TLS handshake, then the WebSocket connection on top of it. A handshake that fails,
+        times out or is cancelled gives the slots back (asyncio has closed the TCP transport).
+
+        uvloop starts reading right after ``connection_made`` (pausing there does nothing), so the
+        first bytes of a ClientHello may reach this protocol before start_tls takes the transport
+        over. They are handed to the TLS protocol after its ``connection_made`` and before the
+        transport reads again: start_tls's first step schedules those two calls, and the feed is
+        scheduled one pass later, behind them, in the same pass (both loops run callbacks FIFO).
+        """
+        loop = asyncio.get_running_loop()
+        if tcp.is_closing():
+            self._release()
+            return
+        handshake = asyncio.ensure_future(
+            loop.start_tls(
+                tcp,  # type: ignore[arg-type]
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            )
+        )
+        loop.call_soon(loop.call_soon, self._feed_client_hello, tcp)
+        try:
+            secure = await handshake
+        except asyncio.CancelledError:  # the relay is stopping
+            handshake.cancel()
+            tcp.abort()  # type: ignore[attr-defined]
+            self._release()
+            raise
+        except Exception:  # a peer that never finished, or spoke no TLS: nothing to log
+            tcp.abort()  # type: ignore[attr-defined]
+            self._release()
+            return
+        if self._released or secure is None or secure.is_closing():  # lost as the handshake ended
+            if secure is not None:
+                secure.abort()
+            self._release()
+            return
+        early, self._early = self._early, None
+        self._tls_up = True
+        self.connection_made(secure)
+        if early:
+            self.data_received(bytes(early))
+        if self._early_eof:
+            self.eof_received()
+
+    def _feed_client_hello(self, tcp: asyncio.BaseTransport) -> None:
+        """What this protocol read before start_tls took the transport: to the TLS protocol."""
+        before, self._before_tls = self._before_tls, None
+        self._early = bytearray()  # from now on, only what the TLS protocol decrypts comes here
+        tls = tcp.get_protocol()
+        if not before or tls is self or tcp.is_closing():
+            return
+        view = memoryview(before)
+        while view:  # the TLS protocol is a BufferedProtocol, as transports feed it
+            buffer = memoryview(tls.get_buffer(len(view)))  # type: ignore[attr-defined]
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            tls.buffer_updated(size)  # type: ignore[attr-defined]
+            view = view[size:]
+
+    def eof_received(self) -> bool | None:
+        if self.tls is not None and not self._tls_up:
+            if self._tcp is not None and self._tcp.get_protocol() is not self:
+                self._early_eof = True  # from the TLS protocol, handshake done: connection_made is next
+                return True  # keep the transport open until then
+            return None  # the TCP connection's, before TLS: it closes, connection_lost frees the slots
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tls is not None and not self._tls_up:  # closed before its TLS handshake was done
+            self._release()
+            return
         super().connection_lost(exc)
         self._held = None
-        self.relay._closed(self)
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.relay._closed(self)
 
     def data_received(self, data: bytes) -> None:
         if self._configured and not self._feed_step:
             super().data_received(data)  # the common case: an open, uncompressed connection
+            self._check_unread()
+            return
+        if self._before_tls is not None:  # TLS not started yet: bytes for the TLS handshake
+            if len(self._before_tls) + len(data) > REQUEST_BYTES_MAX:
+                self._tcp.abort()  # type: ignore[union-attr]  # no ClientHello is that long
+                return
+            self._before_tls += data
+            return
+        if self._early is not None:  # TLS is up, connection_made not called yet: keep it until then
+            self._early += data[: REQUEST_BYTES_MAX + 1 - len(self._early)]  # past it: a 431 anyway
             return
         if self.handshaking:
             self.request_bytes += len(data)
@@ -84,6 +213,29 @@ class RelayConnection(ServerConnection):
             self._feed(data)
         else:
             super().data_received(data)
+        if self._configured:
+            self._check_unread()
+
+    def _check_unread(self) -> None:
+        """Cut a peer whose unread backlog is past the hard bound, whatever queued it.
+
+        The relay checks what it writes itself (events, replies), but websockets answers every
+        ping with a pong on its own: a peer that sends pings and never reads made the relay
+        queue them without end (15 s of pings: +367 MiB).
+        """
+        queued = self.transport.get_write_buffer_size()
+        if self._cut or queued <= UNREAD_BACKLOG_FACTOR * self.relay.config.max_queue_bytes:
+            return
+        self._cut = True
+        self.relay.metrics.slow_consumers.inc()
+        log.warning(
+            "cut %s: %d bytes queued for it unread (over %d x --max-queue-bytes), pongs for its pings "
+            "or replies to its frames",
+            self.address,
+            queued,
+            UNREAD_BACKLOG_FACTOR,
+        )
+        self.transport.abort()
 
     def _configure(self) -> None:
         """Once the handshake is done: a compressed connection gets its decompressed frame limit
@@ -115,6 +267,7 @@ class RelayConnection(ServerConnection):
         held, self._held = self._held, None
         if held:
             self._feed(held)
+            self._check_unread()
         if self._held is None and not self.recv_messages.paused and not self.transport.is_closing():
             self.transport.resume_reading()
 

@@ -37,6 +37,7 @@ from .root import RootSessions
 from .store import EventStore
 from .subscribe import CATCH_UP_PAGE as CATCH_UP_PAGE
 from .subscribe import CATCH_UP_PAGE_BYTES as CATCH_UP_PAGE_BYTES
+from .subscribe import CATCH_UP_READS_PER_ADDRESS as CATCH_UP_READS_PER_ADDRESS
 from .subscribe import FRAME_BUDGET as FRAME_BUDGET
 from .subscribe import HARD_QUEUE_FACTOR as HARD_QUEUE_FACTOR
 from .subscribe import MAX_RUNS_PER_SUBSCRIBER as MAX_RUNS_PER_SUBSCRIBER
@@ -147,7 +148,8 @@ class Relay:
             runs=lambda: len(self.hub.runs),
             producers=lambda: len(self.hub.stored_positions),
         )
-        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self})
+        # TLS runs in the connection (connection.py), after the TCP connection has been counted.
+        connection_type = type("RelayConnection", (RelayConnection,), {"relay": self, "tls": tls})
         self.hosts = _without_missing_ipv6(cfg.host)
         self._server = await serve(
             self.gate.handle,
@@ -164,9 +166,6 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header=None,
-            ssl=tls,
-            # The TLS handshake comes before the request's 10 s; asyncio's default waits 60 s.
-            **({"ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if tls is not None else {}),
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
         if self.alerts is not None:

@@ -25,6 +25,7 @@ from .hub import Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
 from .replies import SLOW_CONSUMER, Replies, Track, peer, valid_name
 from .store_reads import CATCH_UP
+from .turns import TurnsPerKey
 
 log = logging.getLogger("fedrelay.relay")
 
@@ -32,6 +33,8 @@ CATCH_UP_PAGE = 5000
 """Events per store read while a subscriber catches up."""
 CATCH_UP_PAGE_BYTES = 2 << 20
 """...and bytes per read, so that a page of large events stays small."""
+CATCH_UP_READS_PER_ADDRESS = 4
+"""Catch-up reads of one client address in the reader's line at a time (turns.py)."""
 MAX_RUNS_PER_SUBSCRIBER = 1024
 FRAME_BUDGET = 256 * 1024
 """Bytes per array frame to subscribers: well under clients' usual 1 MiB cap."""
@@ -63,6 +66,8 @@ class SubscribeSessions:
         self._track = track
         self._subscribers: dict[Subscription, ServerConnection] = {}
         self._catch_ups: dict[tuple[Subscription, str], asyncio.Task[None]] = {}
+        self._catch_up_turns = TurnsPerKey(CATCH_UP_READS_PER_ADDRESS)
+        """Catch-up reads per address in the reader's line: one address cannot fill it."""
 
     def catch_up_tasks(self) -> list[asyncio.Task[None]]:
         """The catch-up reads running now (the relay cancels them when it stops)."""
@@ -235,9 +240,10 @@ class SubscribeSessions:
         try:
             while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
-                rows = await self._store.read(
-                    run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
-                )
+                async with self._catch_up_turns.turn(getattr(conn, "address", "")):
+                    rows = await self._store.read(
+                        run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                    )
                 assert rows is not None  # skipped only for a ``wanted`` that says no
                 self._metrics.store_reads.labels(CATCH_UP, "done").inc()
                 if rows and rows[0][0] != cursor + 1:
