@@ -13,7 +13,7 @@
   connection's reads are fed to the protocol in steps that can inflate to at most about one
   frame, and the rest waits, still compressed, until the read-ahead queue has room again.
 
-The relay (server.py) owns the counters and the decisions; this class only reports events of
+The relay's gate (gate.py) owns the counters and the decisions; this class only reports events of
 the connection's life to it.
 """
 
@@ -92,14 +92,14 @@ class RelayConnection(ServerConnection):
             # The TCP connection, just accepted: it takes its address's slots before any TLS work.
             self._accepted = True
             self._tcp = transport
-            self.relay._opened(self, transport)
+            self.relay.gate.opened(self, transport)
             if not transport.is_closing():
                 self._before_tls = bytearray()
                 self.relay._track(self._start_tls(transport, self.tls))
             return
         super().connection_made(transport)
         if self.tls is None:
-            self.relay._opened(self, transport)
+            self.relay.gate.opened(self, transport)
 
     async def _start_tls(self, tcp: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
         """The TLS handshake, then the WebSocket connection on top of it. A handshake that fails,
@@ -184,7 +184,7 @@ class RelayConnection(ServerConnection):
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            self.relay._closed(self)
+            self.relay.gate.closed(self)
 
     def data_received(self, data: bytes) -> None:
         if self._configured and not self._feed_step:
@@ -203,7 +203,7 @@ class RelayConnection(ServerConnection):
         if self.handshaking:
             self.request_bytes += len(data)
             if self.request_bytes > REQUEST_BYTES_MAX:
-                self.relay._request_too_large(self)
+                self.relay.gate.request_too_large(self)
                 return
         elif not self._configured and self.protocol.state is State.OPEN:
             self._configure()

@@ -304,17 +304,7 @@ class Relay:
         self.hub.forget_producers(names)
         self.metrics.producers_forgotten.inc(len(names))
 
-    # -- what the roles and the connections report -------------------------
-
-    def _opened(self, conn: RelayConnection, transport: asyncio.BaseTransport) -> None:
-        """A TCP connection was accepted (connection.py reports it): the gate counts it."""
-        self.gate.opened(conn, transport)
-
-    def _request_too_large(self, conn: RelayConnection) -> None:
-        self.gate.request_too_large(conn)
-
-    def _closed(self, conn: RelayConnection) -> None:
-        self.gate.closed(conn)
+    # -- what the event log reports; background tasks -----------------------
 
     def _on_commit(self, batch: list[Sequenced]) -> None:
         """Stored events become visible: to every live subscriber, then to the alerts."""
