@@ -19,6 +19,8 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
+import psutil
+
 from tests.support.relay_process import free_port
 from tests.support.waiting import wait_until
 
@@ -130,6 +132,14 @@ class PgServer:
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait(30)
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, WAL writer, ...): for CPU meters."""
+        if not self.running:
+            return []
+        assert self.proc is not None
+        main = psutil.Process(self.proc.pid)
+        return [main.pid, *(child.pid for child in main.children(recursive=True))]
 
     def fresh_db(self, prefix: str = "t") -> str:
         """A new, empty database; its URL."""
