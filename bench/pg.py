@@ -14,14 +14,14 @@ from relays import REPO_DIR
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
 
-from tests.support.postgres import PgServer, pg_bin_dir
+from tests.support.postgres import PgServer, pg_bin
 
 DEFAULTS = {"fsync": "on", "max_connections": "300", "shared_buffers": "256MB"}
 """Relays keep a few connections each; 256 MB so a 100,000-event run is read from memory."""
 
-__all__ = ["DEFAULTS", "PgServer", "pg_bin_dir", "start_pg"]
+__all__ = ["DEFAULTS", "PgServer", "pg_bin", "start_pg"]
 
 
 def start_pg(overrides: dict[str, str]) -> PgServer:
-    """Start the server with the bench's settings and ``overrides``; the caller closes it."""
+    """Start the server with the bench's settings and ``overrides``; the caller removes it."""
     return PgServer(settings={**DEFAULTS, **overrides}).start()

@@ -37,7 +37,7 @@ import websockets
 
 from harness import LoadGenPool
 from pg import DEFAULTS as PG_DEFAULTS
-from pg import pg_bin_dir, start_pg
+from pg import pg_bin, start_pg
 from relays import PG_NODES, RELAY_KINDS, Relay, fedrelay_available, is_fedrelay, running_relay
 from report import Results, render
 from scenarios import SCENARIOS, Config, Ctx
@@ -226,7 +226,7 @@ async def run_all(args: argparse.Namespace, config: Config, workdir: Path) -> Re
     finally:
         await pool.close()
         if pg is not None:
-            await asyncio.to_thread(pg.close)
+            await asyncio.to_thread(pg.remove)
     return results
 
 
@@ -265,7 +265,7 @@ def header(args: argparse.Namespace, config: Config, skipped_fedrelay: bool) -> 
 
 def pg_version() -> str:
     try:
-        out = subprocess.run([str(pg_bin_dir() / "postgres"), "--version"], capture_output=True, text=True)
+        out = subprocess.run([str(pg_bin() / "postgres"), "--version"], capture_output=True, text=True)
     except (OSError, RuntimeError):
         return "(not found)"
     return out.stdout.split()[-1] if out.stdout else "?"

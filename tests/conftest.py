@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.no_skips import pytest_make_collect_report, pytest_runtest_makereport
+from tests.support.postgres import PgServer
 from tests.support.relay_process import RelayProcess
 
 __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: a skip is a failure
@@ -12,6 +13,28 @@ __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: 
 def relay(tmp_path):
     """A real relay process with a fresh SQLite file."""
     proc = RelayProcess(tmp_path / "relay.db").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A PostgreSQL server of the suite's own, started on first use (a database per test:
+    ``pg_server.fresh_db()``)."""
+    server = PgServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_relay(request, tmp_path):
+    """A real relay process on each backend: a fresh SQLite file, or a fresh PostgreSQL database.
+    A module runs against both by defining ``relay`` as this fixture."""
+    if request.param == "sqlite":
+        proc = RelayProcess(tmp_path / "relay.db")
+    else:
+        proc = RelayProcess(request.getfixturevalue("pg_server").fresh_db(), log_dir=tmp_path)
+    proc.start()
     yield proc
     proc.stop()
 

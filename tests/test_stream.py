@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from websockets.asyncio.client import connect
 
 from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
 from tests.support.waiting import until
+
+
+@pytest.fixture
+def relay(backend_relay):
+    """Each test on both backends: one SQLite relay, one PostgreSQL relay."""
+    return backend_relay
 
 
 async def test_backlog_then_live_while_publishing_at_full_speed(relay):

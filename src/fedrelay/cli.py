@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 127.0.0.1 and ::1, where localhost may point)",
     )
     serve.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
-    serve.add_argument("--db", help="SQLite file (default: the user data dir, relay.db)")
+    serve.add_argument(
+        "--db", help="SQLite file (default: the user data dir, relay.db) or postgresql://USER@HOST:PORT/DB"
+    )
     serve.add_argument("--memory", action="store_true", help="keep events in memory only")
     serve.add_argument("--replay-size", type=int, help="events per run kept in memory (1000)")
     serve.add_argument("--replay-bytes", type=int, help="characters per run kept in memory, at most (8 MiB)")

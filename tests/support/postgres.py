@@ -1,165 +1,115 @@
-"""A PostgreSQL server of the test's own: Debian's binaries, a throwaway data directory, a free port.
+"""A throwaway PostgreSQL server for tests and the bench, from Debian's binaries.
 
-Never the machine's server (5432): tests stop, kill and restart this one. The binaries live in
-``/usr/lib/postgresql/<version>/bin`` (not on PATH; ``make test`` installs the package when they
-are missing). PostgreSQL refuses to run as root, so under root (CI, the dev machines) the server
-runs as the ``postgres`` user the package creates, with its data directory owned by that user
-outside pytest's root-only temp tree.
+Its own data directory (initdb, trust auth), its own port on 127.0.0.1, never the machine's
+server. ``stop()`` and ``start()`` let a test take the database away and bring it back. As root
+(containers, CI) the server runs as the ``postgres`` user, since PostgreSQL refuses root; its
+directory is then one of its own under /tmp (pytest's tmp dirs are private to root). The
+binaries live in ``/usr/lib/postgresql/<version>/bin``, not on PATH (``make test`` installs the
+package when they are missing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import itertools
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
-from collections.abc import Callable
-from itertools import count
 from pathlib import Path
 
 import psutil
 
 from tests.support.relay_process import free_port
-from tests.support.waiting import wait_until
-
-USER = "fedrelay"
-"""The superuser initdb creates; relays connect as it (trust auth, 127.0.0.1 only)."""
 
 
-def pg_bin_dir() -> Path:
-    """The newest ``/usr/lib/postgresql/<version>/bin``, else the directory of ``pg_ctl`` on PATH."""
+def pg_bin() -> Path:
+    """The directory of initdb/pg_ctl: Debian's newest ``/usr/lib/postgresql/<version>/bin``, or
+    whatever is on PATH."""
     found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3].split(".")[0])
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3].split(".")[0])
     )
     if found:
         return found[-1].parent
-    on_path = shutil.which("postgres") or shutil.which("pg_ctl")
-    if on_path:
-        return Path(on_path).resolve().parent
-    raise RuntimeError("PostgreSQL's binaries are missing: `make postgres` installs Debian's package")
-
-
-def _as_owner() -> tuple[Callable[[], None] | None, int | None]:
-    """Under root: a preexec_fn that becomes the ``postgres`` user, and its uid (to chown with)."""
-    if os.geteuid() != 0:
-        return None, None
-    owner = pwd.getpwnam("postgres")
-
-    def drop() -> None:
-        os.setgroups([])
-        os.setgid(owner.pw_gid)
-        os.setuid(owner.pw_uid)
-
-    return drop, owner.pw_uid
+    on_path = shutil.which("pg_ctl")
+    if on_path is None:
+        raise RuntimeError("PostgreSQL server binaries not found: `make postgres` installs them")
+    return Path(on_path).parent
 
 
 class PgServer:
-    """``postgres`` on 127.0.0.1:``port`` with its own data directory; ``stop()``/``start()`` keep
-    the data, ``kill()`` is a crash (SIGKILL), ``close()`` removes everything."""
+    """``PgServer(tmp_dir).start()``; ``url(dbname)``, ``fresh_db()``, ``stop()``, ``start()``,
+    ``remove()``. ``settings`` are server settings (``-c``); fsync is off unless they say
+    otherwise: tests crash relays and the server, not the machine."""
 
-    def __init__(self, *, port: int | None = None, settings: dict[str, str] | None = None) -> None:
-        self.bin = pg_bin_dir()
-        self.port = port or free_port()
-        self.settings = {"fsync": "off", "max_connections": "200", **(settings or {})}
-        """Server settings (``-c``); fsync off by default: tests crash relays, not the machine."""
-        self._preexec, uid = _as_owner()
-        self.base = Path(tempfile.mkdtemp(prefix="fedrelay-pg-"))
-        self.data = self.base / "data"
-        self.log_path = self.base / "postgres.log"
-        if uid is not None:
-            os.chown(self.base, uid, -1)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._names = count(1)
-
-    def _run(self, tool: str, *args: str) -> None:
-        done = subprocess.run(
-            [str(self.bin / tool), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=self._preexec,
-            cwd=self.base,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr[-2000:]}")
+    def __init__(self, base: Path | None = None, *, settings: dict[str, str] | None = None) -> None:
+        self.bin = pg_bin()
+        self.as_user: str | None = None
+        """The account the server runs as when the tests run as root."""
+        if os.geteuid() == 0:
+            self.as_user = "postgres"
+            base = Path(tempfile.mkdtemp(prefix="fedrelay-pg-"))
+            entry = pwd.getpwnam(self.as_user)
+            os.chown(base, entry.pw_uid, entry.pw_gid)
+        elif base is None:
+            base = Path(tempfile.mkdtemp(prefix="fedrelay-pg-"))
+        self.base = base
+        self.data = base / "pgdata"
+        self.sockets = base / "pgsock"
+        self.port = free_port()
+        self.user = self.as_user or getpass.getuser()
+        self.settings = {"fsync": "off", **(settings or {})}
+        self._names = itertools.count(1)
+        self._initialised = False
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
 
-    def start(self, timeout: float = 30.0) -> PgServer:
-        """Start the server (initdb the first time) and wait until it accepts connections."""
-        if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync")
-        settings = [a for name, value in self.settings.items() for a in ("-c", f"{name}={value}")]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.base}",
-                 *settings],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec, cwd=self.base,
+    def _run(self, *args: str) -> None:
+        command = ["runuser", "-u", self.as_user, "--", *args] if self.as_user else list(args)
+        done = subprocess.run(command, capture_output=True, env={**os.environ, "LC_ALL": "C"}, cwd=self.base)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
+
+    def start(self) -> PgServer:
+        if not self._initialised:
+            self._run("mkdir", "-p", str(self.sockets))
+            self._run(
+                str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user,
+                "-E", "UTF8", "--no-sync",
             )  # fmt: skip
-        wait_until(self.ready, timeout, interval=0.05, what=f"PostgreSQL on port {self.port}")
+            self._initialised = True
+        settings = "".join(f" -c {name}={value}" for name, value in self.settings.items())
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1{settings}"
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.data.parent / "pg.log"),
+            "-o", options, "-w", "-t", "30", "start",
+        )  # fmt: skip
         return self
 
-    def ready(self) -> bool:
-        if self.proc is None:
-            return False
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"postgres exited with {self.proc.returncode}: {self.log()}")
-        checked = subprocess.run(
-            [str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER],
-            timeout=10,
-        )
-        return checked.returncode == 0
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT): sessions are cut, the data is kept."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        """A crash: SIGKILL the postmaster (its backends exit when they notice); WAL recovery
-        at the next start."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def pids(self) -> list[int]:
-        """The postmaster and its children (backends, WAL writer, ...): for CPU meters."""
-        if not self.running:
-            return []
-        assert self.proc is not None
-        main = psutil.Process(self.proc.pid)
-        return [main.pid, *(child.pid for child in main.children(recursive=True))]
-
-    def fresh_db(self, prefix: str = "t") -> str:
-        """A new, empty database; its URL."""
-        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, name)
-        return self.url(name)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        """Stop the server and remove its data directory."""
-        try:
-            self.stop()
-        except subprocess.TimeoutExpired:
-            self.kill()
+    def remove(self) -> None:
+        """Stop if running and delete the data directory."""
+        if self._initialised:
+            with contextlib.suppress(RuntimeError):  # already stopped
+                self.stop("immediate")
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> PgServer:
-        return self.start()
+    def fresh_db(self, prefix: str = "t") -> str:
+        """A new, empty database on this server; returns its URL."""
+        name = f"{prefix}{os.getpid()}_{next(self._names)}"
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
+        return self.url(name)
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, WAL writer, ...), for CPU meters; none
+        while the server is down."""
+        try:
+            main = psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
+            return [main.pid, *(child.pid for child in main.children(recursive=True))]
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return []

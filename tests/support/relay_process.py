@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def free_port() -> int:
 
 
 class RelayProcess:
-    """``python -m fedrelay serve`` on a free port with a SQLite file."""
+    """``python -m fedrelay serve`` on a free port with a SQLite file, or on a PostgreSQL
+    database (``db`` a ``postgresql://`` URL; the log then goes to ``log_dir``)."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class RelayProcess:
         preexec_fn=None,
         hosts: list[str] | None = ("127.0.0.1",),
         ca_file: Path | str | None = None,
+        log_dir: Path | str | None = None,
     ):
         self.db = str(db)
         self.hosts = list(hosts) if hosts is not None else None
@@ -46,7 +49,11 @@ class RelayProcess:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(str(db) + f".{self.port}.log") if self.db != ":memory:" else None
+        if self.db.startswith(("postgresql://", "postgres://")):
+            where = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="fedrelay-relay-"))
+            self.log_path: Path | None = where / f"relay.{self.port}.log"
+        else:
+            self.log_path = Path(str(db) + f".{self.port}.log") if self.db != ":memory:" else None
 
     @property
     def url(self) -> str:

@@ -26,7 +26,8 @@ class RelayConfig:
     resolves to ::1 first on many systems (Node, browsers). A string is split on commas."""
     port: int = 8765
     db: str = field(default_factory=default_db_path)
-    """SQLite file, or ``:memory:`` for a relay that forgets on exit."""
+    """SQLite file, ``:memory:`` for a relay that forgets on exit, or a PostgreSQL URL
+    (``postgresql://USER@HOST:PORT/DB``): several relays on one database form one relay."""
     replay_size: int = 1000
     """Events per run kept in memory for instant catch-up."""
     replay_bytes: int = 8 << 20

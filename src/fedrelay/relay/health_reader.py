@@ -20,7 +20,7 @@ from .health_page import HealthQuery, encode_page
 from .store_reads import API
 
 if TYPE_CHECKING:
-    from .store import EventStore
+    from .eventlog import EventLog
 
 FOLDED_TYPES = ("training_end", "round_start", "round_end", "client_progress", "client_complete", "error")
 READ_ROWS = 5000
@@ -35,7 +35,7 @@ def _fold(health: FederationHealth, rows: list[tuple[int, str]]) -> None:
 class HealthReader:
     """Answers ``/api/runs/{id}/clients`` pages; keeps the fold of the run asked about last."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventLog) -> None:
         self.store = store
         self._lock = asyncio.Lock()
         self._kept: tuple[str, int, FederationHealth] | None = None

@@ -260,7 +260,13 @@ class Hub:
         replay_size: int = 1000,
         replay_bytes: int = 8 << 20,
         clock: Callable[[], float] = time.time,
+        assigns_seqs: bool = True,
     ) -> None:
+        self.assigns_seqs = assigns_seqs
+        """True when this process owns the log (SQLite): :meth:`accept` hands out seqs and folds
+        events into run state. False when several relays share it (PostgreSQL): the seq comes
+        from the committing transaction, and runs are created and folded in :meth:`committed`,
+        from every node's commits alike, so every node's state is the same fold in seq order."""
         self.replay_size = replay_size
         self.replay_bytes = replay_bytes
         """Per-run ring bound in encoded characters: large events take fewer slots."""
@@ -345,17 +351,17 @@ class Hub:
                     continue
                 last_id = accepted.upto = event_id
             run_id = event["run_id"]
+            if not self.assigns_seqs:
+                body = stored_form(event, None, producer, now)
+                if self._too_large(accepted, position, body, max_body, SEQ_ROOM):
+                    continue
+                accepted.new.append(Sequenced(run_id, 0, event["type"], producer, event_id, now, body))
+                continue
             run = self.runs.get(run_id)
             seq = (run.last_seq if run is not None else 0) + 1
             body = stored_form(event, seq, producer, now)
-            if max_body is not None:
-                size = utf8_size(body, max_body)
-                if size > max_body:
-                    refused = Refused(
-                        "too_large", f"event of {size} bytes once stored; at most {max_body} are accepted"
-                    )
-                    accepted.too_large.append((position, refused))
-                    continue
+            if self._too_large(accepted, position, body, max_body):
+                continue
             if run is None:
                 run = self._new_run(run_id, now)
             run.last_seq = seq
@@ -381,6 +387,19 @@ class Hub:
         if accepted.upto is not None:
             self.producers[producer] = last_id
         return accepted
+
+    @staticmethod
+    def _too_large(accepted: Accepted, position: int, body: str, max_body: int | None, room: int = 0) -> bool:
+        """Refuse an event over ``max_body`` UTF-8 bytes once encoded (``room``: what the
+        database adds later, the seq)."""
+        if max_body is None:
+            return False
+        size = utf8_size(body, max_body) + room
+        if size <= max_body:
+            return False
+        refused = Refused("too_large", f"event of {size} bytes once stored; at most {max_body} are accepted")
+        accepted.too_large.append((position, refused))
+        return True
 
     # -- what producers hold ------------------------------------------------
 
@@ -440,6 +459,10 @@ class Hub:
         for item in batch:
             if item.producer_id is not None and item.producer_id > positions.get(item.producer, 0):
                 positions[item.producer] = item.producer_id
+                if not self.assigns_seqs and item.producer_id > self.producers.get(item.producer, 0):
+                    self.producers[item.producer] = item.producer_id  # stored by another node
+        if not self.assigns_seqs:
+            self._fold(batch)
         for run_id, items in by_run.items():
             run = self.runs[run_id]
             run.committed_seq = items[-1].seq
@@ -467,6 +490,24 @@ class Hub:
                 else:
                     deliveries.append((sub, items))
         return deliveries
+
+    def _fold(self, batch: list[Sequenced]) -> None:
+        """Shared log: committed events (this node's or another's) create and update runs, in
+        seq order, from their stored form, so every node folds the same state."""
+        for item in batch:
+            run = self.runs.get(item.run_id)
+            if run is None:
+                run = self._new_run(item.run_id, item.received_at)
+            run.last_seq = item.seq
+            event = json.loads(item.body)
+            run.track(
+                item.type,
+                event.get("data"),
+                item.received_at,
+                event.get("timestamp"),
+                from_root=event.get("via") == VIA_ROOT,
+            )
+            self._changed[item.run_id] = run
 
     def history_changed(self, run_id: str, committed_seq: int) -> list[Subscription]:
         """The store holds rows up to ``committed_seq`` that did not pass through here (written
@@ -503,7 +544,7 @@ class Hub:
         """
         run = self.runs.get(run_id)
         assigned = run.last_seq if run is not None else 0
-        if since > assigned:
+        if since > assigned and self.assigns_seqs:
             last = run.committed_seq if run is not None else 0
             raise Refused(
                 "bad_since",
@@ -615,14 +656,28 @@ def event_time(timestamp: str | None, now: float) -> float:
     return seconds if now - MAX_EVENT_AGE <= seconds <= now + MAX_CLOCK_AHEAD else now
 
 
-def stored_form(event: dict[str, Any], seq: int, producer: str, received_at: float) -> str:
+SEQ_ROOM = 32
+"""Bytes kept for the ``"seq":N`` a shared log adds to a stored body at commit."""
+
+
+def stored_form(event: dict[str, Any], seq: int | None, producer: str, received_at: float) -> str:
     """An event as stored and sent: with its seq, its producer and, when it came without one,
-    the relay's timestamp. Fills those fields into ``event``."""
-    event["seq"] = seq
+    the relay's timestamp. Fills those fields into ``event``. ``seq`` None: the body has no
+    seq yet (a shared log adds it at commit, :func:`with_seq`)."""
+    if seq is None:
+        event.pop("seq", None)
+    else:
+        event["seq"] = seq
     event["producer"] = producer
     if event.get("timestamp") is None:
         event["timestamp"] = _iso(received_at)
     return encode(event)
+
+
+def with_seq(body: str, seq: int) -> str:
+    """A body made without a seq (``stored_form(..., None, ...)``), with its seq as the last
+    field: an object's text with one more member, no parse."""
+    return f'{body[:-1]},"seq":{seq}}}'
 
 
 _second_prefix: list[Any] = [None, ""]

@@ -52,6 +52,7 @@ from .alerts.outbox import MemoryAlertLog, SqliteAlertLog
 from .alerts.service import AlertService
 from .config import RelayConfig
 from .connection import HANDSHAKES_PER_ADDRESS, READ_AHEAD_FRAMES, REQUEST_BYTES_MAX, RelayConnection
+from .eventlog import EventLog, StoreError, is_postgres_url
 from .fanout import Frame, queued_bytes
 from .http import API_READS_PER_ADDRESS, HttpApi, first_param, text_response, whole_number
 from .hub import Accepted, Delivery, Hub, Sequenced, Subscription
@@ -111,17 +112,31 @@ class Relay:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.hub = Hub(replay_size=config.replay_size, replay_bytes=config.replay_bytes)
-        self.metrics = RelayMetrics()
-        self.store = EventStore(
-            config.db,
-            runs=self.hub.runs,
-            on_commit=self._on_commit,
-            retain_events=config.retain_events,
-            on_pruned=self.hub.pruned,
-            on_history_changed=self._history_changed,
-            forget_producers_after=config.forget_producers_after,
+        shared = is_postgres_url(config.db)
+        self.hub = Hub(
+            replay_size=config.replay_size, replay_bytes=config.replay_bytes, assigns_seqs=not shared
         )
+        self.metrics = RelayMetrics()
+        self.store: EventLog
+        if shared:
+            from .pg.log import PgEventLog  # asyncpg only where PostgreSQL is used
+
+            self.store = PgEventLog(
+                config.db,
+                runs=self.hub.runs,
+                on_commit=self._on_commit,
+                forget_producers_after=config.forget_producers_after,
+            )
+        else:
+            self.store = EventStore(
+                config.db,
+                runs=self.hub.runs,
+                on_commit=self._on_commit,
+                retain_events=config.retain_events,
+                on_pruned=self.hub.pruned,
+                on_history_changed=self._history_changed,
+                forget_producers_after=config.forget_producers_after,
+            )
         self.http = HttpApi(self)
         self.alerts: AlertService | None = None
         if config.alerting is not None:
@@ -165,12 +180,17 @@ class Relay:
         """Open the store and listen; :class:`TlsError` before anything else when the
         certificate or key cannot be used."""
         cfg = self.config
+        if self.store.shared and cfg.alerting is not None:
+            raise StoreError("alerts need a SQLite --db for now (PostgreSQL: run without alert settings)")
+        if self.store.shared and cfg.retain_events:
+            raise StoreError("--retain-events is not supported with a PostgreSQL --db yet")
         tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:
             self.hub.restore_run(run)
         for name, last_id in restored.producers.items():
             self.hub.restore_producer(name, last_id)
+        await self.store.follow()  # a shared log: what other nodes committed since the summaries
         self.store.save_runs(self.hub.settle_restored())
         if self.alerts is not None:  # before listening: what the last relay did not evaluate
             await self.alerts.open(self.hub.runs, self.store.read)
@@ -208,7 +228,7 @@ class Relay:
         log.info(
             "relay listening on %s (store %s, %d runs restored)",
             " and ".join(_ws_url(host, self.port, secure=cfg.tls) for host in self.hosts),
-            cfg.db,
+            self.store.path,
             len(restored.runs),
         )
         open_roles = [role for role in ("publish", "subscribe") if getattr(cfg, f"{role}_token") is None]
@@ -533,6 +553,15 @@ class Relay:
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
+        if self.store.shared:  # another node may have stored more of it than this one has read
+            stored = await self.store.producer_position(name)
+            if stored is not None and stored > (last_id or 0):
+                last_id = self.hub.stored_positions[name] = stored
+                self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)
+            older = self._publishing.get(name)
+            if older is not None:  # it took the name while the position was read
+                await self._refuse_in_use(conn, name, older)
+                return
         self._send(
             conn,
             {

@@ -31,7 +31,6 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import aiosqlite
 
 from ..schemas.wire import encode
+from .eventlog import Restored, StoreError
 from .hub import Run, Sequenced
 from .ledger import RunLedger
 from .store_reads import API, CATCH_UP, ReadQueue
@@ -164,22 +164,11 @@ _FORGET_MAX_LAG = 10_000
 looks through them for the names it must keep."""
 
 
-@dataclass(slots=True)
-class Restored:
-    """What a relay restart reads back: runs and dedup positions."""
-
-    runs: list[Run]
-    producers: dict[str, int]
-    forgotten: int = 0
-    """Producers deleted at start for being idle past ``forget_producers_after``."""
-
-
-class StoreError(RuntimeError):
-    """The database cannot be opened or used."""
-
-
 class EventStore:
-    """Batched, ordered writes; reads for catch-up and the HTTP API."""
+    """Batched, ordered writes; reads for catch-up and the HTTP API (an :class:`EventLog`)."""
+
+    shared = False
+    """One relay owns the file (a lock file keeps others away): the hub hands out seqs."""
 
     def __init__(
         self,
@@ -288,6 +277,9 @@ class EventStore:
         if self._checkpointer is not None:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="fedrelay-wal-checkpoints")
         return restored
+
+    async def follow(self) -> None:
+        """Nothing to catch up: this relay wrote every row (the hub delivers each commit)."""
 
     def _indexes_missing(self) -> bool:
         """An existing events table without the producer index: creating it reads every event."""
@@ -914,6 +906,11 @@ class EventStore:
             last = rows[-1][0] if rows else chunk[-1]
             wanted = [i for i in wanted if i > last]
         return found
+
+    async def producer_position(self, producer: str) -> int | None:
+        """The stored position of ``producer`` (what ``hello.last_id`` reports)."""
+        rows = await self._fetch(CATCH_UP, "SELECT last_id FROM producers WHERE name = ?", (producer,))
+        return rows[0][0] if rows else None
 
     async def all_committed(self) -> None:
         """Wait until everything appended so far is committed."""

@@ -1,0 +1,536 @@
+"""The event log on PostgreSQL (asyncpg), shared by several relay processes.
+
+Writes are group commits as on SQLite: events queue in memory and one writer task commits
+what has accumulated in one transaction. That transaction takes the counter rows of the runs
+it touches (``SELECT ... FOR UPDATE``, in run_id order, so two nodes never deadlock), drops
+the events whose ``(producer, producer_id)`` is already stored (by any node: the unique index
+decides), numbers the rest from the counters, inserts them, moves the counters and the
+producers' positions, and sends ``NOTIFY``. Seqs are therefore gap-free and increasing per
+run across nodes, and each ``(producer, id)`` is stored once. Acks wait for the commit.
+
+Committed batches reach the hub only through :class:`~.feed.CommitFeed`, this node's and the
+others' alike. A batch whose commit failed (the database restarting, a network cut) stays
+queued and is retried with backoff; if it had in fact committed, the retry finds its ids
+stored and inserts nothing, and the feed delivers the rows from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from ..eventlog import Restored, StoreError
+from ..hub import Run, Sequenced, with_seq
+from ..ledger import RunLedger
+from .feed import CHANNEL, CommitFeed
+from .schema import HOUSEKEEPING_LOCK, migrate
+
+log = logging.getLogger("fedrelay.store")
+
+MAX_BATCH_CHARS = 4 << 20
+COMMAND_TIMEOUT = 10.0
+"""Seconds a statement may take: a network cut with no reset shows as a failed commit."""
+_BACKOFF_MAX = 2.0
+_FORGET_BATCH = 100
+
+_ENSURE_RUNS = """
+INSERT INTO runs (run_id, created_at, updated_at)
+SELECT r, t, t FROM unnest($1::text[], $2::float8[]) AS x(r, t) ORDER BY r
+ON CONFLICT (run_id) DO NOTHING
+"""
+_LOCK_RUNS = "SELECT run_id, last_seq FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR UPDATE"
+_ALREADY_STORED = """
+SELECT e.producer, e.producer_id FROM events e
+JOIN unnest($1::text[], $2::bigint[]) AS k(p, i) ON e.producer = k.p AND e.producer_id = k.i
+"""
+_INSERT_EVENTS = """
+INSERT INTO events (run_id, seq, type, producer, producer_id, received_at, body)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::float8[], $7::text[])
+ON CONFLICT (producer, producer_id) WHERE producer_id IS NOT NULL DO NOTHING
+"""
+_MOVE_COUNTERS = """
+UPDATE runs SET last_seq = x.s FROM unnest($1::text[], $2::bigint[]) AS x(r, s) WHERE runs.run_id = x.r
+"""
+_UPSERT_PRODUCERS = """
+INSERT INTO producers (name, last_id, updated_at)
+SELECT n, i, $3 FROM unnest($1::text[], $2::bigint[]) AS x(n, i) ORDER BY n
+ON CONFLICT (name) DO UPDATE SET
+    last_id = GREATEST(producers.last_id, excluded.last_id), updated_at = excluded.updated_at
+"""
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', x) FROM unnest($1::text[]) AS x"
+_SAVE_SUMMARIES = """
+UPDATE runs SET status = x.status, updated_at = x.updated_at, started_at = x.started_at,
+    ended_at = x.ended_at, info = x.info, ledger = x.ledger, summary_seq = x.seq
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::float8[],
+            $7::text[], $8::text[]) AS x(run_id, seq, status, updated_at, started_at, ended_at, info, ledger)
+WHERE runs.run_id = x.run_id AND runs.summary_seq <= x.seq
+"""
+_READ_PAGE = """
+SELECT seq, body FROM (
+    SELECT seq, body, octet_length(body) AS size,
+        sum(octet_length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE run_id = $1 AND seq > $2 AND seq <= $3 {types} ORDER BY seq LIMIT $4
+) page WHERE upto_here - size < $5 ORDER BY seq
+"""
+_STORED_VERSIONS = """
+SELECT producer_id, seq, received_at, body FROM (
+    SELECT producer_id, seq, received_at, body, octet_length(body) AS size,
+        sum(octet_length(body)) OVER (ORDER BY producer_id ROWS UNBOUNDED PRECEDING) AS upto_here
+    FROM events WHERE producer = $1 AND producer_id = ANY($2::bigint[]) ORDER BY producer_id
+) page WHERE upto_here - size < $3 ORDER BY producer_id
+"""
+_TOUCH_PRODUCERS = "UPDATE producers SET updated_at = $1 WHERE name = ANY($2::text[]) AND updated_at < $1"
+_FORGET_PRODUCERS = "DELETE FROM producers WHERE name = ANY($1::text[]) AND updated_at < $2 RETURNING name"
+_STORED_VERSIONS_IDS = 500
+_STORED_VERSIONS_BYTES = 2 << 20
+
+
+class _Raced(Exception):
+    """An id was stored by another node between the dedup check and the insert: retry."""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and /healthz."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class PgEventLog:
+    """An :class:`~fedrelay.relay.eventlog.EventLog` on PostgreSQL, for several relays."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        runs: Mapping[str, Run],
+        on_commit: Callable[[list[Sequenced]], None],
+        max_batch: int = 2000,
+        forget_producers_after: float = 0.0,
+        pool_size: int = 4,
+    ) -> None:
+        self.url = url
+        self.path = redacted(url)
+        self._runs = runs
+        self._on_commit = on_commit
+        self.max_batch = max_batch
+        self.forget_producers_after = forget_producers_after
+        self.pool_size = pool_size
+        self.repaired_runs: list[dict[str, Any]] = []
+        self._pool: asyncpg.Pool | None = None
+        self.feed: CommitFeed | None = None
+        self._pending: deque[Sequenced] = deque()
+        self._pending_chars = 0
+        self._runs_to_save: set[str] = set()
+        self._appended = 0
+        self._committed = 0
+        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._write_failing: str | None = None
+        self.commits = 0
+        self.duplicates = 0
+        """Events dropped at commit because another node (or a commit whose answer was lost)
+        had stored their (producer, id)."""
+        self.last_commit_seconds = 0.0
+
+    @property
+    def failing(self) -> str | None:
+        """Commits failing, or the database unreachable for reads: /healthz answers 503."""
+        if self._write_failing is not None:
+            return self._write_failing
+        return self.feed.failing if self.feed is not None else None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT)
+
+    async def open(self) -> Restored:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=0, max_size=self.pool_size, command_timeout=COMMAND_TIMEOUT
+            )
+            async with self._pool.acquire() as conn:
+                found = await migrate(conn)
+                restored = await self._restore(conn)
+        except StoreError:
+            await self._close_pool()
+            raise
+        except Exception as exc:
+            await self._close_pool()
+            raise StoreError(f"cannot open the event log {self.path}: {exc}") from exc
+        if found == 0:
+            log.info("store: created the schema in %s", self.path)
+        assert self._pool is not None
+        self.feed = CommitFeed(self._pool, self._connect, self._runs, self._on_commit)
+        self._restored = restored
+        self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-pg-writer")
+        return restored
+
+    async def follow(self) -> None:
+        """Fold what the restored summaries do not cover yet, then follow every node's commits
+        (called once the hub holds the restored runs)."""
+        assert self.feed is not None
+        await self.feed.start()
+
+    async def _restore(self, conn: asyncpg.Connection) -> Restored:
+        runs = []
+        rows = await conn.fetch(
+            "SELECT run_id, status, created_at, updated_at, started_at, ended_at, summary_seq, first_seq,"
+            " info, ledger FROM runs ORDER BY created_at, run_id"
+        )
+        for row in rows:
+            run = Run(
+                run_id=row[0],
+                status=row[1],
+                created_at=row[2],
+                updated_at=row[3],
+                started_at=row[4],
+                ended_at=row[5],
+                info=json.loads(row[8]),
+                ledger=RunLedger.from_json(row[9]),
+            )
+            run.last_seq = row[6]  # the summary's seq: the feed folds the events after it
+            run.first_seq = row[7]
+            runs.append(run)
+        producers = {name: last for name, last in await conn.fetch("SELECT name, last_id FROM producers")}
+        return Restored(runs, producers)
+
+    def begin_close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        self._progress.set()
+
+    async def close(self, timeout: float = 10.0) -> int:
+        self.begin_close()
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writer, timeout)
+        left = len(self._pending)
+        if left:
+            log.error("store: %d accepted events not committed at shutdown (%s)", left, self.failing)
+        if self.feed is not None:
+            await self.feed.stop()
+        await self._close_pool()
+        return left
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except Exception:
+                pool.terminate()
+
+    # -- writes ------------------------------------------------------------
+
+    @property
+    def lag(self) -> int:
+        return len(self._pending)
+
+    @property
+    def lag_chars(self) -> int:
+        return self._pending_chars
+
+    def append(self, items: list[Sequenced]) -> None:
+        if not items:
+            return
+        self._pending.extend(items)
+        self._pending_chars += sum(len(item.body) for item in items)
+        self._appended += len(items)
+        self._wakeup.set()
+
+    def save_runs(self, run_ids: Iterable[str]) -> None:
+        before = len(self._runs_to_save)
+        self._runs_to_save.update(run_ids)
+        if len(self._runs_to_save) > before:
+            self._wakeup.set()
+
+    def queued_producers(self) -> set[str]:
+        return {item.producer for item in self._pending}
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        if self._appended == self._committed:
+            asyncio.get_running_loop().call_soon(callback)
+        else:
+            self._waiters.append((self._appended, callback))
+
+    async def all_committed(self) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self.after_commit(lambda: done.done() or done.set_result(None))
+        await done
+
+    def full(self, limit: int, limit_chars: int) -> bool:
+        return len(self._pending) > limit or self._pending_chars > limit_chars
+
+    async def wait_for_room(self, limit: int, limit_chars: int) -> None:
+        while (
+            self.full(limit, limit_chars)
+            and not self._closing
+            and self._writer is not None
+            and not self._writer.done()
+        ):
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _next_batch(self) -> list[Sequenced]:
+        if self._pending_chars <= MAX_BATCH_CHARS:
+            return list(itertools.islice(self._pending, self.max_batch))
+        batch: list[Sequenced] = []
+        chars = 0
+        for item in itertools.islice(self._pending, self.max_batch):
+            chars += len(item.body)
+            if batch and chars > MAX_BATCH_CHARS:
+                break
+            batch.append(item)
+        return batch
+
+    async def _write_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            if not self._pending and not self._runs_to_save:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._next_batch()
+            saving = set(self._runs_to_save)
+            try:
+                stored = await self._commit(batch, saving)
+            except _Raced:
+                continue
+            except Exception as exc:  # the database away, a network cut: keep and retry
+                if self._write_failing is None:
+                    log.error("store: commit failed, will retry: %s", exc)
+                self._write_failing = f"{type(exc).__name__}: {exc}"
+                if self._closing and backoff > 1.0:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            if self._write_failing is not None:
+                log.warning("store: commits work again")
+                self._write_failing = None
+            backoff = 0.05
+            self._runs_to_save -= saving
+            for _ in batch:
+                self._pending_chars -= len(self._pending.popleft().body)
+            self._committed += len(batch)
+            self._progress.set()
+            if self.feed is not None and stored:
+                try:
+                    self.feed.local(stored)
+                except Exception:
+                    log.exception("store: delivering a committed batch failed")
+            while self._waiters and self._waiters[0][0] <= self._committed:
+                callback = self._waiters.popleft()[1]
+                try:
+                    callback()
+                except Exception:
+                    log.exception("store: a commit callback failed")
+            await asyncio.sleep(0)
+
+    async def _commit(self, batch: list[Sequenced], saving: set[str]) -> list[Sequenced]:
+        """One transaction: lock the runs' counters, drop what is stored, number, insert,
+        move the counters and positions, notify. Returns the events stored, with their seqs."""
+        assert self._pool is not None
+        started = time.perf_counter()
+        run_ids = sorted({item.run_id for item in batch} | saving)
+        created = [self._created_at(run_id, batch) for run_id in run_ids]
+        keyed = [item for item in batch if item.producer_id is not None]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_ENSURE_RUNS, run_ids, created)
+            counters = {row[0]: row[1] for row in await conn.fetch(_LOCK_RUNS, run_ids)}
+            stored_before: set[tuple[str, int]] = set()
+            if keyed:
+                rows = await conn.fetch(
+                    _ALREADY_STORED, [i.producer for i in keyed], [i.producer_id for i in keyed]
+                )
+                stored_before = {(row[0], row[1]) for row in rows}
+            new: list[Sequenced] = []
+            for item in batch:
+                if item.producer_id is not None and (item.producer, item.producer_id) in stored_before:
+                    continue
+                seq = counters[item.run_id] = counters[item.run_id] + 1
+                new.append(
+                    Sequenced(
+                        item.run_id,
+                        seq,
+                        item.type,
+                        item.producer,
+                        item.producer_id,
+                        item.received_at,
+                        with_seq(item.body, seq),
+                    )
+                )
+            if new:
+                status = await conn.execute(
+                    _INSERT_EVENTS,
+                    [i.run_id for i in new],
+                    [i.seq for i in new],
+                    [i.type for i in new],
+                    [i.producer for i in new],
+                    [i.producer_id for i in new],
+                    [i.received_at for i in new],
+                    [i.body for i in new],
+                )
+                if int(status.rsplit(" ", 1)[-1]) != len(new):
+                    raise _Raced()
+                moved = {i.run_id: counters[i.run_id] for i in new}
+                await conn.execute(_MOVE_COUNTERS, list(moved), list(moved.values()))
+                positions: dict[str, int] = {}
+                for i in new:
+                    if i.producer_id is not None and i.producer_id > positions.get(i.producer, 0):
+                        positions[i.producer] = i.producer_id
+                if positions:
+                    names = sorted(positions)
+                    await conn.execute(_UPSERT_PRODUCERS, names, [positions[n] for n in names], time.time())
+                await conn.execute(_NOTIFY, [f"{run_id}:{last}" for run_id, last in moved.items()])
+            await self._save_summaries(conn, run_ids)
+        self.duplicates += len(batch) - len(new)
+        self.commits += 1
+        self.last_commit_seconds = time.perf_counter() - started
+        return new
+
+    def _created_at(self, run_id: str, batch: list[Sequenced]) -> float:
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run.created_at
+        return next((item.received_at for item in batch if item.run_id == run_id), time.time())
+
+    async def _save_summaries(self, conn: asyncpg.Connection, run_ids: list[str]) -> None:
+        """The runs' summaries as this node has folded them (up to its committed seq): a node
+        that starts folds only the events after the summary. Never moves a summary back."""
+        runs = [self._runs[run_id] for run_id in run_ids if run_id in self._runs]
+        if not runs:
+            return
+        await conn.execute(
+            _SAVE_SUMMARIES,
+            [r.run_id for r in runs],
+            [r.committed_seq for r in runs],
+            [r.status for r in runs],
+            [r.updated_at for r in runs],
+            [r.started_at for r in runs],
+            [r.ended_at for r in runs],
+            [json.dumps(r.info, allow_nan=False, default=str) for r in runs],
+            [r.ledger.to_json() for r in runs],
+        )
+
+    # -- reads -------------------------------------------------------------
+
+    async def read(
+        self,
+        run_id: str,
+        after: int,
+        upto: int,
+        limit: int,
+        max_bytes: int = 4 << 20,
+        *,
+        queue: str = "",
+        wanted: Callable[[], bool] | None = None,
+        types: tuple[str, ...] = (),
+    ) -> list[tuple[int, str]] | None:
+        """Stored events of a run with ``after < seq <= upto``, oldest first, at most ``limit``
+        rows and ``max_bytes`` of UTF-8 (one at least). None when ``wanted()`` says no."""
+        if wanted is not None and not wanted():
+            return None
+        pool = self._live_pool()
+        if types:
+            sql = _READ_PAGE.format(types="AND type = ANY($6::text[])")
+            rows = await pool.fetch(sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
+        else:
+            rows = await pool.fetch(
+                _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
+            )
+        return [(row[0], row[1]) for row in rows]
+
+    async def stored_versions(self, producer: str, ids: list[int]) -> dict[int, tuple[int, float, str]]:
+        found: dict[int, tuple[int, float, str]] = {}
+        wanted = sorted(set(ids))
+        pool = self._live_pool()
+        while wanted:
+            chunk = wanted[:_STORED_VERSIONS_IDS]
+            rows = await pool.fetch(_STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
+            for producer_id, seq, received_at, body in rows:
+                found[producer_id] = (seq, received_at, body)
+            last = rows[-1][0] if rows else chunk[-1]
+            wanted = [i for i in wanted if i > last]
+        return found
+
+    async def producer_position(self, producer: str) -> int | None:
+        value = await self._live_pool().fetchval("SELECT last_id FROM producers WHERE name = $1", producer)
+        return int(value) if value is not None else None
+
+    def _live_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the event log is closed")
+        return self._pool
+
+    # -- housekeeping --------------------------------------------------------
+
+    async def forget_producers(
+        self,
+        *,
+        seen: Iterable[str],
+        keep: Callable[[str], bool],
+        on_forgotten: Callable[[list[str]], None],
+    ) -> int | None:
+        """Forget producers idle past ``forget_producers_after``; one node at a time (an
+        advisory lock: a node that finds it taken skips the pass). Other nodes keep the names
+        in memory until they restart; the events table's unique index still drops resends."""
+        if not self.forget_producers_after > 0 or self._pool is None:
+            return 0
+        now = time.time()
+        cutoff = now - self.forget_producers_after
+        try:
+            async with self._pool.acquire() as conn:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", HOUSEKEEPING_LOCK):
+                    return 0
+                try:
+                    await conn.execute(
+                        _TOUCH_PRODUCERS,
+                        now,
+                        list(seen),
+                    )
+                    idle = [
+                        r[0]
+                        for r in await conn.fetch("SELECT name FROM producers WHERE updated_at < $1", cutoff)
+                    ]
+                    waiting = self.queued_producers()
+                    doomed = [name for name in idle if name not in waiting and not keep(name)]
+                    forgotten = 0
+                    for start in range(0, len(doomed), _FORGET_BATCH):
+                        rows = await conn.fetch(
+                            _FORGET_PRODUCERS,
+                            doomed[start : start + _FORGET_BATCH],
+                            cutoff,
+                        )
+                        names = [row[0] for row in rows if not keep(row[0])]
+                        if names:
+                            on_forgotten(names)
+                            forgotten += len(names)
+                    return forgotten
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", HOUSEKEEPING_LOCK)
+        except Exception as exc:
+            log.warning("store: forgetting idle producers failed, will retry: %s", exc)
+            return None
