@@ -53,3 +53,30 @@ async def test_resend_through_another_node_is_stored_once_and_seen_live_everywhe
     finally:
         a.stop()
         b.stop()
+
+
+async def test_the_same_events_through_both_nodes_at_once_are_stored_once_gap_free(pg_server, tmp_path):
+    """Two connections under one name on two nodes, racing with the same ids: the database
+    decides, whichever node's transaction stores an id first."""
+    total = 3000
+    db = pg_server.fresh_db()
+    a = RelayProcess(db, log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        events = [event("race", i) for i in range(1, total + 1)]
+        async with Collector(a.url, "run_id=race") as on_a:
+            await asyncio.gather(
+                ResendingProducer(a.url, "twin").publish_all([dict(e) for e in events], batch=20),
+                ResendingProducer(b.url, "twin").publish_all([dict(e) for e in events], batch=20),
+                ResendingProducer(b.url, "other").publish_all([event("race", i) for i in range(1, 501)]),
+            )
+            await on_a.wait_for(total + 500)
+            assert on_a.seqs("race") == list(range(1, total + 501))
+        for relay in (a, b):
+            stored = stored_events(relay, "race")
+            assert [e["seq"] for e in stored] == list(range(1, total + 501))
+            twin = [e["id"] for e in stored if e["producer"] == "twin"]
+            assert sorted(twin) == list(range(1, total + 1))
+    finally:
+        a.stop()
+        b.stop()

@@ -554,7 +554,11 @@ class Relay:
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
         if self.store.shared:  # another node may have stored more of it than this one has read
-            stored = await self.store.producer_position(name)
+            try:
+                stored = await self.store.producer_position(name)
+            except Exception as exc:  # the database away: what this node folded (dedup is the log's)
+                log.debug("producer %r: stored position unknown (%s); using this node's", name, exc)
+                stored = None
             if stored is not None and stored > (last_id or 0):
                 last_id = self.hub.stored_positions[name] = stored
                 self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)

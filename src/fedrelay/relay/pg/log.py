@@ -41,40 +41,77 @@ MAX_BATCH_CHARS = 4 << 20
 COMMAND_TIMEOUT = 10.0
 """Seconds a statement may take: a network cut with no reset shows as a failed commit."""
 _BACKOFF_MAX = 2.0
+_RACES_RETRIED_AT_ONCE = 3
+"""Batches retried at once after a unique violation; past that, with backoff, as a failure."""
 _FORGET_BATCH = 100
 
-_ENSURE_RUNS = """
-INSERT INTO runs (run_id, created_at, updated_at)
-SELECT r, t, t FROM unnest($1::text[], $2::float8[]) AS x(r, t) ORDER BY r
-ON CONFLICT (run_id) DO NOTHING
+_COMMIT = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::text[])
+        WITH ORDINALITY AS x(run_id, type, producer, producer_id, received_at, body, ord)
+),
+fresh AS (
+    SELECT i.* FROM input i
+    WHERE i.producer_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM events e WHERE e.producer = i.producer AND e.producer_id = i.producer_id)
+),
+counts AS (
+    SELECT run_id, count(*) AS n, (array_agg(received_at ORDER BY ord))[1] AS created_at
+    FROM fresh GROUP BY run_id
+),
+bumped AS (
+    INSERT INTO runs AS r (run_id, last_seq, created_at, updated_at)
+    SELECT run_id, n, created_at, created_at FROM counts ORDER BY run_id
+    ON CONFLICT (run_id) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
+    RETURNING run_id, last_seq
+),
+numbered AS (
+    SELECT f.*, b.last_seq - count(*) OVER (PARTITION BY f.run_id)
+        + row_number() OVER (PARTITION BY f.run_id ORDER BY f.ord) AS seq
+    FROM fresh f JOIN bumped b USING (run_id)
+),
+stored AS (
+    INSERT INTO events (run_id, seq, type, producer, producer_id, received_at, body)
+    SELECT run_id, seq, type, producer, producer_id, received_at, left(body, -1) || ',"seq":' || seq || '}}'
+    FROM numbered
+),
+positions AS (
+    INSERT INTO producers AS p (name, last_id, updated_at)
+    SELECT producer, max(producer_id), $7 FROM numbered WHERE producer_id IS NOT NULL
+    GROUP BY producer ORDER BY producer
+    ON CONFLICT (name) DO UPDATE SET
+        last_id = GREATEST(p.last_id, excluded.last_id), updated_at = excluded.updated_at
+),
+notified AS (SELECT pg_notify('{CHANNEL}', run_id || ':' || last_seq) FROM bumped)
+SELECT ord, seq FROM numbered
+UNION ALL SELECT 0, count(*) FROM notified
 """
-_LOCK_RUNS = "SELECT run_id, last_seq FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR UPDATE"
-_ALREADY_STORED = """
-SELECT e.producer, e.producer_id FROM events e
-JOIN unnest($1::text[], $2::bigint[]) AS k(p, i) ON e.producer = k.p AND e.producer_id = k.i
-"""
-_INSERT_EVENTS = """
-INSERT INTO events (run_id, seq, type, producer, producer_id, received_at, body)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::float8[], $7::text[])
-ON CONFLICT (producer, producer_id) WHERE producer_id IS NOT NULL DO NOTHING
-"""
-_MOVE_COUNTERS = """
-UPDATE runs SET last_seq = x.s FROM unnest($1::text[], $2::bigint[]) AS x(r, s) WHERE runs.run_id = x.r
-"""
-_UPSERT_PRODUCERS = """
-INSERT INTO producers (name, last_id, updated_at)
-SELECT n, i, $3 FROM unnest($1::text[], $2::bigint[]) AS x(n, i) ORDER BY n
-ON CONFLICT (name) DO UPDATE SET
-    last_id = GREATEST(producers.last_id, excluded.last_id), updated_at = excluded.updated_at
-"""
-_NOTIFY = f"SELECT pg_notify('{CHANNEL}', x) FROM unnest($1::text[]) AS x"
+"""One batch in one statement (one round trip, its own transaction): drop what is stored,
+take the runs' counter rows (in run_id order: no deadlock between nodes) and move them by
+what is new, number the new events from them, store them with their seq spliced into the body,
+move the producers' positions, notify. Returns (position in the batch, seq) of what was stored.
+Another node storing one of these (producer, id) at the same moment makes the insert fail on
+the unique index; the batch is then tried again, and that event is dropped as stored."""
+_RETRY = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
 _SAVE_SUMMARIES = """
-UPDATE runs SET status = x.status, updated_at = x.updated_at, started_at = x.started_at,
-    ended_at = x.ended_at, info = x.info, ledger = x.ledger, summary_seq = x.seq
-FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::float8[],
-            $7::text[], $8::text[]) AS x(run_id, seq, status, updated_at, started_at, ended_at, info, ledger)
-WHERE runs.run_id = x.run_id AND runs.summary_seq <= x.seq
+INSERT INTO runs AS r
+    (run_id, created_at, summary_seq, status, updated_at, started_at, ended_at, info, ledger)
+SELECT * FROM unnest($1::text[], $2::float8[], $3::bigint[], $4::text[], $5::float8[], $6::float8[],
+                     $7::float8[], $8::text[], $9::text[])
+ORDER BY 1
+ON CONFLICT (run_id) DO UPDATE SET
+    summary_seq = excluded.summary_seq, status = excluded.status, updated_at = excluded.updated_at,
+    started_at = excluded.started_at, ended_at = excluded.ended_at, info = excluded.info,
+    ledger = excluded.ledger
+WHERE r.summary_seq <= excluded.summary_seq
 """
+SUMMARIES_EVERY = 1.0
+"""Seconds between writes of the runs' summaries as this node folded them: a node that starts
+folds the events after them (about this long of a busy run's events)."""
 _READ_PAGE = """
 SELECT seq, body FROM (
     SELECT seq, body, octet_length(body) AS size,
@@ -93,10 +130,6 @@ _TOUCH_PRODUCERS = "UPDATE producers SET updated_at = $1 WHERE name = ANY($2::te
 _FORGET_PRODUCERS = "DELETE FROM producers WHERE name = ANY($1::text[]) AND updated_at < $2 RETURNING name"
 _STORED_VERSIONS_IDS = 500
 _STORED_VERSIONS_BYTES = 2 << 20
-
-
-class _Raced(Exception):
-    """An id was stored by another node between the dedup check and the insert: retry."""
 
 
 def redacted(url: str) -> str:
@@ -137,6 +170,9 @@ class PgEventLog:
         self._pending: deque[Sequenced] = deque()
         self._pending_chars = 0
         self._runs_to_save: set[str] = set()
+        """Runs whose summary changed without an event (their ledger): saved soon."""
+        self._summaries_due: set[str] = set()
+        """Runs this node committed events to since their summaries were last saved."""
         self._appended = 0
         self._committed = 0
         self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
@@ -305,33 +341,50 @@ class PgEventLog:
 
     async def _write_loop(self) -> None:
         backoff = 0.05
+        raced = 0
+        saved_at = time.monotonic()
         while True:
-            if not self._pending and not self._runs_to_save:
+            due = self._runs_to_save or (
+                self._summaries_due and (self._closing or time.monotonic() - saved_at >= SUMMARIES_EVERY)
+            )
+            if not self._pending and not due:
                 if self._closing:
                     return
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                timeout = SUMMARIES_EVERY if self._summaries_due else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
                 continue
-            batch = self._next_batch()
-            saving = set(self._runs_to_save)
             try:
-                stored = await self._commit(batch, saving)
-            except _Raced:
-                continue
-            except Exception as exc:  # the database away, a network cut: keep and retry
-                if self._write_failing is None:
-                    log.error("store: commit failed, will retry: %s", exc)
-                self._write_failing = f"{type(exc).__name__}: {exc}"
+                if due:
+                    saving = self._runs_to_save | self._summaries_due
+                    await self._save_summaries(saving)
+                    self._runs_to_save -= saving
+                    self._summaries_due -= saving
+                    saved_at = time.monotonic()
+                    continue
+                batch = self._next_batch()
+                stored = await self._commit(batch)
+            except _RETRY as exc:
+                raced += 1  # another node stored one of these ids meanwhile: dropped on the retry
+                if raced <= _RACES_RETRIED_AT_ONCE:
+                    continue
+                await self._failed(exc, backoff)  # a race that does not go away: not on a busy loop
                 if self._closing and backoff > 1.0:
                     return
-                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
+            except Exception as exc:  # the database away, a network cut: keep and retry
+                await self._failed(exc, backoff)
+                if self._closing and backoff > 1.0:
+                    return
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            raced = 0
             if self._write_failing is not None:
                 log.warning("store: commits work again")
                 self._write_failing = None
             backoff = 0.05
-            self._runs_to_save -= saving
             for _ in batch:
                 self._pending_chars -= len(self._pending.popleft().body)
             self._committed += len(batch)
@@ -349,83 +402,62 @@ class PgEventLog:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)
 
-    async def _commit(self, batch: list[Sequenced], saving: set[str]) -> list[Sequenced]:
-        """One transaction: lock the runs' counters, drop what is stored, number, insert,
-        move the counters and positions, notify. Returns the events stored, with their seqs."""
+    async def _failed(self, exc: Exception, backoff: float) -> None:
+        """Commits fail (/healthz says so, producers are held past the lag): wait, then retry."""
+        if self._write_failing is None:
+            log.error("store: commit failed, will retry: %s", exc)
+        self._write_failing = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(backoff)
+
+    async def _commit(self, batch: list[Sequenced]) -> list[Sequenced]:
+        """Store a batch (:data:`_COMMIT`); returns the events stored, with their seqs."""
         assert self._pool is not None
         started = time.perf_counter()
-        run_ids = sorted({item.run_id for item in batch} | saving)
-        created = [self._created_at(run_id, batch) for run_id in run_ids]
-        keyed = [item for item in batch if item.producer_id is not None]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_ENSURE_RUNS, run_ids, created)
-            counters = {row[0]: row[1] for row in await conn.fetch(_LOCK_RUNS, run_ids)}
-            stored_before: set[tuple[str, int]] = set()
-            if keyed:
-                rows = await conn.fetch(
-                    _ALREADY_STORED, [i.producer for i in keyed], [i.producer_id for i in keyed]
+        rows = await self._pool.fetch(
+            _COMMIT,
+            [i.run_id for i in batch],
+            [i.type for i in batch],
+            [i.producer for i in batch],
+            [i.producer_id for i in batch],
+            [i.received_at for i in batch],
+            [i.body for i in batch],
+            time.time(),
+        )
+        new: list[Sequenced] = []
+        for ord_, seq in sorted(rows):
+            if ord_ == 0:
+                continue
+            item = batch[ord_ - 1]
+            new.append(
+                Sequenced(
+                    item.run_id,
+                    seq,
+                    item.type,
+                    item.producer,
+                    item.producer_id,
+                    item.received_at,
+                    with_seq(item.body, seq),
                 )
-                stored_before = {(row[0], row[1]) for row in rows}
-            new: list[Sequenced] = []
-            for item in batch:
-                if item.producer_id is not None and (item.producer, item.producer_id) in stored_before:
-                    continue
-                seq = counters[item.run_id] = counters[item.run_id] + 1
-                new.append(
-                    Sequenced(
-                        item.run_id,
-                        seq,
-                        item.type,
-                        item.producer,
-                        item.producer_id,
-                        item.received_at,
-                        with_seq(item.body, seq),
-                    )
-                )
-            if new:
-                status = await conn.execute(
-                    _INSERT_EVENTS,
-                    [i.run_id for i in new],
-                    [i.seq for i in new],
-                    [i.type for i in new],
-                    [i.producer for i in new],
-                    [i.producer_id for i in new],
-                    [i.received_at for i in new],
-                    [i.body for i in new],
-                )
-                if int(status.rsplit(" ", 1)[-1]) != len(new):
-                    raise _Raced()
-                moved = {i.run_id: counters[i.run_id] for i in new}
-                await conn.execute(_MOVE_COUNTERS, list(moved), list(moved.values()))
-                positions: dict[str, int] = {}
-                for i in new:
-                    if i.producer_id is not None and i.producer_id > positions.get(i.producer, 0):
-                        positions[i.producer] = i.producer_id
-                if positions:
-                    names = sorted(positions)
-                    await conn.execute(_UPSERT_PRODUCERS, names, [positions[n] for n in names], time.time())
-                await conn.execute(_NOTIFY, [f"{run_id}:{last}" for run_id, last in moved.items()])
-            await self._save_summaries(conn, run_ids)
+            )
+        self._summaries_due.update(item.run_id for item in new)
         self.duplicates += len(batch) - len(new)
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
         return new
 
-    def _created_at(self, run_id: str, batch: list[Sequenced]) -> float:
-        run = self._runs.get(run_id)
-        if run is not None:
-            return run.created_at
-        return next((item.received_at for item in batch if item.run_id == run_id), time.time())
-
-    async def _save_summaries(self, conn: asyncpg.Connection, run_ids: list[str]) -> None:
+    async def _save_summaries(self, run_ids: set[str]) -> None:
         """The runs' summaries as this node has folded them (up to its committed seq): a node
         that starts folds only the events after the summary. Never moves a summary back."""
-        runs = [self._runs[run_id] for run_id in run_ids if run_id in self._runs]
+        assert self._pool is not None
+        runs = sorted(
+            (self._runs[run_id] for run_id in run_ids if run_id in self._runs), key=lambda r: r.run_id
+        )
         if not runs:
             return
-        await conn.execute(
+        await self._pool.execute(
             _SAVE_SUMMARIES,
             [r.run_id for r in runs],
+            [r.created_at for r in runs],
             [r.committed_seq for r in runs],
             [r.status for r in runs],
             [r.updated_at for r in runs],
