@@ -27,6 +27,14 @@ def pg_server(tmp_path_factory):
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
+def backend_db(request, tmp_path) -> str:
+    """A ``--db`` on each backend: a fresh SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "relay.db")
+    return request.getfixturevalue("pg_server").fresh_db()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def backend_relay(request, tmp_path):
     """A real relay process on each backend: a fresh SQLite file, or a fresh PostgreSQL database.
     A module runs against both by defining ``relay`` as this fixture."""

@@ -1,4 +1,5 @@
-"""SIGKILL the relay mid-stream: every event ends up stored and delivered once."""
+"""SIGKILL the relay mid-stream: every event ends up stored and delivered once (SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from tests.support.stored import stored_events
 from tests.support.waiting import until
 
 
-async def test_sigkill_and_restart_loses_and_duplicates_nothing(tmp_path):
+async def test_sigkill_and_restart_loses_and_duplicates_nothing(backend_db):
     total = 4000
-    relay = RelayProcess(tmp_path / "relay.db").start()
+    relay = RelayProcess(backend_db).start()
     try:
         producer = ResendingProducer(relay.url, "trainer-1", pace=0.002)
         follower = ResumingSubscriber(relay.url, "crash")
@@ -46,8 +47,8 @@ async def test_sigkill_and_restart_loses_and_duplicates_nothing(tmp_path):
         relay.stop()
 
 
-async def test_dedup_positions_survive_a_restart(tmp_path):
-    relay = RelayProcess(tmp_path / "relay.db").start()
+async def test_dedup_positions_survive_a_restart(backend_db):
+    relay = RelayProcess(backend_db).start()
     try:
         first = ResendingProducer(relay.url, "again")
         await first.publish_all([event("dup", i) for i in range(1, 101)])

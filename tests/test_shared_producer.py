@@ -109,8 +109,8 @@ async def test_an_older_connection_that_does_not_answer_a_ping_is_closed(relay_f
     assert "did not answer a ping" in relay.log()
 
 
-async def test_an_id_stored_with_another_body_is_a_conflict(tmp_path):
-    relay = RelayProcess(tmp_path / "relay.db").start()
+async def test_an_id_stored_with_another_body_is_a_conflict(backend_db):
+    relay = RelayProcess(backend_db).start()
     try:
         original = [event("twins", i) for i in range(1, 11)]
         conn = await publisher(relay, "twin")

@@ -111,7 +111,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
     async def run() -> int:
-        relay = Relay(config)
+        try:
+            relay = Relay(config)
+        except StoreError as exc:
+            logging.getLogger("fedrelay").error("%s", exc)
+            return 1
         try:
             await relay.start()
         except TlsError as exc:

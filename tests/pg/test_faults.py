@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from tests.support.clients import ResendingProducer, ResumingSubscriber, event
+from tests.support.freezing_proxy import FreezingProxy
 from tests.support.postgres import PgServer
 from tests.support.relay_process import RelayProcess
 from tests.support.stored import stored_events
@@ -95,3 +96,44 @@ async def test_sigkill_of_a_node_loses_nothing_it_acked(pg_server, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+async def test_a_cut_that_swallows_the_commit_answer_stores_nothing_twice(pg_server, tmp_path):
+    """Node A's link to PostgreSQL passes requests but no answers: its commits happen while A
+    cannot know it. /healthz says so, acks stop; once the link is back A retries the batch,
+    which stores nothing (its ids are stored), and every subscriber gets each event once."""
+    total = 1500
+    db = pg_server.fresh_db()
+    proxy = FreezingProxy(pg_server.port)
+    a = RelayProcess(db.replace(f":{pg_server.port}/", f":{proxy.port}/"), log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        producer = ResendingProducer(a.url, "trainer", pace=0.005)
+        on_a = ResumingSubscriber(a.url, "cut")
+        on_b = ResumingSubscriber(b.url, "cut")
+        publishing = asyncio.create_task(
+            producer.publish_all([event("cut", i) for i in range(1, total + 1)], batch=10, timeout=150)
+        )
+        following = [asyncio.create_task(s.follow(total, timeout=150)) for s in (on_a, on_b)]
+        await until(lambda: producer.acked >= total // 3, timeout=60)
+        proxy.freeze()
+        await asyncio.to_thread(wait_until, lambda: health(a)[0] == 503, 30, what="503 on A")
+        acked = producer.acked
+        assert health(b)[0] == 200  # B's own link is fine
+        # What A sent before the freeze was committed: B delivers it though A never heard back.
+        await until(lambda: len(on_b.events) > acked, timeout=30)
+        assert producer.acked == acked
+        proxy.thaw()
+        await asyncio.wait_for(publishing, 150)
+        await asyncio.gather(*following)
+        for follower in (on_a, on_b):
+            assert [e["seq"] for e in follower.events] == list(range(1, total + 1))
+            assert [e["id"] for e in follower.events] == list(range(1, total + 1))
+        for relay in (a, b):
+            stored = stored_events(relay, "cut")
+            assert [e["seq"] for e in stored] == list(range(1, total + 1))
+            assert [e["id"] for e in stored] == list(range(1, total + 1))
+    finally:
+        a.stop()
+        b.stop()
+        proxy.close()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from websockets.asyncio.client import connect
 
-from tests.support.clients import Collector, ResendingProducer, event
+from tests.support.clients import Collector, ResendingProducer, event, wait_for_control
 from tests.support.relay_process import RelayProcess
 from tests.support.stored import stored_events
-from tests.support.waiting import until
+from tests.support.waiting import until, wait_until
 
 
 async def hello_last_id(relay: RelayProcess, producer: str) -> int | None:
@@ -72,11 +73,100 @@ async def test_the_same_events_through_both_nodes_at_once_are_stored_once_gap_fr
             )
             await on_a.wait_for(total + 500)
             assert on_a.seqs("race") == list(range(1, total + 501))
+        # B has read every commit too (within milliseconds: its notifications, then one read).
+        await until(lambda: b.get_json("/api/runs/race")[1].get("last_seq") == total + 500, timeout=5)
         for relay in (a, b):
             stored = stored_events(relay, "race")
             assert [e["seq"] for e in stored] == list(range(1, total + 501))
             twin = [e["id"] for e in stored if e["producer"] == "twin"]
             assert sorted(twin) == list(range(1, total + 1))
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_producer_forgotten_by_one_node_is_forgotten_on_every_node(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a, b = (RelayProcess(db, log_dir=tmp_path, args=["--forget-producers-after", "1"]).start() for _ in "ab")
+    try:
+        await ResendingProducer(a.url, "gone").publish_all([event("old", i) for i in range(1, 6)])
+        assert await hello_last_id(b, "gone") == 5
+
+        def forgotten() -> bool:
+            total = 0.0
+            for relay in (a, b):
+                for line in relay.get("/metrics")[1].decode().splitlines():
+                    if line.startswith("fedrelay_producers_forgotten_total "):
+                        total += float(line.split()[1])
+            return total >= 1
+
+        await asyncio.to_thread(wait_until, forgotten, 30, interval=0.2, what="the producer forgotten")
+        assert await hello_last_id(a, "gone") is None
+        assert await hello_last_id(b, "gone") is None
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_another_emitter_under_the_name_on_another_node_is_a_conflict(pg_server, tmp_path):
+    """The check of reused ids reads the stored bodies from the database: a second emitter
+    under a name is caught on a node that never saw the first one's events arrive."""
+    db = pg_server.fresh_db()
+    a = RelayProcess(db, log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        await ResendingProducer(a.url, "twin").publish_all([event("twins", i) for i in range(1, 11)])
+        other = ResendingProducer(b.url, "twin")
+        mixed = [event("twins", 9), event("twins", 10, note="other"), event("twins", 11)]
+        with pytest.raises(TimeoutError):  # 10 and 11 are never acked: B refuses them
+            await other.publish_all(mixed, timeout=5)
+        assert other.acked == 9
+        assert {e["code"] for e in other.errors} == {"producer_conflict"}
+        stored = stored_events(b, "twins")
+        assert [e["id"] for e in stored] == list(range(1, 11)) and "note" not in stored[-1]["data"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_since_no_node_handed_out_is_refused_one_some_node_did_waits(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a = RelayProcess(db, log_dir=tmp_path).start()
+    b = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        await ResendingProducer(a.url, "p").publish_all([event("far", i) for i in range(1, 11)])
+        past, head = Collector(b.url, "run_id=far&since=50"), Collector(b.url, "run_id=far&since=10")
+        async with past as refused, head as ok:
+            error = await wait_for_control(refused, "error")
+            assert (error["code"], error["run_id"]) == ("bad_since", "far")
+            await ResendingProducer(a.url, "p").publish_all([event("far", 11)])
+            await ok.wait_for(1)
+            assert ok.seqs("far") == [11]
+            assert not [c for c in ok.controls if c["op"] == "error"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_retention_prunes_the_run_for_every_node(pg_server, tmp_path):
+    db = pg_server.fresh_db()
+    a, b = (RelayProcess(db, log_dir=tmp_path, args=["--retain-events", "100"]).start() for _ in "ab")
+    try:
+        await ResendingProducer(a.url, "p").publish_all([event("kept", i) for i in range(1, 1001)], batch=20)
+
+        def first_seq_on_b() -> int:
+            run = b.get_json("/api/runs/kept")[1]
+            return run["first_seq"] if run.get("last_seq") == 1000 and run["first_seq"] >= 891 else 0
+
+        first = await asyncio.to_thread(wait_until, first_seq_on_b, 10, what="pruned on B")
+        assert first <= 901 and a.get_json("/api/runs/kept")[1]["first_seq"] == first
+        for relay in (a, b):
+            assert [e["seq"] for e in stored_events(relay, "kept")] == list(range(first, 1001))
+        async with Collector(b.url, "run_id=kept&since=0") as late:
+            await late.wait_for(1001 - first)
+            gap = await wait_for_control(late, "gap")
+            assert (gap["since"], gap["resume_from"]) == (0, first)
+            assert late.seqs("kept") == list(range(first, 1001))
     finally:
         a.stop()
         b.stop()

@@ -107,6 +107,10 @@ class EventLog(Protocol):
 
     async def stored_versions(self, producer: str, ids: list[int]) -> dict[int, tuple[int, float, str]]: ...
 
+    async def last_seq(self, run_id: str) -> int:
+        """The highest seq stored for ``run_id`` (0 for a run with none)."""
+        ...
+
     async def producer_position(self, producer: str) -> int | None:
         """The highest id stored for ``producer`` (``hello.last_id``), or None."""
         ...

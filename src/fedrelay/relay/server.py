@@ -119,13 +119,19 @@ class Relay:
         self.metrics = RelayMetrics()
         self.store: EventLog
         if shared:
-            from .pg.log import PgEventLog  # asyncpg only where PostgreSQL is used
+            try:  # asyncpg only where PostgreSQL is used
+                from .pg.log import PgEventLog
+            except ImportError as exc:
+                need = "a PostgreSQL --db needs asyncpg: pip install 'fedrelay[server]'"
+                raise StoreError(f"{need} ({exc})") from exc
 
             self.store = PgEventLog(
                 config.db,
                 runs=self.hub.runs,
                 on_commit=self._on_commit,
                 forget_producers_after=config.forget_producers_after,
+                retain_events=config.retain_events,
+                on_pruned=self.hub.pruned,
             )
         else:
             self.store = EventStore(
@@ -182,8 +188,6 @@ class Relay:
         cfg = self.config
         if self.store.shared and cfg.alerting is not None:
             raise StoreError("alerts need a SQLite --db for now (PostgreSQL: run without alert settings)")
-        if self.store.shared and cfg.retain_events:
-            raise StoreError("--retain-events is not supported with a PostgreSQL --db yet")
         tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:
@@ -553,15 +557,20 @@ class Relay:
         # The committed position, not the accepted one: an emitter drops what
         # this covers, and accepted-but-uncommitted events die with a crash.
         last_id = self.hub.stored_positions.get(name)
-        if self.store.shared:  # another node may have stored more of it than this one has read
+        if self.store.shared:
+            # The database's position: another node may have stored more of the name than this
+            # one has read, or forgotten it (housekeeping runs on one node).
             try:
                 stored = await self.store.producer_position(name)
             except Exception as exc:  # the database away: what this node folded (dedup is the log's)
                 log.debug("producer %r: stored position unknown (%s); using this node's", name, exc)
-                stored = None
-            if stored is not None and stored > (last_id or 0):
-                last_id = self.hub.stored_positions[name] = stored
-                self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)
+            else:
+                if stored is None:
+                    self.hub.forget_producers([name])
+                elif stored > (last_id or 0):
+                    self.hub.stored_positions[name] = stored
+                    self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)
+                last_id = stored
             older = self._publishing.get(name)
             if older is not None:  # it took the name while the position was read
                 await self._refuse_in_use(conn, name, older)
@@ -963,6 +972,8 @@ class Relay:
         waiting = joined.last_seq < since or run_id not in self.hub.runs
         start = "waiting" if waiting else "catch_up" if joined.from_store else "live"
         self.metrics.subscriptions.labels(start).inc()
+        if self.store.shared and since > joined.last_seq:
+            self._track(self._check_since(conn, sub, run_id, since))
         if joined.gap_resume_from is not None:
             self._send_gap(conn, run_id, since, joined.gap_resume_from)
         self._write_events(conn, sub, joined.backlog)
@@ -970,6 +981,26 @@ class Relay:
             task = asyncio.create_task(self._catch_up(conn, sub, run_id))
             self._catch_ups[(sub, run_id)] = task
             task.add_done_callback(lambda done: self._catch_up_done(sub, run_id, done))
+
+    async def _check_since(self, conn: ServerConnection, sub: Subscription, run_id: str, since: int) -> None:
+        """Shared log: a ``since`` past what this node has read waits, since another node may
+        have handed it out; one past every seq the database handed out is refused, as on one
+        relay (``bad_since``, after ``subscribed``), so no later event hides behind it."""
+        try:
+            handed_out = await self.store.last_seq(run_id)
+        except Exception as exc:  # the database away: keep waiting
+            log.debug("since=%d of run %s not checked: %s", since, run_id, exc)
+            return
+        if since <= handed_out or sub.cursors.get(run_id) != since or self._subscribers.get(sub) is not conn:
+            return
+        self._stop_catch_up(sub, run_id)
+        self.hub.unsubscribe(sub, run_id)
+        refused = Refused(
+            "bad_since",
+            f"since={since} is past run {run_id!r}'s last seq {handed_out}: those seqs come from "
+            "another relay or a store that lost events; subscribe again from 0",
+        )
+        self._reject(conn, refused, run_id=run_id)
 
     def _history_changed(self, run_id: str, committed_seq: int) -> None:
         """Rows another process wrote are now part of the run: live subscribers page them."""

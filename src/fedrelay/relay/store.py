@@ -907,6 +907,11 @@ class EventStore:
             wanted = [i for i in wanted if i > last]
         return found
 
+    async def last_seq(self, run_id: str) -> int:
+        """The highest seq stored for ``run_id`` (0 for a run with none)."""
+        rows = await self._fetch(CATCH_UP, "SELECT last_seq FROM runs WHERE run_id = ?", (run_id,))
+        return rows[0][0] if rows else 0
+
     async def producer_position(self, producer: str) -> int | None:
         """The stored position of ``producer`` (what ``hello.last_id`` reports)."""
         rows = await self._fetch(CATCH_UP, "SELECT last_id FROM producers WHERE name = ?", (producer,))

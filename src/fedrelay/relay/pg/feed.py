@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from ..hub import Run, Sequenced
+from .conn import fetch
 
 log = logging.getLogger("fedrelay.store")
 
@@ -48,6 +49,8 @@ class CommitFeed:
         deliver: Callable[[list[Sequenced]], None],
         *,
         poll_every: float = POLL_EVERY,
+        own_pids: set[int] | None = None,
+        on_pruned: Callable[[str, int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._connect = connect
@@ -55,6 +58,10 @@ class CommitFeed:
         """The hub's runs: ``committed_seq`` is what this node has delivered."""
         self._deliver = deliver
         self.poll_every = poll_every
+        self._on_pruned = on_pruned
+        """Called with (run_id, first_seq) when the poll finds a run pruned (retention)."""
+        self._own_pids = own_pids if own_pids is not None else set()
+        """Server pids of this node's writer connections: their notifications need no read."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,7 +114,9 @@ class CommitFeed:
         self._dirty.add(run_id)
         self._wake.set()
 
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid in self._own_pids:
+            return  # this node's commit: delivered when it returned (or found by the poll)
         run_id, _, seq = payload.rpartition(":")
         try:
             if int(seq) > self.delivered(run_id):
@@ -153,18 +162,21 @@ class CommitFeed:
     async def _poll_once(self) -> None:
         """Mark runs whose counter is past what this node delivered."""
         try:
-            rows = await self._pool.fetch("SELECT run_id, last_seq FROM runs WHERE last_seq > 0", timeout=10)
+            rows = await fetch(self._pool, "SELECT run_id, last_seq, first_seq FROM runs WHERE last_seq > 0")
         except Exception as exc:
             if self.failing is None:
-                log.error("store: cannot read the database: %s", exc)
-            self.failing = f"cannot read the database: {exc}"
+                log.error("store: cannot read the database: %s: %s", type(exc).__name__, exc)
+            self.failing = f"cannot read the database: {type(exc).__name__}: {exc}"
             return
         if self.failing is not None:
             log.warning("store: the database answers again")
             self.failing = None
-        for run_id, last_seq in rows:
+        for run_id, last_seq, first_seq in rows:
             if last_seq > self.delivered(run_id):
                 self.mark(run_id)
+            run = self._runs.get(run_id)
+            if first_seq > 1 and run is not None and first_seq > run.first_seq and self._on_pruned:
+                self._on_pruned(run_id, first_seq)
 
     # -- reads ------------------------------------------------------------
 
@@ -182,9 +194,14 @@ class CommitFeed:
     async def _drain(self) -> None:
         while self._dirty:
             run_id = next(iter(self._dirty))
-            after = self.delivered(run_id)
-            rows = await self._pool.fetch(_FETCH, run_id, after, FETCH_ROWS, timeout=10)
+            # Unmarked before the read: a commit marked while it runs may be past its snapshot.
             self._dirty.discard(run_id)
+            after = self.delivered(run_id)
+            try:
+                rows = await fetch(self._pool, _FETCH, run_id, after, FETCH_ROWS)
+            except BaseException:
+                self._dirty.add(run_id)
+                raise
             after = self.delivered(run_id)  # local commits may have been delivered meanwhile
             batch = [Sequenced(*row) for row in rows if row[1] > after]
             if batch and batch[0].seq != after + 1:

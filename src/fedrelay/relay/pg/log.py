@@ -32,6 +32,7 @@ import asyncpg
 from ..eventlog import Restored, StoreError
 from ..hub import Run, Sequenced, with_seq
 from ..ledger import RunLedger
+from .conn import execute, fetch
 from .feed import CHANNEL, CommitFeed
 from .schema import HOUSEKEEPING_LOCK, migrate
 
@@ -40,6 +41,9 @@ log = logging.getLogger("fedrelay.store")
 MAX_BATCH_CHARS = 4 << 20
 COMMAND_TIMEOUT = 10.0
 """Seconds a statement may take: a network cut with no reset shows as a failed commit."""
+CONNECT_TIMEOUT = 5.0
+SLOW_COMMIT = 5.0
+"""Seconds a commit may be in flight before /healthz calls the store failing."""
 _BACKOFF_MAX = 2.0
 _RACES_RETRIED_AT_ONCE = 3
 """Batches retried at once after a unique violation; past that, with backoff, as a failure."""
@@ -109,6 +113,10 @@ ON CONFLICT (run_id) DO UPDATE SET
     ledger = excluded.ledger
 WHERE r.summary_seq <= excluded.summary_seq
 """
+_PRUNE = """
+WITH pruned AS (DELETE FROM events WHERE run_id = $1 AND seq < $2)
+UPDATE runs SET first_seq = GREATEST(first_seq, $2) WHERE run_id = $1
+"""
 SUMMARIES_EVERY = 1.0
 """Seconds between writes of the runs' summaries as this node folded them: a node that starts
 folds the events after them (about this long of a busy run's events)."""
@@ -155,6 +163,8 @@ class PgEventLog:
         on_commit: Callable[[list[Sequenced]], None],
         max_batch: int = 2000,
         forget_producers_after: float = 0.0,
+        retain_events: int = 0,
+        on_pruned: Callable[[str, int], None] | None = None,
         pool_size: int = 4,
     ) -> None:
         self.url = url
@@ -163,6 +173,9 @@ class PgEventLog:
         self._on_commit = on_commit
         self.max_batch = max_batch
         self.forget_producers_after = forget_producers_after
+        self.retain_events = retain_events
+        """Events kept per run (0: all): the node that commits to a run prunes it."""
+        self._on_pruned = on_pruned
         self.pool_size = pool_size
         self.repaired_runs: list[dict[str, Any]] = []
         self._pool: asyncpg.Pool | None = None
@@ -181,6 +194,10 @@ class PgEventLog:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._write_failing: str | None = None
+        self._own_pids: set[int] = set()
+        """Server pids of this node's pool connections."""
+        self._commit_since: float | None = None
+        """When the commit in flight began (monotonic), else None."""
         self.commits = 0
         self.duplicates = 0
         """Events dropped at commit because another node (or a commit whose answer was lost)
@@ -192,17 +209,31 @@ class PgEventLog:
         """Commits failing, or the database unreachable for reads: /healthz answers 503."""
         if self._write_failing is not None:
             return self._write_failing
+        if self._commit_since is not None and time.monotonic() - self._commit_since > SLOW_COMMIT:
+            return f"a commit has been waiting for the database for over {SLOW_COMMIT:g} s"
         return self.feed.failing if self.feed is not None else None
 
     # -- lifecycle ---------------------------------------------------------
 
+    async def _own_connection(self, conn: asyncpg.Connection) -> None:
+        """A pool connection: the feed ignores its notifications (this node delivers its own
+        commits when they return; a lost answer is found by the poll)."""
+        pid = conn.get_server_pid()
+        self._own_pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
+
     async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT)
+        return await asyncpg.connect(self.url, command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT)
 
     async def open(self) -> Restored:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=0, max_size=self.pool_size, command_timeout=COMMAND_TIMEOUT
+                self.url,
+                min_size=0,
+                max_size=self.pool_size,
+                command_timeout=COMMAND_TIMEOUT,
+                timeout=CONNECT_TIMEOUT,
+                init=self._own_connection,
             )
             async with self._pool.acquire() as conn:
                 found = await migrate(conn)
@@ -216,8 +247,14 @@ class PgEventLog:
         if found == 0:
             log.info("store: created the schema in %s", self.path)
         assert self._pool is not None
-        self.feed = CommitFeed(self._pool, self._connect, self._runs, self._on_commit)
-        self._restored = restored
+        self.feed = CommitFeed(
+            self._pool,
+            self._connect,
+            self._runs,
+            self._on_commit,
+            own_pids=self._own_pids,
+            on_pruned=self._on_pruned,
+        )
         self._writer = asyncio.create_task(self._write_loop(), name="fedrelay-pg-writer")
         return restored
 
@@ -364,7 +401,11 @@ class PgEventLog:
                     saved_at = time.monotonic()
                     continue
                 batch = self._next_batch()
-                stored = await self._commit(batch)
+                self._commit_since = time.monotonic()
+                try:
+                    stored = await self._commit(batch)
+                finally:
+                    self._commit_since = None
             except _RETRY as exc:
                 raced += 1  # another node stored one of these ids meanwhile: dropped on the retry
                 if raced <= _RACES_RETRIED_AT_ONCE:
@@ -394,6 +435,8 @@ class PgEventLog:
                     self.feed.local(stored)
                 except Exception:
                     log.exception("store: delivering a committed batch failed")
+            if self.retain_events and stored:
+                await self._prune(stored)
             while self._waiters and self._waiters[0][0] <= self._committed:
                 callback = self._waiters.popleft()[1]
                 try:
@@ -402,10 +445,33 @@ class PgEventLog:
                     log.exception("store: a commit callback failed")
             await asyncio.sleep(0)
 
+    async def _prune(self, stored: list[Sequenced]) -> None:
+        """Keep at most ``retain_events`` per run, pruning in chunks (a tenth of it) after the
+        commit that passed the slack. A failure leaves it to the next commit; pruning twice
+        (two nodes) is harmless: the delete is idempotent, ``first_seq`` only moves up."""
+        assert self._pool is not None
+        slack = max(1, self.retain_events // 10)
+        last_seqs = {item.run_id: item.seq for item in stored}
+        for run_id, last_seq in last_seqs.items():
+            run = self._runs.get(run_id)
+            first_seq = run.first_seq if run is not None else 1
+            if last_seq - first_seq + 1 <= self.retain_events + slack:
+                continue
+            new_first = last_seq - self.retain_events + 1
+            try:
+                await execute(self._pool, _PRUNE, run_id, new_first)
+            except Exception as exc:
+                log.warning(
+                    "store: pruning run %s failed, will retry: %s: %s", run_id, type(exc).__name__, exc
+                )
+                return
+            if self._on_pruned is not None:
+                self._on_pruned(run_id, new_first)
+
     async def _failed(self, exc: Exception, backoff: float) -> None:
         """Commits fail (/healthz says so, producers are held past the lag): wait, then retry."""
         if self._write_failing is None:
-            log.error("store: commit failed, will retry: %s", exc)
+            log.error("store: commit failed, will retry: %s: %s", type(exc).__name__, exc)
         self._write_failing = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(backoff)
 
@@ -413,7 +479,8 @@ class PgEventLog:
         """Store a batch (:data:`_COMMIT`); returns the events stored, with their seqs."""
         assert self._pool is not None
         started = time.perf_counter()
-        rows = await self._pool.fetch(
+        rows = await fetch(
+            self._pool,
             _COMMIT,
             [i.run_id for i in batch],
             [i.type for i in batch],
@@ -454,7 +521,8 @@ class PgEventLog:
         )
         if not runs:
             return
-        await self._pool.execute(
+        await execute(
+            self._pool,
             _SAVE_SUMMARIES,
             [r.run_id for r in runs],
             [r.created_at for r in runs],
@@ -488,10 +556,10 @@ class PgEventLog:
         pool = self._live_pool()
         if types:
             sql = _READ_PAGE.format(types="AND type = ANY($6::text[])")
-            rows = await pool.fetch(sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
+            rows = await fetch(pool, sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
         else:
-            rows = await pool.fetch(
-                _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
+            rows = await fetch(
+                pool, _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
             )
         return [(row[0], row[1]) for row in rows]
 
@@ -501,12 +569,16 @@ class PgEventLog:
         pool = self._live_pool()
         while wanted:
             chunk = wanted[:_STORED_VERSIONS_IDS]
-            rows = await pool.fetch(_STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
+            rows = await fetch(pool, _STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
             for producer_id, seq, received_at, body in rows:
                 found[producer_id] = (seq, received_at, body)
             last = rows[-1][0] if rows else chunk[-1]
             wanted = [i for i in wanted if i > last]
         return found
+
+    async def last_seq(self, run_id: str) -> int:
+        rows = await fetch(self._live_pool(), "SELECT last_seq FROM runs WHERE run_id = $1", run_id)
+        return int(rows[0][0]) if rows else 0
 
     async def producer_position(self, producer: str) -> int | None:
         value = await self._live_pool().fetchval("SELECT last_id FROM producers WHERE name = $1", producer)
@@ -527,8 +599,8 @@ class PgEventLog:
         on_forgotten: Callable[[list[str]], None],
     ) -> int | None:
         """Forget producers idle past ``forget_producers_after``; one node at a time (an
-        advisory lock: a node that finds it taken skips the pass). Other nodes keep the names
-        in memory until they restart; the events table's unique index still drops resends."""
+        advisory lock: a node that finds it taken skips the pass). Other nodes drop a name from
+        memory when a hello asks for it; the events table's unique index drops resends anyway."""
         if not self.forget_producers_after > 0 or self._pool is None:
             return 0
         now = time.time()
