@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -268,7 +269,8 @@ def pg_version() -> str:
         out = subprocess.run([str(pg_bin() / "postgres"), "--version"], capture_output=True, text=True)
     except (OSError, RuntimeError):
         return "(not found)"
-    return out.stdout.split()[-1] if out.stdout else "?"
+    found = re.search(r"\d+(\.\d+)*", out.stdout)  # "postgres (PostgreSQL) 15.20 (Debian ...)"
+    return found.group(0) if found else "?"
 
 
 def main(argv: list[str] | None = None) -> int:

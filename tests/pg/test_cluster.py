@@ -30,7 +30,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from fedrelay.emitters import Emitter
 from tests.support.postgres import PgServer
 from tests.support.relay_process import RelayProcess
-from tests.support.stored import stored_events
 from tests.support.waiting import until
 
 RUNS = ("cluster-a", "cluster-b")
@@ -200,6 +199,20 @@ def emit_paced(emitter: Emitter, label: str, start: float) -> None:
         )
 
 
+def paged(node: RelayProcess, run_id: str, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+    """A run's stored events through the events API in pages of ``limit``; and how many pages."""
+    events: list[dict[str, Any]] = []
+    pages, since = 0, 0
+    while True:
+        status, page = node.get_json(f"/api/runs/{run_id}/events?since={since}&limit={limit}")
+        assert status == 200, page
+        if not page["events"]:
+            return events, pages
+        pages += 1
+        events.extend(page["events"])
+        since = page["next_since"]
+
+
 def healthz(node: RelayProcess) -> int:
     try:
         return node.get("/healthz")[0]
@@ -319,7 +332,8 @@ async def test_three_relays_on_one_database_deliver_every_event_once_through_a_n
         for run_id in RUNS:
             reference = None
             for i, node in enumerate(nodes):
-                stored = await asyncio.to_thread(stored_events, node, run_id)
+                stored, pages = await asyncio.to_thread(paged, node, run_id)
+                stats.check(pages > 1, f"node{i} {run_id}: read in pages")
                 seqs = [e["seq"] for e in stored]
                 stats.check(seqs == list(range(1, len(expected[run_id]) + 1)), f"node{i} {run_id}: seqs")
                 keys = [key(e) for e in stored]
