@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,10 @@ from tests.support.relay_process import RelayProcess, free_port
 from tests.support.stored import stored_events
 
 
-def serve(db: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "fedrelay", "serve", "--port", str(free_port()), "--db", db]
+def serve_from_env(db: str) -> subprocess.CompletedProcess[str]:
+    """``fedrelay serve`` with the database named by FEDRELAY_DB alone."""
+    command = [sys.executable, "-m", "fedrelay", "serve", "--port", str(free_port())]
+    env = {**os.environ, "FEDRELAY_DB": db}
     return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -26,7 +29,7 @@ async def test_a_schema_newer_than_the_relay_is_refused_at_start(pg_server):
         await conn.execute("INSERT INTO schema_version VALUES (99)")
     finally:
         await conn.close()
-    done = await asyncio.to_thread(serve, db)
+    done = await asyncio.to_thread(serve_from_env, db)
     assert done.returncode == 1
     assert "schema is version 99, newer than this relay's" in done.stderr
 

@@ -565,8 +565,8 @@ class Relay:
             except Exception as exc:  # the database away: what this node folded (dedup is the log's)
                 log.debug("producer %r: stored position unknown (%s); using this node's", name, exc)
             else:
-                if stored is None:
-                    self.hub.forget_producers([name])
+                if stored is None:  # forgotten (its accepted position stays: resends are compared)
+                    self.hub.stored_positions.pop(name, None)
                 elif stored > (last_id or 0):
                     self.hub.stored_positions[name] = stored
                     self.hub.producers[name] = max(self.hub.producers.get(name, 0), stored)

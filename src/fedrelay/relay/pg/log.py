@@ -50,14 +50,17 @@ _RACES_RETRIED_AT_ONCE = 3
 _FORGET_BATCH = 100
 
 _COMMIT = f"""
-WITH input AS (
+WITH given AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::text[])
         WITH ORDINALITY AS x(run_id, type, producer, producer_id, received_at, body, ord)
 ),
+input AS (
+    SELECT *, row_number() OVER (PARTITION BY producer, producer_id ORDER BY ord) AS nth FROM given
+),
 fresh AS (
-    SELECT i.* FROM input i
-    WHERE i.producer_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM events e WHERE e.producer = i.producer AND e.producer_id = i.producer_id)
+    SELECT i.run_id, i.type, i.producer, i.producer_id, i.received_at, i.body, i.ord FROM input i
+    WHERE i.producer_id IS NULL OR (i.nth = 1 AND NOT EXISTS (
+        SELECT 1 FROM events e WHERE e.producer = i.producer AND e.producer_id = i.producer_id))
 ),
 counts AS (
     SELECT run_id, count(*) AS n, (array_agg(received_at ORDER BY ord))[1] AS created_at
@@ -90,7 +93,8 @@ notified AS (SELECT pg_notify('{CHANNEL}', run_id || ':' || last_seq) FROM bumpe
 SELECT ord, seq FROM numbered
 UNION ALL SELECT 0, count(*) FROM notified
 """
-"""One batch in one statement (one round trip, its own transaction): drop what is stored,
+"""One batch in one statement (one round trip, its own transaction): drop what is stored
+(or comes twice in the batch),
 take the runs' counter rows (in run_id order: no deadlock between nodes) and move them by
 what is new, number the new events from them, store them with their seq spliced into the body,
 move the producers' positions, notify. Returns (position in the batch, seq) of what was stored.
