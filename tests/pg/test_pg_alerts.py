@@ -1,0 +1,160 @@
+"""Alerts with two relay processes on one PostgreSQL database: one webhook, the same rules on
+both, a real HTTP receiver. Both nodes evaluate every commit and claim what fires; the
+receiver gets each condition exactly once, a killed node's undelivered alert is sent once (by
+whichever node takes it after the lease), and a stalled run is alerted once, not per node."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import asyncpg
+import pytest
+
+from fedrelay.emitters import Emitter
+from tests.support.metrics import scrape
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import wait_until
+from tests.support.webhook_receiver import WebhookReceiver
+from tests.test_alerts import end, ids, one, publish, rnd, start
+
+LEASE = 5
+
+
+@pytest.fixture
+def receiver():
+    rx = WebhookReceiver().start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def emitter(tmp_path):
+    made: list[Emitter] = []
+
+    def make(relay: RelayProcess) -> Emitter:
+        em = Emitter(relay.url, spool_dir=tmp_path / f"spool{len(made)}")
+        made.append(em)
+        return em
+
+    yield make
+    for em in made:
+        em.close(timeout=2)
+
+
+def counted(relays: list[RelayProcess], name: str) -> float:
+    """A counter summed over its labels and over the nodes."""
+    total = 0.0
+    for relay in relays:
+        total += sum(v for k, v in scrape(relay).items() if k == name or k.startswith(name + "{"))
+    return total
+
+
+def found(relays: list[RelayProcess]) -> float:
+    """Conditions the nodes found: each either claimed it (fired) or found it claimed (repeated)."""
+    return counted(relays, "fedrelay_alerts_fired_total") + counted(relays, "fedrelay_alerts_repeated_total")
+
+
+def outbox(db: str) -> list[tuple[str, str]]:
+    """(alert id, state) of every claim in the database."""
+
+    async def read() -> list[tuple[str, str]]:
+        conn = await asyncpg.connect(db)
+        try:
+            return [(r[0], r[1]) for r in await conn.fetch("SELECT key, state FROM alert_outbox ORDER BY 1")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def two_nodes(db: str, tmp_path, args: list[str]) -> list[RelayProcess]:
+    return [RelayProcess(db, log_dir=tmp_path, args=args).start() for _ in "ab"]
+
+
+def alerts_file(tmp_path, receiver: WebhookReceiver, extra: str = "") -> list[str]:
+    path = tmp_path / "alerts.toml"
+    path.write_text(
+        f'webhooks = ["{receiver.url}"]\nrules = ["eval_metrics.val_loss > 2"]\n'
+        f"retry_first = 0.2\nretry_cap = 0.5\nclaim_lease = {LEASE}\n{extra}"
+    )
+    return ["--alerts", str(path)]
+
+
+def test_a_run_through_both_nodes_alerts_each_condition_once(pg_server, tmp_path, receiver, emitter):
+    db = pg_server.fresh_db()
+    nodes = a, b = two_nodes(db, tmp_path, alerts_file(tmp_path, receiver))
+    try:
+        em_a, em_b = emitter(a), emitter(b)
+        publish(em_a, "mixed", start(3), rnd(1, val_loss=1.0))
+        publish(em_b, "mixed", rnd(2, val_loss=2.5))  # the threshold holds, on an event B stored
+        publish(em_a, "mixed", rnd(3, val_loss=3.0), end("completed"))  # holds again: once per run
+        publish(em_b, "broken", start(), ("error", {"message": "boom"}))
+        publish(em_a, "broken", end("failed"))
+        # Three conditions, each found by both nodes: one claims it, the other finds it claimed.
+        wait_until(lambda: found(nodes) >= 6, 30, what="every condition found on both nodes")
+        wait_until(lambda: len(receiver.received) >= 3, 30, what="three alerts")
+        wait_until(lambda: counted(nodes, "fedrelay_alerts_sent_total") >= 3, 30, what="sends recorded")
+        assert found(nodes) == 6
+        assert counted(nodes, "fedrelay_alerts_fired_total") == 3
+        assert counted(nodes, "fedrelay_alerts_sent_total") == 3
+    finally:
+        for relay in nodes:
+            relay.stop()
+    assert set(ids(receiver).values()) == {1} and len(receiver.received) == 3, ids(receiver)
+    rule = one(receiver, "rule", "mixed")
+    assert (rule["value"], rule["round"]) == (2.5, 2)
+    assert one(receiver, "ended", "mixed")["experiment"] == "alerts"
+    assert one(receiver, "failed", "broken")["seq"] == 3
+    assert sorted(state for _, state in outbox(db)) == ["delivered"] * 3
+
+
+def test_a_killed_nodes_pending_alert_is_sent_once_after_a_restart(pg_server, tmp_path, receiver, emitter):
+    db = pg_server.fresh_db()
+    nodes = two_nodes(db, tmp_path, alerts_file(tmp_path, receiver))
+    try:
+        receiver.stop()  # the claim stays pending: its node retries, refused
+        publish(emitter(nodes[0]), "k", start(), end("failed"))
+        wait_until(lambda: found(nodes) >= 2, 30, what="the condition found on both nodes")
+        owner = next(n for n in nodes if counted([n], "fedrelay_alerts_fired_total") == 1)
+        wait_until(
+            lambda: counted([owner], "fedrelay_alert_attempts_failed_total") >= 1, 20, what="a refused try"
+        )
+        owner.kill(signal.SIGKILL)
+        owner.start()  # a new process: its own node id; the old claim waits out the lease
+        receiver.start()
+        wait_until(lambda: receiver.bodies("failed"), 3 * LEASE + 20, what="the killed node's alert")
+        wait_until(lambda: outbox(db) == [(one(receiver, "failed", "k")["id"], "delivered")], 20)
+
+        publish(emitter(owner), "k2", start(), end("failed"))  # the restarted node alerts as before
+        wait_until(lambda: len(receiver.received) >= 2, 30, what="the alert after the restart")
+        wait_until(lambda: found(nodes) >= 3, 30, what="k2 found on both nodes")
+    finally:
+        for relay in nodes:
+            relay.stop()
+    assert set(ids(receiver).values()) == {1} and len(receiver.received) == 2, ids(receiver)
+    assert {b["run_id"] for b in receiver.bodies("failed")} == {"k", "k2"}
+    assert sorted(state for _, state in outbox(db)) == ["delivered"] * 2
+    assert "undelivered alerts of a relay that stopped are sent from here" in nodes[0].log() + nodes[1].log()
+
+
+def test_a_stalled_run_is_alerted_once_not_once_per_node(pg_server, tmp_path, receiver, emitter):
+    db = pg_server.fresh_db()
+    nodes = a, _ = two_nodes(db, tmp_path, [*alerts_file(tmp_path, receiver), "--stall-after", "1"])
+    try:
+        publish(emitter(a), "quiet", start(), rnd(1, val_loss=1.0))
+        stall = 'fedrelay_alerts_fired_total{alert="stalled"}'
+        # Both stall watches find it (every 0.25 s): one claims, the other finds it claimed.
+        wait_until(
+            lambda: counted(nodes, stall) == 1 and counted(nodes, "fedrelay_alerts_repeated_total") >= 1,
+            30,
+            what="the stall found on both nodes",
+        )
+        wait_until(lambda: receiver.bodies("stalled"), 20, what="the stall alert")
+        wait_until(lambda: counted(nodes, "fedrelay_alerts_sent_total") >= 1, 20, what="its send recorded")
+    finally:
+        for relay in nodes:
+            relay.stop()
+    assert len(receiver.received) == 1, receiver.bodies()
+    stalled = one(receiver, "stalled", "quiet")
+    assert (stalled["seq"], stalled["status"]) == (2, "stalled")
