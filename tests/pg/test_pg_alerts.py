@@ -158,3 +158,43 @@ def test_a_stalled_run_is_alerted_once_not_once_per_node(pg_server, tmp_path, re
     assert len(receiver.received) == 1, receiver.bodies()
     stalled = one(receiver, "stalled", "quiet")
     assert (stalled["seq"], stalled["status"]) == (2, "stalled")
+
+
+def test_a_database_of_schema_1_gets_the_alert_tables_at_start(pg_server, tmp_path, receiver, emitter):
+    """A database of schema 1 (before alerts on PostgreSQL) is migrated at start by a relay
+    of this version; a run stored while no relay had alerts on is not alerted, a new one is."""
+    from fedrelay.relay.pg.schema import MIGRATIONS
+
+    db = pg_server.fresh_db()
+
+    async def schema_1() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute(MIGRATIONS[0])
+            await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            await conn.execute("INSERT INTO schema_version VALUES (1)")
+        finally:
+            await conn.close()
+
+    async def version() -> int:
+        conn = await asyncpg.connect(db)
+        try:
+            return await conn.fetchval("SELECT max(version) FROM schema_version")
+        finally:
+            await conn.close()
+
+    asyncio.run(schema_1())
+    plain = RelayProcess(db, log_dir=tmp_path).start()
+    try:
+        publish(emitter(plain), "before", start(), end("failed"))  # stored while alerts were off
+    finally:
+        plain.stop()
+    relay = RelayProcess(db, log_dir=tmp_path, args=alerts_file(tmp_path, receiver)).start()
+    try:
+        assert asyncio.run(version()) == 2
+        publish(emitter(relay), "after", start(), end("failed"))
+        wait_until(lambda: receiver.bodies("failed"), 20, what="the alert of the new run")
+        wait_until(lambda: outbox(db) and outbox(db)[0][1] == "delivered", 20, what="its send recorded")
+    finally:
+        relay.stop()
+    assert [b["run_id"] for b in receiver.bodies()] == ["after"]
