@@ -72,11 +72,11 @@ def two_nodes(db: str, tmp_path, args: list[str]) -> list[RelayProcess]:
     return [RelayProcess(db, log_dir=tmp_path, args=args).start() for _ in "ab"]
 
 
-def alerts_file(tmp_path, receiver: WebhookReceiver, extra: str = "") -> list[str]:
+def alerts_file(tmp_path, receiver: WebhookReceiver, lease: float = LEASE) -> list[str]:
     path = tmp_path / "alerts.toml"
     path.write_text(
         f'webhooks = ["{receiver.url}"]\nrules = ["eval_metrics.val_loss > 2"]\n'
-        f"retry_first = 0.2\nretry_cap = 0.5\nclaim_lease = {LEASE}\n{extra}"
+        f"retry_first = 0.2\nretry_cap = 0.5\nclaim_lease = {lease}\n"
     )
     return ["--alerts", str(path)]
 
@@ -198,3 +198,54 @@ def test_a_database_of_schema_1_gets_the_alert_tables_at_start(pg_server, tmp_pa
     finally:
         relay.stop()
     assert [b["run_id"] for b in receiver.bodies()] == ["after"]
+
+
+def test_a_relay_stopped_with_sigterm_hands_its_pending_alert_over_at_once(
+    pg_server, tmp_path, receiver, emitter
+):
+    """A clean stop deletes the relay's heartbeat: the other relay takes the claim at its next
+    save (every 2 s), without waiting out the lease (60 s here, longer than the wait)."""
+    db = pg_server.fresh_db()
+    nodes = two_nodes(db, tmp_path, alerts_file(tmp_path, receiver, lease=60))
+    try:
+        receiver.stop()
+        publish(emitter(nodes[0]), "t", start(), end("failed"))
+        wait_until(lambda: found(nodes) >= 2, 30, what="the condition found on both nodes")
+        owner = next(n for n in nodes if counted([n], "fedrelay_alerts_fired_total") == 1)
+        other = nodes[1] if owner is nodes[0] else nodes[0]
+        owner.stop()
+        receiver.start()
+        wait_until(lambda: receiver.bodies("failed"), 20, what="the alert, sent by the other relay")
+        wait_until(lambda: counted([other], "fedrelay_alerts_sent_total") == 1, 20, what="its send recorded")
+    finally:
+        for relay in nodes:
+            relay.stop()
+    assert len(receiver.received) == 1
+    assert outbox(db) == [(one(receiver, "failed", "t")["id"], "delivered")]
+
+
+async def test_claims_racing_from_two_logs_are_each_won_once(pg_server):
+    """Two alert logs (two relays) claim overlapping alerts in opposite orders, many times at
+    once: every (alert, webhook) is returned to exactly one of them."""
+    from fedrelay.relay.pg.alerts import PgAlertLog
+
+    db = pg_server.fresh_db()
+    logs = [PgAlertLog(db, lease=30), PgAlertLog(db, lease=30)]
+    for alert_log in logs:
+        await alert_log.open()
+    try:
+        targets = ["hook-1", "hook-2"]
+        keys = [f"alert-{i}" for i in range(200)]
+        saves = []
+        for start_at in range(0, 200, 20):
+            chunk = [(key, "{}") for key in keys[start_at : start_at + 40]]
+            cursors = {f"run-{i}": (start_at + i, "") for i in range(10)}
+            saves.append(logs[0].save(chunk, targets, cursors, 1.0))
+            saves.append(logs[1].save(chunk[::-1], targets[::-1], dict(reversed(cursors.items())), 1.0))
+        results = await asyncio.gather(*saves)
+        won = [(p.key, p.target) for claimed in results for p in claimed]
+        assert sorted(won) == sorted((key, target) for key in keys for target in targets)
+        assert len(set(won)) == len(won)
+    finally:
+        for alert_log in logs:
+            await alert_log.close()
