@@ -14,7 +14,7 @@ import pytest
 from fedrelay.emitters import Emitter
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
-from tests.support.waiting import wait_until
+from tests.support.waiting import until, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 from tests.test_alerts import end, ids, one, publish, rnd, start
 
@@ -235,7 +235,7 @@ async def test_claims_racing_from_two_logs_are_each_won_once(pg_server):
     from fedrelay.relay.pg.alerts import PgAlertLog
 
     db = pg_server.fresh_db()
-    logs = [PgAlertLog(db, lease=30), PgAlertLog(db, lease=30)]
+    logs = [PgAlertLog(db, lease=30, targets=["hook-1", "hook-2"]) for _ in "ab"]
     for alert_log in logs:
         await alert_log.open()
     try:
@@ -253,4 +253,27 @@ async def test_claims_racing_from_two_logs_are_each_won_once(pg_server):
         assert len(set(won)) == len(won)
     finally:
         for alert_log in logs:
+            await alert_log.close()
+
+
+async def test_only_claims_of_a_silent_relay_for_a_known_webhook_are_taken_over(pg_server):
+    """The lease, in the log alone: claims of a relay that still saves stay with it; once it
+    stops saving, one other relay takes those for its own webhooks (once), not the others."""
+    from fedrelay.relay.pg.alerts import PgAlertLog
+
+    db = pg_server.fresh_db()
+    silent = PgAlertLog(db, lease=2, targets=["hook-1", "hook-2"])
+    heir = PgAlertLog(db, lease=2, targets=["hook-1"])
+    late = PgAlertLog(db, lease=2, targets=["hook-1"])
+    for alert_log in (silent, heir, late):
+        await alert_log.open()
+    try:
+        claimed = await silent.save([("a1", "{}"), ("a2", "{}")], ["hook-1", "hook-2"], {}, 1.0)
+        assert len(claimed) == 4
+        assert await heir.save([], [], {}, 2.0) == []  # the claimer's heartbeat is fresh
+        taken = await until(lambda: heir.save([], [], {}, 3.0), 10, interval=0.1, what="the takeover")
+        assert sorted((p.key, p.target) for p in taken) == [("a1", "hook-1"), ("a2", "hook-1")]
+        assert await late.save([], [], {}, 4.0) == []  # the heir saves: they stay with it
+    finally:
+        for alert_log in (silent, heir, late):
             await alert_log.close()

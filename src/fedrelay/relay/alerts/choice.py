@@ -18,5 +18,5 @@ def alert_log_for(db: str, *, in_memory: bool, settings: AlertSettings) -> Alert
         except ImportError as exc:
             need = "a PostgreSQL --db needs asyncpg: pip install 'fedrelay[server]'"
             raise StoreError(f"{need} ({exc})") from exc
-        return PgAlertLog(db, lease=settings.claim_lease)
+        return PgAlertLog(db, lease=settings.claim_lease, targets=[hook.id for hook in settings.webhooks])
     return SqliteAlertLog(db)

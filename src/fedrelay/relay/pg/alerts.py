@@ -70,7 +70,7 @@ ON CONFLICT (name) DO UPDATE SET value = excluded.value
 """
 _ADOPT = """
 UPDATE alert_outbox o SET owner = $1
-WHERE o.state = 'pending' AND o.owner <> $1 AND NOT EXISTS (
+WHERE o.state = 'pending' AND o.owner <> $1 AND o.target = ANY($3::text[]) AND NOT EXISTS (
     SELECT 1 FROM alert_meta m
     WHERE m.name = 'alive:' || o.owner AND m.value > extract(epoch FROM clock_timestamp()) - $2)
 RETURNING key, target, payload, created_at
@@ -84,10 +84,12 @@ _PRUNE_HEARTBEATS = "DELETE FROM alert_meta WHERE name LIKE 'alive:%' AND value 
 class PgAlertLog:
     """:class:`~fedrelay.relay.alerts.outbox.AlertLog` on the relays' PostgreSQL database."""
 
-    def __init__(self, url: str, *, lease: float) -> None:
+    def __init__(self, url: str, *, lease: float, targets: list[str]) -> None:
         self.url = url
         self.lease = lease
         """Seconds without a heartbeat after which a node's pending claims go to another."""
+        self.targets = list(targets)
+        """This relay's webhooks (their ids): it takes over only claims it can send."""
         self.node = uuid.uuid4().hex
         self._pool: asyncpg.Pool | None = None
         self._adopt_failed = False
@@ -175,7 +177,7 @@ class PgAlertLog:
         async def work(conn: asyncpg.Connection) -> list[Any]:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", ADOPT_LOCK):
                 return []
-            return await conn.fetch(_ADOPT, self.node, self.lease)
+            return await conn.fetch(_ADOPT, self.node, self.lease, self.targets)
 
         try:
             rows = await self._transaction(work)
