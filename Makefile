@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup browser node haproxy serve demo test lint bench clean
+.PHONY: setup browser node haproxy postgres serve demo test lint bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/python:
@@ -45,14 +45,22 @@ haproxy:
 		echo "installing haproxy (apt-get)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq haproxy >/dev/null; }
 
-test: setup browser node haproxy
+# The PostgreSQL tests and the bench start PostgreSQL servers of their own (own data directory and
+# port, never the machine's server) from Debian's binaries, which live in
+# /usr/lib/postgresql/<version>/bin, not on PATH.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+		echo "installing postgresql (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+
+test: setup browser node haproxy postgres
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-bench: setup
+bench: setup postgres
 	$(BIN)/python bench/relay_bench.py
 
 clean:

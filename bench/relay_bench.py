@@ -2,8 +2,12 @@
 
 Usage::
 
-    .venv/bin/python bench/relay_bench.py [--scenario NAME ...] [--repeat N]
-        [--quick] [--relays naive broadcast fedrelay] [--out bench/RESULTS.md]
+    .venv/bin/python bench/relay_bench.py [--scenario NAME ...] [--repeat N] [--quick]
+        [--relays naive broadcast fedrelay fedrelay-pg fedrelay-pg3] [--out bench/RESULTS.md]
+
+``fedrelay`` is one relay on SQLite, ``fedrelay-pg`` one on PostgreSQL, ``fedrelay-pg3`` three on
+one PostgreSQL database with producers and subscribers on different nodes; the bench starts its
+own PostgreSQL server for them.
 
 Each repeat starts a fresh relay process per relay kind, in a rotating
 order, so slow drifts of a shared machine hit every relay alike; tables
@@ -17,7 +21,9 @@ import asyncio
 import json
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,19 +37,23 @@ import uvloop
 import websockets
 
 from harness import LoadGenPool
-from relays import RELAY_KINDS, Relay, fedrelay_available, running_relay
+from pg import DEFAULTS as PG_DEFAULTS
+from pg import pg_bin, start_pg
+from relays import PG_NODES, RELAY_KINDS, Relay, fedrelay_available, is_fedrelay, running_relay
 from report import Results, render
 from scenarios import SCENARIOS, Config, Ctx
 
+FEDRELAYS = tuple(kind for kind in RELAY_KINDS if is_fedrelay(kind))
 SCENARIO_RELAYS = {
     "fanout": RELAY_KINDS,
     "latency": RELAY_KINDS,
     "latency_low": RELAY_KINDS,
-    "ingest": ("fedrelay",),
-    "catchup": ("fedrelay",),
-    "memory": RELAY_KINDS,
+    "ingest": FEDRELAYS,
+    "catchup": FEDRELAYS,
+    "memory": ("naive", "broadcast", "fedrelay"),
 }
-"""Which relays each scenario makes sense for (baselines keep no history, send no acks)."""
+"""Which relays each scenario makes sense for (baselines keep no history, send no acks; the
+memory per connection is the relay process's, whatever its store)."""
 
 CLIENTS = {
     "raw": "raw asyncio WebSocket client on uvloop",
@@ -104,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="override a scenario size, e.g. --set latency_rate=250 (see Config)",
     )
+    parser.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the bench's PostgreSQL server, e.g. --pg-set synchronous_commit=off",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     parser.add_argument("--json", type=Path, help="write every repeat's raw numbers here")
     parser.add_argument("--workdir", type=Path, help="logs and databases (default: temp dir)")
@@ -147,16 +164,16 @@ async def run_once(ctx: Ctx, scenario: str, kind: str, rep: int) -> dict[str, An
     started = time.monotonic()
     try:
         async with asyncio.timeout(RUN_TIMEOUT):
-            async with running_relay(kind, workdir) as relay:
+            async with running_relay(kind, workdir, pg=ctx.pg) as relay:
                 result = await run(ctx, relay)
-                if relay.process.returncode is not None:
+                if relay.exit_codes:
                     result.setdefault("problems", []).append(
-                        f"relay exited with {relay.process.returncode} during the run"
+                        f"relay exited with {relay.exit_codes} during the run"
                     )
     except Exception as exc:  # one failed run must not stop the bench
         result = {"error": f"{type(exc).__name__}: {exc}"[:600]}
     result["wall_s"] = time.monotonic() - started
-    log(f"{scenario:8s} {kind:9s} r{rep}: {summary_of(scenario, result)}")
+    log(f"{scenario:8s} {kind:12s} r{rep}: {summary_of(scenario, result)}")
     return result
 
 
@@ -180,13 +197,22 @@ async def run_all(args: argparse.Namespace, config: Config, workdir: Path) -> Re
     """Every scenario x repeat x relay, relays interleaved within a repeat."""
     repeat = args.repeat or (1 if args.quick else 3)
     relays = list(args.relays)
-    if "fedrelay" in relays:
+    if any(is_fedrelay(kind) for kind in relays):
         ok, why = await fedrelay_available()
         if not ok:
             log(f"fedrelay not available, skipped: {why.strip()[:300]}")
-            relays.remove("fedrelay")
+            relays = [kind for kind in relays if not is_fedrelay(kind)]
+    pg = None
+    if any(kind in PG_NODES for kind in relays):
+        settings = dict(item.partition("=")[::2] for item in args.pg_set)
+        try:
+            pg = await asyncio.to_thread(start_pg, settings)
+            log(f"PostgreSQL on port {pg.port}, data in {pg.data}")
+        except Exception as exc:  # no PostgreSQL here: the other relays still run
+            log(f"PostgreSQL not available, PostgreSQL relays skipped: {exc}"[:400])
+            relays = [kind for kind in relays if kind not in PG_NODES]
     pool = await LoadGenPool.start(args.loadgen_procs, workdir, args.client)
-    ctx = Ctx(config, pool, workdir)
+    ctx = Ctx(config, pool, workdir, pg=pg)
     results: Results = {}
     try:
         for scenario in args.scenario or list(SCENARIOS):
@@ -200,6 +226,8 @@ async def run_all(args: argparse.Namespace, config: Config, workdir: Path) -> Re
                     results[scenario][kind].append(await run_once(ctx, scenario, kind, rep))
     finally:
         await pool.close()
+        if pg is not None:
+            await asyncio.to_thread(pg.remove)
     return results
 
 
@@ -220,11 +248,29 @@ def header(args: argparse.Namespace, config: Config, skipped_fedrelay: bool) -> 
         f"- {args.repeat or (1 if args.quick else 3)} repeats, medians shown; "
         f"subscribers spread over {args.loadgen_procs} load-generator process(es) "
         f"({CLIENTS[args.client]})",
-        "- CPU % is % of one core (100 = one core busy).",
+        "- CPU % is % of one core (100 = one core busy); for the PostgreSQL relays it is every relay "
+        "process plus PostgreSQL's server processes.",
     ]
+    pg_kinds = [kind for kind in args.relays if kind in PG_NODES]
+    if pg_kinds:
+        settings = {**PG_DEFAULTS, **dict(item.partition("=")[::2] for item in args.pg_set)}
+        lines.append(
+            f"- {', '.join(pg_kinds)}: the bench's own PostgreSQL {pg_version()} on 127.0.0.1 "
+            f"(settings {', '.join(f'{k}={v}' for k, v in settings.items())}, the rest default); "
+            "fedrelay-pg3: producers publish to nodes 1 and 3, subscribers read from node 2"
+        )
     if skipped_fedrelay:
         lines.append("- **fedrelay was not available: baselines only.**")
     return lines
+
+
+def pg_version() -> str:
+    try:
+        out = subprocess.run([str(pg_bin() / "postgres"), "--version"], capture_output=True, text=True)
+    except (OSError, RuntimeError):
+        return "(not found)"
+    found = re.search(r"\d+(\.\d+)*", out.stdout)  # "postgres (PostgreSQL) 15.20 (Debian ...)"
+    return found.group(0) if found else "?"
 
 
 def main(argv: list[str] | None = None) -> int:

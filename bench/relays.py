@@ -1,5 +1,8 @@
 """Start, probe and stop the relays under test, each in its own process.
 
+``fedrelay-pg`` is one relay on PostgreSQL, ``fedrelay-pg3`` three relays on one database: the
+bench's own PostgreSQL server (``pg.py``) gets a fresh database per run.
+
 Readiness is a real check (TCP accept for the baselines, ``GET /healthz``
 for fedrelay) polled until a deadline, never a fixed sleep: a fixed sleep
 is either too short on a loaded machine or wastes the time budget.
@@ -16,7 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,14 @@ import psutil
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-RELAY_KINDS = ("naive", "broadcast", "fedrelay")
+RELAY_KINDS = ("naive", "broadcast", "fedrelay", "fedrelay-pg", "fedrelay-pg3")
+PG_NODES = {"fedrelay-pg": 1, "fedrelay-pg3": 3}
+"""Relay processes of each PostgreSQL kind, all on one database."""
+
+
+def is_fedrelay(kind: str) -> bool:
+    """fedrelay on either store: validation, seqs, storage, acks, an HTTP API."""
+    return kind.startswith("fedrelay")
 
 
 @dataclass
@@ -39,23 +49,51 @@ class HttpResponse:
 
 @dataclass
 class Relay:
-    """A running relay process and how to reach it."""
+    """A running relay (one process, or the nodes of a cluster) and how to reach it.
+
+    In a cluster, producers publish to node 0 (and node 2, ...) and subscribers read from node 1,
+    so every delivery crosses nodes through PostgreSQL.
+    """
 
     kind: str
     port: int
+    """Node 0: where producers publish, and the API is asked."""
     process: asyncio.subprocess.Process
     log_path: Path
+    nodes: list[tuple[int, asyncio.subprocess.Process]] = field(default_factory=list)
+    db_pids: list[int] = field(default_factory=list)
+    """PostgreSQL's server processes: their CPU is the relay's store work, as SQLite's is in-process."""
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.nodes = [(self.port, self.process)]
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @property
+    def pids(self) -> list[int]:
+        """Every process that does the relay's work (its nodes and their database server)."""
+        return [process.pid for _, process in self.nodes] + self.db_pids
+
+    @property
     def ps(self) -> psutil.Process:
         return psutil.Process(self.pid)
 
-    def url(self, path: str) -> str:
-        return f"ws://{HOST}:{self.port}{path}"
+    @property
+    def sub_port(self) -> int:
+        """Where subscribers connect: node 1 of a cluster, else the relay."""
+        return self.nodes[1][0] if len(self.nodes) > 1 else self.port
+
+    def url(self, path: str, producer: int = 0) -> str:
+        """A producer's address: node 0, or (the ``producer``-th) spread over every node but 1."""
+        ports = [port for i, (port, _) in enumerate(self.nodes) if i != 1 or len(self.nodes) == 1]
+        return f"ws://{HOST}:{ports[producer % len(ports)]}{path}"
+
+    @property
+    def exit_codes(self) -> list[int]:
+        return [process.returncode for _, process in self.nodes if process.returncode is not None]
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the relay's output, for error messages."""
@@ -73,10 +111,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def relay_command(kind: str, port: int, workdir: Path) -> list[str]:
-    """The command line that starts one relay kind."""
-    if kind == "fedrelay":
-        db = workdir / "relay.db"
+def relay_command(kind: str, port: int, workdir: Path, db: str | None = None) -> list[str]:
+    """The command line that starts one relay kind (``db``: a PostgreSQL URL for the pg kinds)."""
+    if is_fedrelay(kind):
+        db = db or str(workdir / "relay.db")
         return [
             sys.executable,
             "-m",
@@ -87,7 +125,7 @@ def relay_command(kind: str, port: int, workdir: Path) -> list[str]:
             "--port",
             str(port),
             "--db",
-            str(db),
+            db,
         ]
     if kind in ("naive", "broadcast"):
         script = BENCH_DIR / "baseline_relay.py"
@@ -155,12 +193,14 @@ async def healthz_ok(port: int) -> bool:
 
 async def wait_ready(relay: Relay, timeout: float) -> None:
     """Poll the readiness check until it passes, the process dies or time runs out."""
-    check = healthz_ok if relay.kind == "fedrelay" else tcp_accepts
+    check = healthz_ok if is_fedrelay(relay.kind) else tcp_accepts
     deadline = time.monotonic() + timeout
+    waiting = [port for port, _ in relay.nodes]
     while time.monotonic() < deadline:
-        if relay.process.returncode is not None:
-            raise RuntimeError(f"{relay.kind} exited with {relay.process.returncode}:\n{relay.log_tail()}")
-        if await check(relay.port):
+        if relay.exit_codes:
+            raise RuntimeError(f"{relay.kind} exited with {relay.exit_codes}:\n{relay.log_tail()}")
+        waiting = [port for port in waiting if not await check(port)]
+        if not waiting:
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"{relay.kind} not ready after {timeout:.0f}s:\n{relay.log_tail()}")
@@ -181,26 +221,40 @@ async def stop_process(process: asyncio.subprocess.Process, grace: float = 5.0) 
 
 
 @contextlib.asynccontextmanager
-async def running_relay(kind: str, workdir: Path, ready_timeout: float = 30.0) -> AsyncIterator[Relay]:
-    """Start a relay, wait until it is ready, and always stop it afterwards."""
+async def running_relay(
+    kind: str, workdir: Path, ready_timeout: float = 30.0, pg: Any = None
+) -> AsyncIterator[Relay]:
+    """Start a relay (every node of a cluster), wait until it is ready, and always stop it
+    afterwards. The PostgreSQL kinds need ``pg`` (a running ``pg.PgServer``): a fresh database."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    count = PG_NODES.get(kind, 1)
+    db = None
+    if kind in PG_NODES:
+        if pg is None:
+            raise RuntimeError(f"{kind} needs the bench's PostgreSQL server")
+        db = await asyncio.to_thread(pg.fresh_db, "bench")
     log_path = workdir / f"{kind}.log"
-    with open(log_path, "ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *relay_command(kind, port, workdir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=REPO_DIR,
-            env=relay_env(),
-        )
-    relay = Relay(kind, port, process, log_path)
+    nodes: list[tuple[int, asyncio.subprocess.Process]] = []
     try:
+        with open(log_path, "ab") as log:
+            for _ in range(count):
+                port = free_port()
+                process = await asyncio.create_subprocess_exec(
+                    *relay_command(kind, port, workdir, db),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=REPO_DIR,
+                    env=relay_env(),
+                )
+                nodes.append((port, process))
+        db_pids = pg.pids() if kind in PG_NODES else []
+        relay = Relay(kind, nodes[0][0], nodes[0][1], log_path, nodes, db_pids)
         await wait_ready(relay, ready_timeout)
+        relay.db_pids = pg.pids() if kind in PG_NODES else []  # the nodes' backends are up now
         yield relay
     finally:
-        await stop_process(process)
+        await asyncio.gather(*(stop_process(process) for _, process in nodes))
 
 
 async def fedrelay_available() -> tuple[bool, str]:

@@ -24,7 +24,7 @@ import psutil
 from harness import CpuMeter, LoadGenPool, MachineMeter, percentile, settled_rss
 from producer import Producer
 from rawws import RawSubscriber, connect_many, connect_subscriber
-from relays import HOST, Relay, http_get
+from relays import HOST, Relay, http_get, is_fedrelay
 
 NS_PER_MS = 1_000_000
 
@@ -72,6 +72,8 @@ class Ctx:
     pool: LoadGenPool
     workdir: Path
     notes: list[str] = field(default_factory=list)
+    pg: Any = None
+    """The bench's PostgreSQL server (``pg.PgServer``) when a PostgreSQL relay kind runs."""
 
 
 def new_run_id(scenario: str, relay: Relay) -> str:
@@ -82,8 +84,12 @@ def sub_path(run_id: str, since: int = 0) -> str:
     return f"/subscribe?run_id={run_id}&since={since}"
 
 
-async def open_producer(relay: Relay, run_id: str, name: str, *, track_acks: bool = False) -> Producer:
-    return await Producer.open(relay.url(f"/publish?producer={name}"), name, run_id, track_acks=track_acks)
+async def open_producer(
+    relay: Relay, run_id: str, name: str, *, track_acks: bool = False, index: int = 0
+) -> Producer:
+    """The ``index``-th producer of a run: a cluster spreads them over its publishing nodes."""
+    url = relay.url(f"/publish?producer={name}", index)
+    return await Producer.open(url, name, run_id, track_acks=track_acks)
 
 
 async def create_run(relay: Relay, producer: Producer) -> None:
@@ -99,7 +105,7 @@ async def create_run(relay: Relay, producer: Producer) -> None:
             "data": {"experiment_name": "bench", "num_clients": 10},
         }
     )
-    if relay.kind == "fedrelay" and not await producer.wait_acked(1, timeout=10):
+    if is_fedrelay(relay.kind) and not await producer.wait_acked(1, timeout=10):
         raise RuntimeError(f"fedrelay did not ack the run's first event: {producer.errors}")
 
 
@@ -175,9 +181,9 @@ async def run_fanout(ctx: Ctx, relay: Relay) -> dict[str, Any]:
     pacer: RawSubscriber | None = None
     try:
         await create_run(relay, producer)
-        pacer = await connect_subscriber(HOST, relay.port, sub_path(run_id))
-        await ctx.pool.connect(relay.port, sub_path(run_id), cfg.subscribers - 1)
-        relay_cpu, gen_cpu, own_cpu = CpuMeter([relay.pid]), CpuMeter(ctx.pool.pids), CpuMeter([os.getpid()])
+        pacer = await connect_subscriber(HOST, relay.sub_port, sub_path(run_id))
+        await ctx.pool.connect(relay.sub_port, sub_path(run_id), cfg.subscribers - 1)
+        relay_cpu, gen_cpu, own_cpu = CpuMeter(relay.pids), CpuMeter(ctx.pool.pids), CpuMeter([os.getpid()])
         machine = MachineMeter()
         start_ns = time.monotonic_ns()
         sent, stalled = await publish_windowed(
@@ -317,8 +323,8 @@ async def measure_latency(ctx: Ctx, relay: Relay, rate: int, seconds: float) -> 
     producer = await open_producer(relay, run_id, f"{run_id}-p")
     try:
         await create_run(relay, producer)
-        await ctx.pool.connect(relay.port, sub_path(run_id), cfg.subscribers, latency=True)
-        relay_cpu, gen_cpu = CpuMeter([relay.pid]), CpuMeter(ctx.pool.pids)
+        await ctx.pool.connect(relay.sub_port, sub_path(run_id), cfg.subscribers, latency=True)
+        relay_cpu, gen_cpu = CpuMeter(relay.pids), CpuMeter(ctx.pool.pids)
         machine = MachineMeter()
         sent, warm, achieved = await publish_paced(producer, rate, cfg.latency_warmup_s, seconds)
         cpu = (relay_cpu.percent(), gen_cpu.percent())
@@ -374,7 +380,7 @@ async def sample_backlog(
     producers: list[Producer], relay: Relay, stop: asyncio.Event, out: list[dict[str, float]]
 ) -> None:
     """Every 0.5 s: events sent, acked, and the relay's CPU%, until ``stop``."""
-    meter = CpuMeter([relay.pid])
+    meter = CpuMeter(relay.pids)
     for _ in range(10_000):
         try:
             await asyncio.wait_for(stop.wait(), 0.5)
@@ -384,12 +390,12 @@ async def sample_backlog(
         sent = sum(p.sent for p in producers)
         acked = sum(p.acked for p in producers)
         out.append({"sent": sent, "acked": acked, "cpu": meter.percent()})
-        meter = CpuMeter([relay.pid])
+        meter = CpuMeter(relay.pids)
 
 
 async def relay_run_state(relay: Relay, run_id: str) -> dict[str, Any]:
     """``GET /api/runs/{run_id}`` (fedrelay only); empty dict when unavailable."""
-    if relay.kind != "fedrelay":
+    if not is_fedrelay(relay.kind):
         return {}
     try:
         response = await http_get(relay.port, f"/api/runs/{run_id}")
@@ -400,7 +406,7 @@ async def relay_run_state(relay: Relay, run_id: str) -> dict[str, Any]:
 
 async def relay_metrics(relay: Relay) -> dict[str, str]:
     """Prometheus lines of interest (lag, drops, errors) from fedrelay's ``/metrics``."""
-    if relay.kind != "fedrelay":
+    if not is_fedrelay(relay.kind):
         return {}
     try:
         text = (await http_get(relay.port, "/metrics")).body.decode(errors="replace")
@@ -418,11 +424,11 @@ async def run_ingest(ctx: Ctx, relay: Relay) -> dict[str, Any]:
     """Many producers at a steady rate: does a backlog build, what does it cost in CPU?"""
     cfg = ctx.config
     run_id = new_run_id("ingest", relay)
-    fed = relay.kind == "fedrelay"
+    fed = is_fedrelay(relay.kind)
     producers = list(
         await asyncio.gather(
             *(
-                open_producer(relay, run_id, f"{run_id}-p{i}", track_acks=fed)
+                open_producer(relay, run_id, f"{run_id}-p{i}", track_acks=fed, index=i)
                 for i in range(cfg.ingest_producers)
             )
         )
@@ -430,11 +436,11 @@ async def run_ingest(ctx: Ctx, relay: Relay) -> dict[str, Any]:
     sub: RawSubscriber | None = None
     try:
         await create_run(relay, producers[0])
-        sub = await connect_subscriber(HOST, relay.port, sub_path(run_id))
+        sub = await connect_subscriber(HOST, relay.sub_port, sub_path(run_id))
         samples: list[dict[str, float]] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_backlog(producers, relay, stop, samples))
-        total_cpu, machine = CpuMeter([relay.pid]), MachineMeter()
+        total_cpu, machine = CpuMeter(relay.pids), MachineMeter()
         await asyncio.gather(
             *(
                 paced_producer(p, cfg.ingest_rate, cfg.ingest_seconds, i / len(producers))
@@ -534,9 +540,9 @@ async def run_catchup(ctx: Ctx, relay: Relay) -> dict[str, Any]:
     try:
         publish_s = await publish_history(producer, cfg.catchup_events, cfg.catchup_batch, 60)
         expected = producer.sent
-        relay_cpu = CpuMeter([relay.pid])
+        relay_cpu = CpuMeter(relay.pids)
         start_ns = time.monotonic_ns()
-        sub = await connect_subscriber(HOST, relay.port, sub_path(run_id), keep_payloads=True)
+        sub = await connect_subscriber(HOST, relay.sub_port, sub_path(run_id), keep_payloads=True)
         subscribed_ns = time.monotonic_ns()
         with contextlib.suppress(TimeoutError, ConnectionError):
             await asyncio.wait_for(sub.wait_count(expected), 30)

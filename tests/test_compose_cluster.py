@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from websockets.sync.client import connect
 from fedrelay.emitters import Emitter
 from fedrelay.follow import Follower
 from tests.support.haproxy import CONFIG, HaproxyProcess, haproxy_binary, render
-from tests.support.relay_process import RelayProcess, free_port
+from tests.support.postgres import PgServer
+from tests.support.relay_process import RelayProcess
 from tests.support.stored import stored_events
 from tests.support.waiting import wait_until
 
@@ -136,21 +138,41 @@ def follow(url: str, run_id: str, count: int) -> list[int]:
 
 
 def get(url: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.status, response.read()
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
-def test_haproxy_carries_every_path_to_the_relays_and_moves_clients_off_a_dead_one(tmp_path, isolated):
-    first = RelayProcess(tmp_path / "first.db").start()
-    second_port = free_port()  # nothing listens there yet
+@pytest.fixture
+def pg(tmp_path):
+    """The relays' PostgreSQL, as the compose file's ``postgres`` service (a server of the test's own)."""
+    server = PgServer(tmp_path / "pg").start()
+    yield server
+    server.remove()
+
+
+def test_haproxy_carries_every_path_to_relays_on_one_postgresql_and_moves_clients_off_a_dead_one(
+    tmp_path, isolated, pg
+):
+    url = pg.fresh_db("compose")
+    relays = [RelayProcess(url, env={"FEDRELAY_MAX_CONNECTIONS_PER_IP": "0"}) for _ in range(2)]
+    for i, relay in enumerate(relays, 1):
+        relay.log_path = tmp_path / f"relay-{i}.log"  # as the compose file runs them
+        relay.start()
+    first, second = relays
     lb = HaproxyProcess(
-        tmp_path, {"relay-1": f"127.0.0.1:{first.port}", "relay-2": f"127.0.0.1:{second_port}"}
+        tmp_path, {"relay-1": f"127.0.0.1:{first.port}", "relay-2": f"127.0.0.1:{second.port}"}
     )
-    second = None
     emitter = Emitter(lb.url, run_id="through-lb", max_backoff=0.5)
+
+    def lb_status(path: str) -> int:
+        return get(lb.http + path)[0]
+
     try:
         lb.start()
-        assert get(lb.http + "/healthz")[0] == 200
+        wait_until(lambda: lb_status("/healthz") == 200, 20, what="the balancer serving")
         status, page = get(lb.http + "/")
         assert status == 200 and b"fedrelay" in page.lower(), "the dashboard"
 
@@ -166,22 +188,29 @@ def test_haproxy_carries_every_path_to_the_relays_and_moves_clients_off_a_dead_o
 
         runs = json.loads(get(lb.http + "/api/runs")[1])["runs"]  # the API's own backend
         assert {run["run_id"] for run in runs} == {"through-lb", "root-lb"}
-        assert len(stored_events(first, "through-lb")) == 300, "all of it reached the live relay"
+        assert stored_events(first, "through-lb") == stored_events(second, "through-lb"), "one store"
+        assert len(stored_events(second, "through-lb")) == 300
 
-        second = RelayProcess(tmp_path / "second.db", port=second_port).start()
-        first.kill()  # the emitter's tunnel ends; it reconnects through the balancer
+        first.kill()  # the emitter's tunnel may end; it reconnects through the balancer
         for i in range(300, 400):
             emitter.emit("client_progress", {"round": 1, "client_id": "c1", "i": i})
         assert emitter.flush(60), emitter.last_error
-        assert [e["id"] for e in stored_events(second, "through-lb")] == list(range(301, 401))
-        wait_until(lambda: get(lb.http + "/healthz")[0] == 200, 20, what="the balancer serving from relay-2")
-        assert follow(lb.url, "through-lb", 100) == list(range(1, 101)), "a new subscriber, on relay-2"
+        assert [e["seq"] for e in stored_events(second, "through-lb")] == list(range(1, 401))
+        assert follow(lb.url, "through-lb", 400) == list(range(1, 401)), "the whole history, on relay-2"
+
+        # PostgreSQL away: the relay says 503 and leaves the rotation, and comes back with it.
+        pg.stop()
+        wait_until(lambda: lb_status("/healthz") == 503, 20, what="no relay in the rotation")
+        pg.start()
+        wait_until(lambda: lb_status("/healthz") == 200, 30, what="relay-2 back in the rotation")
+        emitter.emit("client_progress", {"round": 1, "client_id": "c1", "i": 400})
+        assert emitter.flush(30), emitter.last_error
+        assert len(stored_events(second, "through-lb")) == 401
     finally:
         emitter.close(1)
         lb.stop()
-        for relay in (first, second):
-            if relay is not None:
-                relay.stop()
+        for relay in relays:
+            relay.stop()
 
 
 def test_rendering_replaces_only_addresses():

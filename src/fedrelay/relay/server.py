@@ -19,7 +19,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, serve
 
-from .alerts.outbox import MemoryAlertLog, SqliteAlertLog
+from .alerts.choice import alert_log_for
 from .alerts.service import AlertService
 from .config import RelayConfig
 from .connection import READ_AHEAD_FRAMES, RelayConnection
@@ -100,7 +100,7 @@ class Relay:
         if config.alerting is not None:
             self.alerts = AlertService(
                 config.alerting,
-                alert_log=MemoryAlertLog() if config.in_memory else SqliteAlertLog(config.db),
+                alert_log=alert_log_for(config.db, in_memory=config.in_memory, settings=config.alerting),
                 metrics=self.metrics,
                 stall_after=config.stall_after,
                 dashboard=lambda: self.http_url,
@@ -129,8 +129,6 @@ class Relay:
         """Open the store and listen; :class:`TlsError` before anything else when the
         certificate or key cannot be used."""
         cfg = self.config
-        if self.store.shared and cfg.alerting is not None:
-            raise StoreError("alerts need a SQLite --db for now (PostgreSQL: run without alert settings)")
         tls = server_context(cfg.certfile, cfg.keyfile) if cfg.certfile is not None else None
         restored = await self.store.open()
         for run in restored.runs:

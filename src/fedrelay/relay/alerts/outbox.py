@@ -2,8 +2,9 @@
 
 :class:`AlertLog` is the interface; :class:`SqliteAlertLog` keeps it in the relay's
 database (tables ``alert_outbox``, ``alert_runs``, ``alert_meta``) and
-:class:`MemoryAlertLog` in memory (``--memory``, unit tests). A PostgreSQL backend
-implements the same calls on the same three tables.
+:class:`MemoryAlertLog` in memory (``--memory``, unit tests); ``pg/alerts.py``'s
+``PgAlertLog`` implements the same calls on the same three tables in PostgreSQL, shared by
+every relay on the database (there a pending claim also names the relay that sends it).
 
 - ``save(claims, targets, cursors)``: one transaction. Claims are
   ``INSERT ... ON CONFLICT DO NOTHING`` per (alert id, webhook): only rows that were not

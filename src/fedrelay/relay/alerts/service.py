@@ -309,9 +309,10 @@ class AlertService:
         if repeated:
             self.metrics.alerts_repeated.inc(repeated)
         for pending in claimed:
-            if pending.key not in counted:
+            kind = kinds.get(pending.key)  # None: another relay's claim, handed to this one
+            if kind is not None and pending.key not in counted:
                 counted.add(pending.key)
-                self.metrics.alerts_fired.labels(kinds.get(pending.key, "?")).inc()
+                self.metrics.alerts_fired.labels(kind).inc()
             self.couriers[pending.target].offer(pending)
         return True
 

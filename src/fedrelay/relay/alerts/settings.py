@@ -14,6 +14,7 @@ refused (a typo would otherwise switch an alert off silently)::
     give_up_after = 86400   # seconds after which an undelivered alert is dropped
     stall_horizon = 86400   # a run silent longer than stall_after + this is not alerted
     end_grace = 10          # an end shown incomplete waits this long for the missing events
+    claim_lease = 30        # PostgreSQL: a stopped relay's undelivered alerts go to another after this
 
 Flags add to the file's webhooks and rules.
 """
@@ -39,6 +40,7 @@ _NUMBERS = {
     "give_up_after": (1, 30 * 86400),
     "stall_horizon": (0, 365 * 86400),
     "end_grace": (0, 3600),
+    "claim_lease": (5, 86400),
 }
 
 
@@ -56,6 +58,9 @@ class AlertSettings:
     stall_horizon: float = 86400.0
     end_grace: float = 10.0
     """Seconds an end the relay shows ``incomplete`` waits for the missing events before alerting."""
+    claim_lease: float = 30.0
+    """PostgreSQL: seconds without a heartbeat after which a relay's undelivered claims are
+    sent by another (at least a few saves of ``FLUSH_EVERY``, 2 s, apart)."""
 
     @classmethod
     def build(cls, webhooks: list[str], rules: list[str], file: str | None) -> AlertSettings | None:

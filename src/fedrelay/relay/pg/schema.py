@@ -10,6 +10,8 @@ from ..eventlog import StoreError
 SCHEMA_LOCK = 0x66656472  # "fedr": the advisory lock key of schema changes
 HOUSEKEEPING_LOCK = 0x66656473
 """Held by the one node that does housekeeping (forgetting producers) at a time."""
+ADOPT_LOCK = 0x66656474
+"""Held (for one transaction) by the node handing itself the claims of nodes gone quiet."""
 
 MIGRATIONS: list[str] = [
     # 1: the log, the runs' counters and summaries, the producers' positions.
@@ -45,6 +47,31 @@ MIGRATIONS: list[str] = [
         updated_at  DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX producers_by_update ON producers (updated_at);
+    """,
+    # 2: alerts (relay/pg/alerts.py): claims per (alert, webhook) with the node that sends them,
+    # the engine's cursors per run, heartbeats (``alive_at``; ``alive:<node>`` per node).
+    """
+    CREATE TABLE alert_outbox (
+        key         TEXT NOT NULL,
+        target      TEXT NOT NULL,
+        payload     TEXT NOT NULL,
+        state       TEXT NOT NULL DEFAULT 'pending',
+        owner       TEXT NOT NULL,
+        created_at  DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key, target)
+    );
+    CREATE INDEX alert_outbox_pending ON alert_outbox (owner, created_at) WHERE state = 'pending';
+    CREATE INDEX alert_outbox_settled ON alert_outbox (updated_at) WHERE state <> 'pending';
+    CREATE TABLE alert_runs (
+        run_id      TEXT PRIMARY KEY,
+        seq         BIGINT NOT NULL,
+        state       TEXT NOT NULL
+    );
+    CREATE TABLE alert_meta (
+        name        TEXT PRIMARY KEY,
+        value       DOUBLE PRECISION NOT NULL
+    );
     """,
 ]
 VERSION = len(MIGRATIONS)
