@@ -45,7 +45,7 @@ DEFLATE_RATIO_MAX = 1032
 """Deflate's largest expansion: one byte on the wire becomes at most this many."""
 UNREAD_BACKLOG_FACTOR = 4
 """A connection is cut once this many times ``max_queue_bytes`` wait unread for it (as
-``server.HARD_QUEUE_FACTOR`` cuts a subscriber at once)."""
+``subscribe.HARD_QUEUE_FACTOR`` cuts a subscriber at once)."""
 TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets for its TLS handshake (asyncio's default waits 60 s)."""
 TLS_SHUTDOWN_TIMEOUT = 5.0
