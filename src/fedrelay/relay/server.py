@@ -61,7 +61,7 @@ from .producers import CLOSE_CODE as PRODUCER_REFUSED
 from .producers import CONFLICT, IN_USE, PROBE_TIMEOUT, same_event
 from .root_runs import FOLLOW_FOR, RootRuns
 from .store import EventStore
-from .store_reads import CATCH_UP
+from .store_reads import CATCH_UP, bounded
 from .throttle import LogThrottle, OncePer
 from .tls import server_context
 from .turns import TurnsPerKey
@@ -1032,8 +1032,11 @@ class Relay:
             while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
                 async with self._catch_up_turns.turn(getattr(conn, "address", "")):
-                    rows = await self.store.read(
-                        run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                    rows = await bounded(
+                        self.store.read(
+                            run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                        ),
+                        f"catch-up read of run {run_id}",
                     )
                 assert rows is not None  # skipped only for a ``wanted`` that says no
                 self.metrics.store_reads.labels(CATCH_UP, "done").inc()
@@ -1058,6 +1061,9 @@ class Relay:
                     return
         except (ConnectionClosed, OSError):
             return
+        except StoreError as exc:  # the database away or slow: one line, the client resubscribes
+            log.warning("catch-up of run %s failed: %s", run_id, exc)
+            self._track(conn.close(1011, "catch-up failed"))
         except Exception:
             log.exception("catch-up of run %s failed", run_id)
             self._track(conn.close(1011, "catch-up failed"))
