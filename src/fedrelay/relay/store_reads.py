@@ -9,18 +9,45 @@ statement per connection is inside aiosqlite; the others wait in an
 and a read whose requester is gone when its turn comes is skipped. Catch-up
 and the HTTP API each have their own connection and queue, so one never waits
 behind the other.
+
+:func:`bounded` puts a bound on a read whatever the store: a catch-up holds its
+subscriber's place (and one of its address's turns) while it reads, so a read that
+never returned left that subscriber with nothing, no error and no close, for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from .eventlog import StoreError
+
 CATCH_UP = "catch_up"
 API = "api"
+READ_BOUND = 30.0
+"""Seconds a catch-up read may take, its wait in line included, before it counts as failed."""
+
+T = TypeVar("T")
+
+
+async def bounded(read: Awaitable[T], what: str, seconds: float = READ_BOUND) -> T:
+    """``read``'s result within ``seconds``; any failure, the timeout included, as StoreError.
+
+    A store's socket errors (``OSError``, ``TimeoutError``, PostgreSQL refusing connections)
+    would otherwise look like the subscriber's own socket failing, which ends a catch-up
+    quietly; as StoreError the subscriber is closed (1011) and resubscribes."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await read
+    except StoreError:
+        raise
+    except TimeoutError as exc:
+        raise StoreError(f"{what}: no answer within {seconds:g} s") from exc
+    except Exception as exc:
+        raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 class ReadQueue:

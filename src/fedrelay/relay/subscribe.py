@@ -18,13 +18,13 @@ from websockets.exceptions import ConnectionClosed
 from ..schemas.wire import Refused, parse_json
 from .config import RelayConfig
 from .connection import RelayConnection
-from .eventlog import EventLog
+from .eventlog import EventLog, StoreError
 from .fanout import Frame, queued_bytes
 from .http import first_param, whole_number
 from .hub import Delivery, Hub, Sequenced, Subscription
 from .metrics import RelayMetrics
 from .replies import SLOW_CONSUMER, Replies, Track, peer, valid_name
-from .store_reads import CATCH_UP
+from .store_reads import CATCH_UP, bounded
 from .turns import TurnsPerKey
 
 log = logging.getLogger("fedrelay.relay")
@@ -241,8 +241,11 @@ class SubscribeSessions:
             while run_id in sub.catching_up:
                 cursor = sub.cursors[run_id]
                 async with self._catch_up_turns.turn(getattr(conn, "address", "")):
-                    rows = await self._store.read(
-                        run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                    rows = await bounded(
+                        self._store.read(
+                            run_id, cursor, run.committed_seq, CATCH_UP_PAGE, CATCH_UP_PAGE_BYTES
+                        ),
+                        f"catch-up read of run {run_id}",
                     )
                 assert rows is not None  # skipped only for a ``wanted`` that says no
                 self._metrics.store_reads.labels(CATCH_UP, "done").inc()
@@ -267,6 +270,9 @@ class SubscribeSessions:
                     return
         except (ConnectionClosed, OSError):
             return
+        except StoreError as exc:  # the database away or slow: one line, the client resubscribes
+            log.warning("catch-up of run %s failed: %s", run_id, exc)
+            self._track(conn.close(1011, "catch-up failed"))
         except Exception:
             log.exception("catch-up of run %s failed", run_id)
             self._track(conn.close(1011, "catch-up failed"))

@@ -5,6 +5,8 @@ client address, one address with thousands of subscriptions (1024 runs per conne
 connections) put thousands of reads in that line at once, and a subscriber from anywhere else
 waited behind all of them. With a few turns per address, the others wait in their own
 address's line instead, and the reader's line holds at most a few reads of each address.
+A holder gives its turn back however it ends (done, failed, cancelled); a read that never
+returned once kept its turn for ever, so catch-up reads are bounded (``store_reads.bounded``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import asyncpg
 from ..eventlog import Restored, StoreError
 from ..hub import Run, Sequenced, with_seq
 from ..ledger import RunLedger
-from .conn import execute, fetch
+from .conn import ACQUIRE_TIMEOUT, execute, fetch, read_rows
 from .feed import CHANNEL, CommitFeed
 from .schema import HOUSEKEEPING_LOCK, migrate
 
@@ -239,7 +239,7 @@ class PgEventLog:
                 timeout=CONNECT_TIMEOUT,
                 init=self._own_connection,
             )
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 found = await migrate(conn)
                 restored = await self._restore(conn)
         except StoreError:
@@ -560,10 +560,19 @@ class PgEventLog:
         pool = self._live_pool()
         if types:
             sql = _READ_PAGE.format(types="AND type = ANY($6::text[])")
-            rows = await fetch(pool, sql, run_id, after, upto, limit, max(1, max_bytes), list(types))
+            rows = await read_rows(
+                pool, f"reading run {run_id}", sql, run_id, after, upto, limit, max(1, max_bytes), list(types)
+            )
         else:
-            rows = await fetch(
-                pool, _READ_PAGE.format(types=""), run_id, after, upto, limit, max(1, max_bytes)
+            rows = await read_rows(
+                pool,
+                f"reading run {run_id}",
+                _READ_PAGE.format(types=""),
+                run_id,
+                after,
+                upto,
+                limit,
+                max(1, max_bytes),
             )
         return [(row[0], row[1]) for row in rows]
 
@@ -573,7 +582,14 @@ class PgEventLog:
         pool = self._live_pool()
         while wanted:
             chunk = wanted[:_STORED_VERSIONS_IDS]
-            rows = await fetch(pool, _STORED_VERSIONS, producer, chunk, _STORED_VERSIONS_BYTES)
+            rows = await read_rows(
+                pool,
+                f"reading producer {producer}'s events",
+                _STORED_VERSIONS,
+                producer,
+                chunk,
+                _STORED_VERSIONS_BYTES,
+            )
             for producer_id, seq, received_at, body in rows:
                 found[producer_id] = (seq, received_at, body)
             last = rows[-1][0] if rows else chunk[-1]
@@ -581,12 +597,22 @@ class PgEventLog:
         return found
 
     async def last_seq(self, run_id: str) -> int:
-        rows = await fetch(self._live_pool(), "SELECT last_seq FROM runs WHERE run_id = $1", run_id)
+        rows = await read_rows(
+            self._live_pool(),
+            f"reading run {run_id}'s last seq",
+            "SELECT last_seq FROM runs WHERE run_id = $1",
+            run_id,
+        )
         return int(rows[0][0]) if rows else 0
 
     async def producer_position(self, producer: str) -> int | None:
-        value = await self._live_pool().fetchval("SELECT last_id FROM producers WHERE name = $1", producer)
-        return int(value) if value is not None else None
+        rows = await read_rows(
+            self._live_pool(),
+            f"reading producer {producer}'s position",
+            "SELECT last_id FROM producers WHERE name = $1",
+            producer,
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def _live_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -610,7 +636,7 @@ class PgEventLog:
         now = time.time()
         cutoff = now - self.forget_producers_after
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", HOUSEKEEPING_LOCK):
                     return 0
                 try:
