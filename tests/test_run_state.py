@@ -175,6 +175,12 @@ async def test_holding_reports_survive_disconnects_and_crashes_until_the_produce
             assert relay.get_json("/api/runs")[1]["runs"] == []  # garbage changed nothing
             await conn.send(json.dumps({"op": "holding", "runs": {"held": {"count": 3, "upto": 3}}}))
             wait_until(lambda: relay.get("/api/runs/held")[0] == 200, what="the held run")
+            # One report per session: a second one (it could create 1,000 runs each time) is refused.
+            await conn.send(json.dumps({"op": "holding", "runs": {"again": {"count": 1, "upto": 9}}}))
+            reply = json.loads(await conn.recv())
+            assert (reply["op"], reply["code"]) == ("error", "bad_holding"), reply
+            assert "one holding report per session" in reply["detail"]
+            assert relay.get("/api/runs/again")[0] == 404
         state = run_summary(relay, "held")  # disconnected: the report stands
         assert state["status"] == "running" and state["last_seq"] == 0
         assert state["incomplete"]["held_events"] == 3

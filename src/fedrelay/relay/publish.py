@@ -229,7 +229,7 @@ class PublishSessions:
             self._replies.check_size(frame)
             parsed, suspect = parse_frame(frame)
             if isinstance(parsed, dict) and "op" in parsed:  # events have no "op": a control frame
-                self._producer_control(producer, parsed)
+                self._producer_control(producer, parsed, acks)
                 return None
             raws = split_frame(parsed, self._config.max_events_per_frame)
         except Refused as exc:
@@ -349,13 +349,21 @@ class PublishSessions:
             waiter.cancel()
         return committed.done() and not committed.cancelled() and not closed.done()
 
-    def _producer_control(self, producer: str, msg: dict[str, Any]) -> None:
+    def _producer_control(self, producer: str, msg: dict[str, Any], acks: _AckState) -> None:
         """``holding`` (the one op ``hello.accepts`` lists): runs lack events until acked.
-        Anything else raises :class:`Refused`, answered with an error frame."""
+        Anything else raises :class:`Refused`, answered with an error frame.
+
+        One report per session, as the protocol says: a report may create up to
+        MAX_HOLDING_RUNS runs, and a connection repeating it would create them without bound.
+        """
         if msg.get("op") != "holding":
             op = str(msg.get("op"))[:40]
             raise Refused("bad_op", f"unknown op {op!r} on /publish; accepted: {', '.join(PRODUCER_OPS)}")
-        changed = self._hub.holding(producer, parse_holding(msg))
+        if acks.holding_reported:
+            raise Refused("bad_holding", "one holding report per session: this connection sent one already")
+        held = parse_holding(msg)
+        acks.holding_reported = True
+        changed = self._hub.holding(producer, held)
         if changed:
             self._store.save_runs(changed)
 
@@ -391,6 +399,8 @@ class _AckState:
     sent: int = 0
     ceiling: int | None = None
     """Set on a producer_conflict: no ack may reach the conflicting id."""
+    holding_reported: bool = False
+    """The session's one ``holding`` report came (a second is refused)."""
 
 
 @dataclass(slots=True)
