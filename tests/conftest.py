@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from fedrelay.emitters import Emitter
 from tests.support.no_skips import pytest_make_collect_report, pytest_runtest_makereport
 from tests.support.postgres import PgServer
 from tests.support.relay_process import RelayProcess
+from tests.support.webhook_receiver import WebhookReceiver
 
 __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: a skip is a failure
 
@@ -68,3 +70,27 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if config.pluginmanager.hasplugin("randomly"):
         seed = config.getoption("randomly_seed")
         terminalreporter.write_line(f"random test order: -p randomly --randomly-seed={seed} replays it")
+
+
+@pytest.fixture
+def receiver():
+    """A real local HTTP server that records the alerts POSTed to it (tests/support/webhook_receiver.py)."""
+    rx = WebhookReceiver().start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def emitter(tmp_path):
+    """``emitter(relay)``: a real Emitter on that relay, with its own spool, closed after the test
+    (modules that need another kind of emitter define their own)."""
+    made: list[Emitter] = []
+
+    def make(relay: RelayProcess) -> Emitter:
+        em = Emitter(relay.url, spool_dir=tmp_path / f"spool{len(made)}")
+        made.append(em)
+        return em
+
+    yield make
+    for em in made:
+        em.close(timeout=2)

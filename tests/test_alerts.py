@@ -15,67 +15,18 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pytest
 from websockets.sync.client import connect
 
 from fedrelay.emitters import Emitter
+from tests.support.alerting import end, ids, one, publish, rnd, start
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
 RULES = ["--alert-rule", "eval_metrics.val_loss > 2", "--alert-rule", "no improvement of auroc for 3 rounds"]
-
-
-@pytest.fixture
-def receiver():
-    rx = WebhookReceiver().start()
-    yield rx
-    rx.stop()
-
-
-@pytest.fixture
-def emitter(tmp_path):
-    made: list[Emitter] = []
-
-    def make(relay: RelayProcess) -> Emitter:
-        em = Emitter(relay.url, spool_dir=tmp_path / f"spool{len(made)}")
-        made.append(em)
-        return em
-
-    yield make
-    for em in made:
-        em.close(timeout=2)
-
-
-def publish(em: Emitter, run_id: str, *events: tuple[str, dict]) -> None:
-    for kind, data in events:
-        em.emit(kind, data, run_id=run_id, role="server")
-    assert em.flush(10), "the relay did not ack"
-
-
-def start(n: int = 3) -> tuple[str, dict]:
-    return ("training_start", {"experiment_name": "alerts", "num_rounds": n, "training_mode": "federated"})
-
-
-def rnd(n: int, **eval_metrics: float) -> tuple[str, dict]:
-    return ("round_end", {"round": n, "total_rounds": 9, "eval_metrics": eval_metrics})
-
-
-def end(status: str = "completed") -> tuple[str, dict]:
-    return ("training_end", {"status": status})
-
-
-def ids(rx: WebhookReceiver) -> Counter:
-    return Counter(body["id"] for body in rx.bodies())
-
-
-def one(rx: WebhookReceiver, alert: str, run_id: str) -> dict:
-    found = [b for b in rx.bodies(alert) if b["run_id"] == run_id]
-    assert len(found) == 1, (alert, run_id, rx.bodies())
-    return found[0]
 
 
 def recorded_delivered(db) -> int:

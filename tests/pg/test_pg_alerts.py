@@ -9,37 +9,14 @@ import asyncio
 import signal
 
 import asyncpg
-import pytest
 
-from fedrelay.emitters import Emitter
+from tests.support.alerting import end, ids, one, publish, rnd, start
 from tests.support.metrics import scrape
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import until, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
-from tests.test_alerts import end, ids, one, publish, rnd, start
 
 LEASE = 5
-
-
-@pytest.fixture
-def receiver():
-    rx = WebhookReceiver().start()
-    yield rx
-    rx.stop()
-
-
-@pytest.fixture
-def emitter(tmp_path):
-    made: list[Emitter] = []
-
-    def make(relay: RelayProcess) -> Emitter:
-        em = Emitter(relay.url, spool_dir=tmp_path / f"spool{len(made)}")
-        made.append(em)
-        return em
-
-    yield make
-    for em in made:
-        em.close(timeout=2)
 
 
 def counted(relays: list[RelayProcess], name: str) -> float:
