@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +41,7 @@ from .hub import Run, Sequenced
 from .ledger import RunLedger
 from .store_reads import API, CATCH_UP, ReadQueue
 from .store_repair import colliding_runs, reconcile_runs, renumber
+from .write_queue import QueuedWrites, WriteQueue
 
 log = logging.getLogger("fedrelay.store")
 
@@ -103,8 +102,6 @@ SELECT seq, body FROM (
 ) WHERE upto_here - size < ?
 """
 """A page of a run: the rows whose UTF-8 bytes before them fit the cap (the first always does)."""
-MAX_BATCH_CHARS = 4 << 20
-"""Characters of events per commit (with ``max_batch`` events)."""
 _STORED_VERSIONS = """
 SELECT producer_id, seq, received_at, body FROM (
     SELECT producer_id, seq, received_at, body, length(CAST(body AS BLOB)) AS size,
@@ -164,7 +161,7 @@ _FORGET_MAX_LAG = 10_000
 looks through them for the names it must keep."""
 
 
-class EventStore:
+class EventStore(QueuedWrites):
     """Batched, ordered writes; reads for catch-up and the HTTP API (an :class:`EventLog`)."""
 
     shared = False
@@ -191,7 +188,8 @@ class EventStore:
         """Called with (run_id, seq) when rows up to seq that this relay did not write were found."""
         self.repaired_runs: list[dict[str, Any]] = []
         """The last runs whose queued events had to move past foreign rows (for /healthz)."""
-        self.max_batch = max_batch
+        self.queue = WriteQueue(max_batch)
+        """Events accepted and not committed yet, and who waits for their commit."""
         self.retain_events = retain_events
         self.wal_restart_bytes = wal_restart_bytes
         self.forget_producers_after = forget_producers_after
@@ -207,18 +205,8 @@ class EventStore:
         self._checkpoints: asyncio.Task[None] | None = None
         self._commits_open = asyncio.Event()
         self._commits_open.set()
-        self._pending: deque[Sequenced] = deque()
-        self._pending_chars = 0
-        self._runs_to_save: set[str] = set()
-        """Runs whose row changed without a new event (their ledger): written by the next commit."""
         self._lock_file: int | None = None
-        self._appended = 0
-        self._committed = 0
-        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
-        self._wakeup = asyncio.Event()
-        self._progress = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._closing = False
         self.failing: str | None = None
         """The last write error while commits are failing, with its likely cause, else None."""
         self._failure: str | None = None
@@ -388,24 +376,12 @@ class EventStore:
             )
         return forgotten
 
-    def begin_close(self) -> None:
-        """Release producers held by backpressure: shutdown has begun."""
-        self._closing = True
-        self._wakeup.set()
-        self._progress.set()
-
     async def close(self, timeout: float = 10.0) -> int:
         """Commit what is pending (within ``timeout``), then close.
 
         Returns how many accepted events could not be committed.
         """
-        self.begin_close()
-        if self._writer is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._writer, timeout)
-        left = len(self._pending)
-        if left:
-            log.error("store: %d accepted events not committed at shutdown (%s)", left, self.failing)
+        left = await self._finish_writes(timeout)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(BaseException):
@@ -430,70 +406,20 @@ class EventStore:
 
     # -- writes ------------------------------------------------------------
 
-    @property
-    def lag(self) -> int:
-        """Events accepted but not yet committed."""
-        return len(self._pending)
-
-    @property
-    def lag_chars(self) -> int:
-        """...and their size in characters: the memory they hold."""
-        return self._pending_chars
-
-    def append(self, items: list[Sequenced]) -> None:
-        if not items:
-            return
-        self._pending.extend(items)
-        self._pending_chars += sum(len(item.body) for item in items)
-        self._appended += len(items)
-        self._wakeup.set()
-
-    def save_runs(self, run_ids: Iterable[str]) -> None:
-        """Write these runs' rows (status, summary, ledger) with the next commit, even if no
-        event of theirs is queued."""
-        before = len(self._runs_to_save)
-        self._runs_to_save.update(run_ids)
-        if len(self._runs_to_save) > before:
-            self._wakeup.set()
-
-    def queued_producers(self) -> set[str]:
-        """Producers with events accepted and not committed yet."""
-        return {item.producer for item in self._pending}
-
-    def after_commit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once everything appended so far is committed."""
-        if self._appended == self._committed:
-            asyncio.get_running_loop().call_soon(callback)
-        else:
-            self._waiters.append((self._appended, callback))
-
-    def full(self, limit: int, limit_chars: int) -> bool:
-        return len(self._pending) > limit or self._pending_chars > limit_chars
-
-    async def wait_for_room(self, limit: int, limit_chars: int) -> None:
-        """Hold a producer while more than ``limit`` events (or chars) wait for the disk."""
-        while (
-            self.full(limit, limit_chars)
-            and not self._closing
-            and self._writer is not None
-            and not self._writer.done()
-        ):
-            self._progress.clear()
-            await self._progress.wait()
-
     async def _write_loop(self) -> None:
         backoff = 0.05
         busy_since: float | None = None
+        queue = self.queue
         while True:
-            if not self._pending and not self._runs_to_save:
-                if self._closing:
+            if not queue.pending and not queue.runs_to_save:
+                if queue.closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                queue.wakeup.clear()
+                await queue.wakeup.wait()
                 continue
             if not self._commits_open.is_set():
                 await self._commits_open.wait()  # a checkpoint is letting the WAL start over
-            batch = self._next_batch()
+            batch = queue.next_batch()
             size = len(batch)
             try:
                 self._commit(batch)
@@ -525,7 +451,7 @@ class EventStore:
                     if self.failing is None:
                         log.error("store: commit failed, will retry: %s", explained)
                     self.failing = explained
-                if self._closing and backoff > 1.0:
+                if queue.closing and backoff > 1.0:
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -535,36 +461,13 @@ class EventStore:
                 log.warning("store: commits work again")
                 self.failing = self._failure = None
             backoff = 0.05
-            for _ in range(size):
-                self._pending_chars -= len(self._pending.popleft().body)
-            self._committed += size
-            self._progress.set()
+            queue.committed(size)
             try:
                 self._on_commit(batch)
             except Exception:
                 log.exception("store: delivering a committed batch failed")
-            while self._waiters and self._waiters[0][0] <= self._committed:
-                callback = self._waiters.popleft()[1]
-                try:
-                    callback()
-                except Exception:
-                    log.exception("store: a commit callback failed")
+            queue.notify()
             await asyncio.sleep(0)  # let deliveries and producers run between commits
-
-    def _next_batch(self) -> list[Sequenced]:
-        """The oldest pending events, at most ``max_batch`` and ``MAX_BATCH_CHARS`` (but one at
-        least): one commit is one delivery, and a delivery is written to every subscriber at
-        once, so this bounds what a burst adds to a subscriber's queue in one go."""
-        if self._pending_chars <= MAX_BATCH_CHARS:  # the usual case: no need to add sizes up
-            return list(itertools.islice(self._pending, self.max_batch))
-        batch: list[Sequenced] = []
-        chars = 0
-        for item in itertools.islice(self._pending, self.max_batch):
-            chars += len(item.body)
-            if batch and chars > MAX_BATCH_CHARS:
-                break
-            batch.append(item)
-        return batch
 
     def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
@@ -587,8 +490,8 @@ class EventStore:
             return False
         for run_id, top in taken.items():
             run = self._runs[run_id]
-            moved, grown = renumber(self._pending, run_id, top + 1)
-            self._pending_chars += grown
+            moved, grown = renumber(self.queue.pending, run_id, top + 1)
+            self.queue.pending_chars += grown
             old_last = run.last_seq
             run.last_seq = top + moved
             log.error(
@@ -627,7 +530,7 @@ class EventStore:
             )
             item.type = "error"
             item.producer_id = None
-            self._pending_chars -= len(item.body)
+            self.queue.pending_chars -= len(item.body)
             item.body = encode(
                 {
                     "type": "error",
@@ -639,7 +542,7 @@ class EventStore:
                 }
             )
             item._legacy = None
-            self._pending_chars += len(item.body)
+            self.queue.pending_chars += len(item.body)
         return found
 
     async def _checkpoint_loop(self) -> None:
@@ -743,7 +646,7 @@ class EventStore:
             if item.producer_id is not None:
                 positions[item.producer] = item.producer_id
         run_seqs = dict(last_seqs)
-        for run_id in self._runs_to_save.difference(last_seqs):
+        for run_id in self.queue.runs_to_save.difference(last_seqs):
             run = self._runs.get(run_id)
             if run is not None:
                 run_seqs[run_id] = run.committed_seq
@@ -754,7 +657,7 @@ class EventStore:
             db.executemany(_UPSERT_PRODUCER, [(name, last, now) for name, last in positions.items()])
         pruned = self._prune(last_seqs) if self.retain_events else []
         db.execute("COMMIT")
-        self._runs_to_save.clear()  # only now: a failed commit keeps them for the retry
+        self.queue.runs_to_save.clear()  # only now: a failed commit keeps them for the retry
         self.commits += 1
         self.last_commit_seconds = time.perf_counter() - started
         for run_id, first_seq in pruned:
@@ -826,7 +729,7 @@ class EventStore:
                         self._forgetting_failed = False
                     return forgotten
                 after = (rows[-1][2], rows[-1][0])
-                if len(self._pending) > _FORGET_MAX_LAG:
+                if self.queue.lag > _FORGET_MAX_LAG:
                     return None
                 waiting = self.queued_producers()
                 doomed = [(rowid, name) for rowid, name, _ in rows if name not in waiting and not keep(name)]
@@ -851,7 +754,7 @@ class EventStore:
             await self._commits_open.wait()
         return (
             self._db is not None
-            and not self._closing
+            and not self.queue.closing
             and self.failing is None
             and not self._db.in_transaction
         )
@@ -916,12 +819,6 @@ class EventStore:
         """The stored position of ``producer`` (what ``hello.last_id`` reports)."""
         rows = await self._fetch(CATCH_UP, "SELECT last_id FROM producers WHERE name = ?", (producer,))
         return rows[0][0] if rows else None
-
-    async def all_committed(self) -> None:
-        """Wait until everything appended so far is committed."""
-        done = asyncio.get_running_loop().create_future()
-        self.after_commit(lambda: done.done() or done.set_result(None))
-        await done
 
     async def _fetch(
         self, queue: str, sql: str, params: tuple[Any, ...], wanted: Callable[[], bool] | None = None

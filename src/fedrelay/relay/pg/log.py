@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,13 +30,13 @@ import asyncpg
 from ..eventlog import Restored, StoreError
 from ..hub import Run, Sequenced, with_seq
 from ..ledger import RunLedger
+from ..write_queue import QueuedWrites, WriteQueue
 from .conn import ACQUIRE_TIMEOUT, execute, fetch, read_rows
 from .feed import CHANNEL, CommitFeed
 from .schema import HOUSEKEEPING_LOCK, migrate
 
 log = logging.getLogger("fedrelay.store")
 
-MAX_BATCH_CHARS = 4 << 20
 COMMAND_TIMEOUT = 10.0
 """Seconds a statement may take: a network cut with no reset shows as a failed commit."""
 CONNECT_TIMEOUT = 5.0
@@ -154,7 +152,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-class PgEventLog:
+class PgEventLog(QueuedWrites):
     """An :class:`~fedrelay.relay.eventlog.EventLog` on PostgreSQL, for several relays."""
 
     shared = True
@@ -175,7 +173,8 @@ class PgEventLog:
         self.path = redacted(url)
         self._runs = runs
         self._on_commit = on_commit
-        self.max_batch = max_batch
+        self.queue = WriteQueue(max_batch)
+        """Events accepted and not committed yet, and who waits for their commit."""
         self.forget_producers_after = forget_producers_after
         self.retain_events = retain_events
         """Events kept per run (0: all): the node that commits to a run prunes it."""
@@ -184,19 +183,9 @@ class PgEventLog:
         self.repaired_runs: list[dict[str, Any]] = []
         self._pool: asyncpg.Pool | None = None
         self.feed: CommitFeed | None = None
-        self._pending: deque[Sequenced] = deque()
-        self._pending_chars = 0
-        self._runs_to_save: set[str] = set()
-        """Runs whose summary changed without an event (their ledger): saved soon."""
         self._summaries_due: set[str] = set()
         """Runs this node committed events to since their summaries were last saved."""
-        self._appended = 0
-        self._committed = 0
-        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
-        self._wakeup = asyncio.Event()
-        self._progress = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._closing = False
         self._write_failing: str | None = None
         self._own_pids: set[int] = set()
         """Server pids of this node's pool connections."""
@@ -291,19 +280,8 @@ class PgEventLog:
         producers = {name: last for name, last in await conn.fetch("SELECT name, last_id FROM producers")}
         return Restored(runs, producers)
 
-    def begin_close(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-        self._progress.set()
-
     async def close(self, timeout: float = 10.0) -> int:
-        self.begin_close()
-        if self._writer is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._writer, timeout)
-        left = len(self._pending)
-        if left:
-            log.error("store: %d accepted events not committed at shutdown (%s)", left, self.failing)
+        left = await self._finish_writes(timeout)
         if self.feed is not None:
             await self.feed.stop()
         await self._close_pool()
@@ -319,92 +297,32 @@ class PgEventLog:
 
     # -- writes ------------------------------------------------------------
 
-    @property
-    def lag(self) -> int:
-        return len(self._pending)
-
-    @property
-    def lag_chars(self) -> int:
-        return self._pending_chars
-
-    def append(self, items: list[Sequenced]) -> None:
-        if not items:
-            return
-        self._pending.extend(items)
-        self._pending_chars += sum(len(item.body) for item in items)
-        self._appended += len(items)
-        self._wakeup.set()
-
-    def save_runs(self, run_ids: Iterable[str]) -> None:
-        before = len(self._runs_to_save)
-        self._runs_to_save.update(run_ids)
-        if len(self._runs_to_save) > before:
-            self._wakeup.set()
-
-    def queued_producers(self) -> set[str]:
-        return {item.producer for item in self._pending}
-
-    def after_commit(self, callback: Callable[[], None]) -> None:
-        if self._appended == self._committed:
-            asyncio.get_running_loop().call_soon(callback)
-        else:
-            self._waiters.append((self._appended, callback))
-
-    async def all_committed(self) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self.after_commit(lambda: done.done() or done.set_result(None))
-        await done
-
-    def full(self, limit: int, limit_chars: int) -> bool:
-        return len(self._pending) > limit or self._pending_chars > limit_chars
-
-    async def wait_for_room(self, limit: int, limit_chars: int) -> None:
-        while (
-            self.full(limit, limit_chars)
-            and not self._closing
-            and self._writer is not None
-            and not self._writer.done()
-        ):
-            self._progress.clear()
-            await self._progress.wait()
-
-    def _next_batch(self) -> list[Sequenced]:
-        if self._pending_chars <= MAX_BATCH_CHARS:
-            return list(itertools.islice(self._pending, self.max_batch))
-        batch: list[Sequenced] = []
-        chars = 0
-        for item in itertools.islice(self._pending, self.max_batch):
-            chars += len(item.body)
-            if batch and chars > MAX_BATCH_CHARS:
-                break
-            batch.append(item)
-        return batch
-
     async def _write_loop(self) -> None:
         backoff = 0.05
         raced = 0
         saved_at = time.monotonic()
+        queue = self.queue
         while True:
-            due = self._runs_to_save or (
-                self._summaries_due and (self._closing or time.monotonic() - saved_at >= SUMMARIES_EVERY)
+            due = queue.runs_to_save or (
+                self._summaries_due and (queue.closing or time.monotonic() - saved_at >= SUMMARIES_EVERY)
             )
-            if not self._pending and not due:
-                if self._closing:
+            if not queue.pending and not due:
+                if queue.closing:
                     return
-                self._wakeup.clear()
+                queue.wakeup.clear()
                 timeout = SUMMARIES_EVERY if self._summaries_due else None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    await asyncio.wait_for(queue.wakeup.wait(), timeout)
                 continue
             try:
                 if due:
-                    saving = self._runs_to_save | self._summaries_due
+                    saving = queue.runs_to_save | self._summaries_due
                     await self._save_summaries(saving)
-                    self._runs_to_save -= saving
+                    queue.runs_to_save -= saving
                     self._summaries_due -= saving
                     saved_at = time.monotonic()
                     continue
-                batch = self._next_batch()
+                batch = queue.next_batch()
                 self._commit_since = time.monotonic()
                 try:
                     stored = await self._commit(batch)
@@ -415,13 +333,13 @@ class PgEventLog:
                 if raced <= _RACES_RETRIED_AT_ONCE:
                     continue
                 await self._failed(exc, backoff)  # a race that does not go away: not on a busy loop
-                if self._closing and backoff > 1.0:
+                if queue.closing and backoff > 1.0:
                     return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             except Exception as exc:  # the database away, a network cut: keep and retry
                 await self._failed(exc, backoff)
-                if self._closing and backoff > 1.0:
+                if queue.closing and backoff > 1.0:
                     return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
@@ -430,10 +348,7 @@ class PgEventLog:
                 log.warning("store: commits work again")
                 self._write_failing = None
             backoff = 0.05
-            for _ in batch:
-                self._pending_chars -= len(self._pending.popleft().body)
-            self._committed += len(batch)
-            self._progress.set()
+            queue.committed(len(batch))
             if self.feed is not None and stored:
                 try:
                     self.feed.local(stored)
@@ -441,12 +356,7 @@ class PgEventLog:
                     log.exception("store: delivering a committed batch failed")
             if self.retain_events and stored:
                 await self._prune(stored)
-            while self._waiters and self._waiters[0][0] <= self._committed:
-                callback = self._waiters.popleft()[1]
-                try:
-                    callback()
-                except Exception:
-                    log.exception("store: a commit callback failed")
+            queue.notify()
             await asyncio.sleep(0)
 
     async def _prune(self, stored: list[Sequenced]) -> None:
