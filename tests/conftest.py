@@ -12,11 +12,18 @@ __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: 
 
 
 @pytest.fixture
-def relay(tmp_path):
-    """A real relay process with a fresh SQLite file."""
+def sqlite_relay(tmp_path):
+    """A real relay process with a fresh SQLite file, by a name that a both-backend module's
+    own ``relay`` leaves alone: for its tests that read or lock the SQLite file itself."""
     proc = RelayProcess(tmp_path / "relay.db").start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def relay(sqlite_relay):
+    """A real relay process with a fresh SQLite file."""
+    return sqlite_relay
 
 
 @pytest.fixture(scope="session")
