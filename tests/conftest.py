@@ -61,8 +61,10 @@ def relay_factory(tmp_path):
     """Start relays with extra flags; all are stopped at the end."""
     started: list[RelayProcess] = []
 
-    def make(*args: str, db=None, env=None, port=None) -> RelayProcess:
-        proc = RelayProcess(db or tmp_path / f"relay{len(started)}.db", args=list(args), env=env, port=port)
+    def make(*args: str, db=None, env=None, port=None, log_dir=None) -> RelayProcess:
+        proc = RelayProcess(
+            db or tmp_path / f"relay{len(started)}.db", args=list(args), env=env, port=port, log_dir=log_dir
+        )
         started.append(proc)
         return proc.start()
 

@@ -17,6 +17,7 @@ import pytest
 from tests.support.clients import Collector, ResendingProducer, event
 from tests.support.metrics import scrape, wait_for_metric
 from tests.support.raw_http import read_response, request, status_of
+from tests.support.relay_process import RelayProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,6 +25,18 @@ BIG = 8000
 PAD = "b" * 2000
 """~2 KB events: an events page (4 MiB at most) is ~2000 of them, tens of ms to read."""
 SMALL = 200
+
+
+@pytest.fixture
+def relay_factory(relay_factory, backend_db, tmp_path):
+    """Each test on both backends: its relay on a fresh SQLite file or PostgreSQL database."""
+
+    def make(*args: str) -> RelayProcess:
+        if backend_db.startswith("postgresql"):
+            return relay_factory(*args, db=backend_db, log_dir=tmp_path)
+        return relay_factory(*args, db=backend_db)
+
+    return make
 
 
 async def stored_runs(relay) -> None:
