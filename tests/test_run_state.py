@@ -91,8 +91,10 @@ class Federation:
         return [self.server, *self.clients]
 
 
-def test_relay_down_until_the_end_then_sync_per_host_turns_incomplete_into_completed(tmp_path):
-    relay = RelayProcess(tmp_path / "relay.db").start()
+def test_relay_down_until_the_end_then_sync_per_host_turns_incomplete_into_completed(tmp_path, backend_db):
+    """On both backends (the holding and old-database tests below read or write the SQLite file
+    itself, so they stay on SQLite)."""
+    relay = RelayProcess(backend_db, log_dir=tmp_path).start()
     fed = Federation(relay.url, tmp_path)
     try:
         fed.server.emit("training_start", {"training_mode": "federated", "num_rounds": 3,
