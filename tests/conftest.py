@@ -12,11 +12,18 @@ __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]  # hooks: 
 
 
 @pytest.fixture
-def relay(tmp_path):
-    """A real relay process with a fresh SQLite file."""
+def sqlite_relay(tmp_path):
+    """A real relay process with a fresh SQLite file, by a name that a both-backend module's
+    own ``relay`` leaves alone: for its tests that read or lock the SQLite file itself."""
     proc = RelayProcess(tmp_path / "relay.db").start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def relay(sqlite_relay):
+    """A real relay process with a fresh SQLite file."""
+    return sqlite_relay
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +61,10 @@ def relay_factory(tmp_path):
     """Start relays with extra flags; all are stopped at the end."""
     started: list[RelayProcess] = []
 
-    def make(*args: str, db=None, env=None, port=None) -> RelayProcess:
-        proc = RelayProcess(db or tmp_path / f"relay{len(started)}.db", args=list(args), env=env, port=port)
+    def make(*args: str, db=None, env=None, port=None, log_dir=None) -> RelayProcess:
+        proc = RelayProcess(
+            db or tmp_path / f"relay{len(started)}.db", args=list(args), env=env, port=port, log_dir=log_dir
+        )
         started.append(proc)
         return proc.start()
 

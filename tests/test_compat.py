@@ -13,6 +13,12 @@ from tests.support.clients import Collector, ResendingProducer, event, recv_json
 from tests.support.waiting import wait_until
 
 
+@pytest.fixture
+def relay(backend_relay):
+    """Each test that takes ``relay`` on both backends: one SQLite relay, one PostgreSQL relay."""
+    return backend_relay
+
+
 async def legacy_send(url: str, message: dict) -> None:
     """The hand-rolled sender: a new connection per message."""
     async with connect(url + "/") as conn:

@@ -33,6 +33,14 @@ METRIC_NAMES = [
 ]
 
 
+@pytest.fixture
+def relay(backend_relay):
+    """Each test that takes ``relay`` on both backends: one SQLite relay, one PostgreSQL relay.
+    The read-only checks on ``shared_relay`` (input validation, the dashboard's files) and the
+    tests that build an SQLite file stay on SQLite."""
+    return backend_relay
+
+
 @pytest.fixture(scope="module")
 def shared_relay(tmp_path_factory):
     """One relay for the read-only checks, with run "x" (3 events) in it."""

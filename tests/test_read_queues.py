@@ -17,6 +17,7 @@ import pytest
 from tests.support.clients import Collector, ResendingProducer, event
 from tests.support.metrics import scrape, wait_for_metric
 from tests.support.raw_http import read_response, request, status_of
+from tests.support.relay_process import RelayProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,6 +25,18 @@ BIG = 8000
 PAD = "b" * 2000
 """~2 KB events: an events page (4 MiB at most) is ~2000 of them, tens of ms to read."""
 SMALL = 200
+
+
+@pytest.fixture
+def backend_relay_factory(relay_factory, backend_db, tmp_path):
+    """A test on both backends: its relay on a fresh SQLite file or PostgreSQL database."""
+
+    def make(*args: str) -> RelayProcess:
+        if backend_db.startswith("postgresql"):
+            return relay_factory(*args, db=backend_db, log_dir=tmp_path)
+        return relay_factory(*args, db=backend_db)
+
+    return make
 
 
 async def stored_runs(relay) -> None:
@@ -38,8 +51,8 @@ def address(i: int) -> str:
     return f"127.0.1.{1 + i % 250}"
 
 
-async def test_reads_for_clients_already_gone_are_skipped(relay_factory):
-    relay = relay_factory("--replay-size", "10")
+async def test_reads_for_clients_already_gone_are_skipped(backend_relay_factory):
+    relay = backend_relay_factory("--replay-size", "10")
     await stored_runs(relay)
     target = request("/api/runs/big/events?limit=10000")
     count = 300
@@ -73,7 +86,11 @@ async def test_reads_for_clients_already_gone_are_skipped(relay_factory):
 
 async def test_catch_up_reads_do_not_wait_behind_api_reads(relay_factory):
     """40 clients (40 addresses) ask for 4 MiB event pages; while the relay works through
-    them, a new subscriber's catch-up is served from its own reader, not after them."""
+    them, a new subscriber's catch-up is served from its own reader, not after them.
+
+    SQLite only: the PostgreSQL store serves catch-up and API reads from one pool of 4
+    connections, so there the catch-up ends after 20 to 40 of the 40 pages (a relay
+    difference, reported; see docs/testing.md)."""
     relay = relay_factory("--replay-size", "10")
     await stored_runs(relay)
     clients = 40

@@ -12,14 +12,17 @@ relay process killed and restarted on its database, `fedrelay sync`, and the `ho
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import asyncpg
 import pytest
 from websockets.asyncio.client import connect
 
@@ -91,8 +94,9 @@ class Federation:
         return [self.server, *self.clients]
 
 
-def test_relay_down_until_the_end_then_sync_per_host_turns_incomplete_into_completed(tmp_path):
-    relay = RelayProcess(tmp_path / "relay.db").start()
+def test_relay_down_until_the_end_then_sync_per_host_turns_incomplete_into_completed(tmp_path, backend_db):
+    """On both backends (the old-database test below writes an old SQLite file: SQLite only)."""
+    relay = RelayProcess(backend_db, log_dir=tmp_path).start()
     fed = Federation(relay.url, tmp_path)
     try:
         fed.server.emit("training_start", {"training_mode": "federated", "num_rounds": 3,
@@ -146,16 +150,30 @@ def test_relay_down_until_the_end_then_sync_per_host_turns_incomplete_into_compl
         relay.stop()
 
 
-def ledger_on_disk(db: Path, run_id: str) -> dict:
+def ledger_on_disk(db: str, run_id: str) -> dict:
     """The run's ledger as the relay committed it (read-only: the relay keeps writing)."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        row = conn.execute("SELECT ledger FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    return json.loads(row[0]) if row else {}
+    if db.startswith("postgresql://"):
+        with ThreadPoolExecutor(1) as pool:  # its own event loop: the test's is blocked here
+            text = pool.submit(asyncio.run, pg_ledger(db, run_id)).result(timeout=30)
+    else:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            row = conn.execute("SELECT ledger FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        text = row[0] if row else None
+    return json.loads(text) if text else {}
 
 
-async def test_holding_reports_survive_disconnects_and_crashes_until_the_producer_is_acked(tmp_path):
-    db = tmp_path / "relay.db"
-    relay = RelayProcess(db).start()
+async def pg_ledger(db: str, run_id: str) -> str | None:
+    conn = await asyncpg.connect(db, timeout=10)
+    try:
+        return await conn.fetchval("SELECT ledger FROM runs WHERE run_id = $1", run_id)
+    finally:
+        await conn.close()
+
+
+async def test_holding_reports_survive_disconnects_and_crashes_until_the_producer_is_acked(
+    tmp_path, backend_db
+):
+    relay = RelayProcess(backend_db, log_dir=tmp_path).start()
     url = f"{relay.url}/publish?producer=holder"
     try:
         async with connect(url) as conn:
@@ -185,7 +203,7 @@ async def test_holding_reports_survive_disconnects_and_crashes_until_the_produce
         assert state["status"] == "running" and state["last_seq"] == 0
         assert state["incomplete"]["held_events"] == 3
 
-        wait_until(lambda: "holding" in ledger_on_disk(db, "held"), what="the report on disk")
+        wait_until(lambda: "holding" in ledger_on_disk(backend_db, "held"), what="the report on disk")
         relay.kill()
         relay.start()
         assert run_summary(relay, "held")["incomplete"]["held_events"] == 3

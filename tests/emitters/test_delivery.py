@@ -6,9 +6,17 @@ import math
 import threading
 from datetime import datetime
 
+import pytest
+
 from tests.support.relay_process import RelayProcess, free_port
 from tests.support.stored import stored_events
 from tests.support.waiting import wait_until
+
+
+@pytest.fixture
+def relay(backend_relay):
+    """Each test that takes ``relay`` on both backends: one SQLite relay, one PostgreSQL relay."""
+    return backend_relay
 
 
 def test_events_arrive_in_order_exactly_once_with_ids_and_timestamps(relay, make_emitter):

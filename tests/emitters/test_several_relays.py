@@ -15,12 +15,21 @@ import sys
 import textwrap
 import threading
 
+import pytest
+
 from fedrelay.emitters import Emitter
 from fedrelay.emitters.config import default_spool_dir
 from tests.support.relay_process import RelayProcess, free_port
 from tests.support.spool import spooled_count
 from tests.support.stored import stored_events
 from tests.support.waiting import wait_until
+
+
+@pytest.fixture
+def relay(backend_relay):
+    """Each test that takes ``relay`` on both backends; the kill-and-restart and sync tests
+    start their SQLite relays themselves."""
+    return backend_relay
 
 
 def dead_url() -> str:

@@ -68,6 +68,26 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(f"{SEED}:{request.node.name}")
 
 
+class FreshDb:
+    """Each round's ``--db`` on one backend: a fresh SQLite file in the round's work dir, or a
+    fresh database of the suite's own PostgreSQL."""
+
+    def __init__(self, backend: str, pg_server: Any = None) -> None:
+        self.backend = backend
+        self.pg_server = pg_server
+
+    def __call__(self, work: Path) -> str:
+        return str(work / "relay.db") if self.pg_server is None else self.pg_server.fresh_db()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_db(request: pytest.FixtureRequest) -> FreshDb:
+    """A scenario on each backend (the figures it records name which)."""
+    if request.param == "sqlite":
+        return FreshDb("sqlite")
+    return FreshDb("postgresql", request.getfixturevalue("pg_server"))
+
+
 HTTP_POLL = 0.02
 """Seconds between checks that cost an HTTP request to the relay under test."""
 
@@ -496,7 +516,7 @@ def spooled_ids(spool: Path, producer: str) -> set[int]:
 
 @pytest.mark.timeout(90 * rounds())
 async def test_producer_sigkilled_mid_stream_keeps_its_durability_contract(
-    tmp_path: Path, rng: random.Random
+    tmp_path: Path, rng: random.Random, new_db: FreshDb
 ):
     """docs/emitters.md: acked events are stored; spooled ones (segment renamed into place, or
     ``persist()`` returned True) are delivered by the next Emitter on the spool dir or by
@@ -506,15 +526,16 @@ async def test_producer_sigkilled_mid_stream_keeps_its_durability_contract(
     one killed before it; ``fedrelay sync`` delivers what is left after the last kill."""
     started = time.monotonic()
     tally = Tally()
+    tally.extra["backend"] = new_db.backend
     for n in range(rounds()):
-        await producer_kill_round(tmp_path / f"round{n}", rng, tally)
+        await producer_kill_round(tmp_path / f"round{n}", rng, tally, new_db)
     tally.record("faults:producer_sigkill", started)
 
 
-async def producer_kill_round(work: Path, rng: random.Random, tally: Tally) -> None:
+async def producer_kill_round(work: Path, rng: random.Random, tally: Tally, new_db: FreshDb) -> None:
     """Three producers of 60,000 events on one spool dir, each SIGKILLed 0-1 s after it started."""
     work.mkdir(parents=True)
-    relay = RelayProcess(work / "relay.db").start()
+    relay = RelayProcess(new_db(work), log_dir=work).start()
     spool = work / "spool"
     kills, count = 3, 60_000
     durable: dict[int, int] = {}
@@ -589,21 +610,24 @@ def assert_no_duplicates(events: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.timeout(90 * rounds())
-async def test_subscribers_dropped_and_resumed_dozens_of_times(tmp_path: Path, rng: random.Random):
+async def test_subscribers_dropped_and_resumed_dozens_of_times(
+    tmp_path: Path, rng: random.Random, new_db: FreshDb
+):
     """A small replay ring makes resumes page from the store while commits land, and switch to
     live mid-stream: the hand-over the protocol promises is gap-free and duplicate-free."""
     started = time.monotonic()
     tally = Tally()
+    tally.extra["backend"] = new_db.backend
     for n in range(rounds()):
-        await drop_round(tmp_path / f"round{n}", rng, tally)
+        await drop_round(tmp_path / f"round{n}", rng, tally, new_db)
     tally.record("faults:subscriber_drops", started)
 
 
-async def drop_round(work: Path, rng: random.Random, tally: Tally) -> None:
+async def drop_round(work: Path, rng: random.Random, tally: Tally, new_db: FreshDb) -> None:
     """Three subscribers dropping at random moments while at least 60,000 events stream; the
     stream goes on until two dozen drops have landed in it, however slow this machine is."""
     work.mkdir(parents=True)
-    relay = RelayProcess(work / "relay.db", args=["--replay-size", "200"]).start()
+    relay = RelayProcess(new_db(work), args=["--replay-size", "200"], log_dir=work).start()
     count, in_stream = 60_000, 24
     followers = [
         Follower(relay.url, "dropped", f"s{n}", plan=drop_plan(random.Random(rng.random()), count // 600))
