@@ -12,11 +12,13 @@ the log, in seq order per run: for PostgreSQL that includes other nodes' batches
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .hub import Run, Sequenced
+from .ledger import RunLedger
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -24,6 +26,28 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def is_postgres_url(db: str) -> bool:
     """Whether a ``--db`` value names a PostgreSQL database rather than a SQLite file."""
     return db.startswith(POSTGRES_SCHEMES)
+
+
+RUN_COLUMNS = "run_id, status, created_at, updated_at, started_at, ended_at, {seq}, first_seq, info, ledger"
+"""The runs table's columns a start reads back, in :func:`restored_run`'s order (``{seq}``: the
+column holding the seq the row summarises, named differently by the two logs)."""
+
+
+def restored_run(row: Sequence[Any]) -> Run:
+    """A run as its row in the runs table keeps it (both logs store the same summary)."""
+    run = Run(
+        run_id=row[0],
+        status=row[1],
+        created_at=row[2],
+        updated_at=row[3],
+        started_at=row[4],
+        ended_at=row[5],
+        info=json.loads(row[8]),
+        ledger=RunLedger.from_json(row[9]),
+    )
+    run.last_seq = row[6]
+    run.first_seq = row[7]
+    return run
 
 
 @dataclass(slots=True)

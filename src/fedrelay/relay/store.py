@@ -36,9 +36,8 @@ from typing import Any
 import aiosqlite
 
 from ..schemas.wire import encode
-from .eventlog import Restored, StoreError
+from .eventlog import RUN_COLUMNS, Restored, StoreError, restored_run
 from .hub import Run, Sequenced
-from .ledger import RunLedger
 from .store_reads import API, CATCH_UP, ReadQueue
 from .store_repair import colliding_runs, reconcile_runs, renumber
 from .write_queue import QueuedWrites, WriteQueue
@@ -306,24 +305,9 @@ class EventStore(QueuedWrites):
     def _restore(self) -> Restored:
         assert self._db is not None
         runs = []
-        query = (
-            "SELECT run_id, status, created_at, updated_at, started_at, ended_at,"
-            " last_seq, first_seq, info, ledger FROM runs ORDER BY created_at, rowid"
-        )
+        query = f"SELECT {RUN_COLUMNS.format(seq='last_seq')} FROM runs ORDER BY created_at, rowid"
         for row in self._db.execute(query):
-            run = Run(
-                run_id=row[0],
-                status=row[1],
-                created_at=row[2],
-                updated_at=row[3],
-                started_at=row[4],
-                ended_at=row[5],
-                info=json.loads(row[8]),
-                ledger=RunLedger.from_json(row[9]),
-            )
-            run.last_seq = row[6]
-            run.first_seq = row[7]
-            runs.append(run)
+            runs.append(restored_run(row))
         by_id = {run.run_id: run for run in runs}
         reconciled = reconcile_runs(self._db, by_id)
         if reconciled:

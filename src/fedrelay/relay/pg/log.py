@@ -27,9 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ..eventlog import Restored, StoreError
+from ..eventlog import RUN_COLUMNS, Restored, StoreError, restored_run
 from ..hub import Run, Sequenced, with_seq
-from ..ledger import RunLedger
 from ..write_queue import QueuedWrites, WriteQueue
 from .conn import ACQUIRE_TIMEOUT, execute, fetch, read_rows
 from .feed import CHANNEL, CommitFeed
@@ -260,23 +259,10 @@ class PgEventLog(QueuedWrites):
     async def _restore(self, conn: asyncpg.Connection) -> Restored:
         runs = []
         rows = await conn.fetch(
-            "SELECT run_id, status, created_at, updated_at, started_at, ended_at, summary_seq, first_seq,"
-            " info, ledger FROM runs ORDER BY created_at, run_id"
+            f"SELECT {RUN_COLUMNS.format(seq='summary_seq')} FROM runs ORDER BY created_at, run_id"
         )
         for row in rows:
-            run = Run(
-                run_id=row[0],
-                status=row[1],
-                created_at=row[2],
-                updated_at=row[3],
-                started_at=row[4],
-                ended_at=row[5],
-                info=json.loads(row[8]),
-                ledger=RunLedger.from_json(row[9]),
-            )
-            run.last_seq = row[6]  # the summary's seq: the feed folds the events after it
-            run.first_seq = row[7]
-            runs.append(run)
+            runs.append(restored_run(row))  # last_seq: the summary's; the feed folds what follows
         producers = {name: last for name, last in await conn.fetch("SELECT name, last_id FROM producers")}
         return Restored(runs, producers)
 
