@@ -28,7 +28,6 @@ the last commits after the event log has closed its pool.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -39,7 +38,7 @@ import asyncpg
 
 from ..alerts.outbox import Pending, Restored
 from ..eventlog import StoreError
-from .conn import execute
+from .conn import close_pool, execute
 from .log import COMMAND_TIMEOUT, CONNECT_TIMEOUT, redacted
 from .schema import ADOPT_LOCK, migrate
 
@@ -209,7 +208,4 @@ class PgAlertLog:
     async def _close_pool(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), 5.0)
-            except Exception:
-                pool.terminate()
+            await close_pool(pool)

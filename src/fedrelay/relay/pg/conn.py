@@ -78,3 +78,11 @@ async def read_rows(pool: asyncpg.Pool, what: str, sql: str, *args: Any) -> list
         raise
     except Exception as exc:
         raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close a pool, waiting at most 5 s for its connections to be given back, then cut them."""
+    try:
+        await asyncio.wait_for(pool.close(), 5.0)
+    except Exception:
+        pool.terminate()

@@ -30,7 +30,7 @@ import asyncpg
 from ..eventlog import RUN_COLUMNS, Restored, StoreError, restored_run
 from ..hub import Run, Sequenced, with_seq
 from ..write_queue import QueuedWrites, WriteQueue
-from .conn import ACQUIRE_TIMEOUT, execute, fetch, read_rows
+from .conn import ACQUIRE_TIMEOUT, close_pool, execute, fetch, read_rows
 from .feed import CHANNEL, CommitFeed
 from .schema import HOUSEKEEPING_LOCK, migrate
 
@@ -276,10 +276,7 @@ class PgEventLog(QueuedWrites):
     async def _close_pool(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), 5.0)
-            except Exception:
-                pool.terminate()
+            await close_pool(pool)
 
     # -- writes ------------------------------------------------------------
 
