@@ -30,6 +30,7 @@ class TlsProxy:
         """TCP connections accepted, whether their TLS handshake succeeded or not."""
         self.handshakes = 0
         """Completed TLS handshakes."""
+        self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -46,9 +47,16 @@ class TlsProxy:
         return f"https://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        """Close the listener and every connection both ways, then stop the loop: a connection
+        left open would keep the relay's side waiting for its close."""
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    async def _close(self) -> None:
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -59,6 +67,13 @@ class TlsProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
+        try:
+            await self._relay(reader, writer)
+        finally:
+            self._writers.discard(writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await writer.start_tls(self.context, ssl_handshake_timeout=10)
         except (OSError, ssl.SSLError, TimeoutError):
@@ -70,7 +85,11 @@ class TlsProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
 
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

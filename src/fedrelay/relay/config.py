@@ -178,9 +178,9 @@ class RelayConfig(BaseSettings):
     """Seconds without events after which a running run shows as stalled (inactive when only
     clients stream it)."""
     ping_interval: float = Field(20.0, ge=0)
-    """Seconds between keepalive pings."""
+    """Seconds between keepalive pings (0: none)."""
     ping_timeout: float = Field(20.0, ge=0)
-    """Seconds to wait for a pong before the connection is closed."""
+    """Seconds to wait for a pong before the connection is closed (0: no limit)."""
     compression: bool = False
     """permessage-deflate: saves bandwidth, costs CPU per subscriber."""
     alert_webhook: Annotated[list[str], Flag(metavar="URL")] = Field(default_factory=list, repr=False)

@@ -7,6 +7,11 @@
 - With TLS, the TCP connection is counted at accept and the TLS handshake runs here
   (``loop.start_tls``), under the same slots: asyncio only calls ``connection_made`` once the
   handshake is done, so a server given ``ssl=`` cannot count the connections still in theirs.
+- Once a closing handshake has started, the TCP connection gets ``close_timeout`` to end. websockets
+  sets that deadline when the peer sends its close frame but enforces it only when the relay next
+  sends something (in practice the next keepalive ping): a peer that answered the handshake and
+  kept its socket open held its slot, and the relay's shutdown, until then, or for ever with
+  ``--ping-interval 0``. Here a timer aborts it at the deadline.
 - With permessage-deflate, a few KiB on the wire can inflate to megabytes. websockets decodes
   every complete frame of a socket read before its read-ahead limit (``max_queue`` frames) can
   stop it, so one 256 KiB read of deflated frames could become gigabytes. Here a compressed
@@ -86,6 +91,9 @@ class RelayConnection(ServerConnection):
     _tls_up: bool = False
     """With TLS: the WebSocket connection runs on the TLS transport (its ``connection_made`` ran)."""
     _released: bool = False
+    _close_deadline: float | None = None
+    _close_timer: asyncio.TimerHandle | None = None
+    """Aborts the TCP connection at ``close_deadline`` if the peer has not closed it by then."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tls is not None and not self._accepted:
@@ -179,6 +187,8 @@ class RelayConnection(ServerConnection):
             return
         super().connection_lost(exc)
         self._held = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._release()
 
     def _release(self) -> None:
@@ -215,6 +225,25 @@ class RelayConnection(ServerConnection):
             super().data_received(data)
         if self._configured:
             self._check_unread()
+
+    @property
+    def close_deadline(self) -> float | None:  # type: ignore[override]
+        """When the TCP connection must have ended, once a closing handshake has begun.
+
+        websockets sets it (whichever side began) and checks it only in its next send; setting it
+        here also starts the timer that enforces it.
+        """
+        return self._close_deadline
+
+    @close_deadline.setter
+    def close_deadline(self, deadline: float | None) -> None:
+        self._close_deadline = deadline
+        if deadline is not None and self._close_timer is None:
+            self._close_timer = self.loop.call_at(deadline, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        log.debug("%s did not close its connection after the closing handshake: aborted", self.address)
+        self.transport.abort()  # also when a close() waits on a write buffer the peer never reads
 
     def _check_unread(self) -> None:
         """Cut a peer whose unread backlog is past the hard bound, whatever queued it.

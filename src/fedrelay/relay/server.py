@@ -160,8 +160,8 @@ class Relay:
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_frame_bytes * HARD_SIZE_FACTOR,
             max_queue=READ_AHEAD_FRAMES,
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout,
+            ping_interval=cfg.ping_interval or None,  # 0: no keepalive (websockets takes None)
+            ping_timeout=cfg.ping_timeout or None,
             close_timeout=5,
             server_header=None,
         )

@@ -3,7 +3,8 @@
 fanout.py writes one framed payload to many transports (``protocol.state``,
 ``protocol.extensions``, ``protocol.send_text``, ``connection.send_data``,
 ``connection.transport``), and connection.py bounds what a compressed connection inflates
-(``recv_messages.paused`` and its ``resume`` hook, the protocol's message size limit). A
+(``recv_messages.paused`` and its ``resume`` hook, the protocol's message size limit) and
+enforces the close deadline websockets sets (``close_deadline``, ``loop``). A
 websockets release may change any of these without notice; pyproject.toml allows only the
 majors tested here, and a relay started on another version with any of them gone refuses to
 start with the version and the name of what is missing, instead of failing at delivery.
@@ -38,6 +39,10 @@ def missing_internals() -> list[str]:
     for name in ("send_data", "data_received", "connection_made", "connection_lost", "ping", "wait_closed"):
         if not callable(getattr(ServerConnection, name, None)):
             missing.append(f"ServerConnection.{name}()")
+    init = _source(Connection.__init__)
+    for name in ("self.loop = ", "self.close_deadline"):
+        if name not in init:
+            missing.append(f"Connection: {name.strip(' =')} set in __init__()")
     if "self.recv_messages = Assembler(" not in _source(Connection.connection_made):
         missing.append("Connection.recv_messages, an Assembler made in connection_made()")
     for name in ("self.paused", "self.resume = resume"):
