@@ -6,17 +6,25 @@ after its close frame, or a TLS proxy in front whose loop stopped) held its conn
 per-address slot and a SIGTERM'd relay's shutdown until that ping; with ``--ping-interval 0``,
 for ever. CI saw it as a relay behind a test TLS proxy that took more than 20 s to stop.
 
+The relay's own close of a subscriber that never reads (cut as a slow consumer, or at
+shutdown) waited in websockets' ``close()`` for its write buffer to drain, without limit.
+
 These relays run with ``--ping-interval 0``, so that only the close deadline can end such a
 connection: without it, each test below waits until its timeout and fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 
 import pytest
 
+from tests.support.clients import ResendingProducer
+from tests.support.metrics import wait_for_metric
+from tests.support.slow_stream import BATCH, padded, stream_size
+from tests.support.sockets import send_handshake, tiny_receive_socket
 from tests.support.waiting import wait_until
 from tests.support.wsframes import masked_frame, upgrade_request
 
@@ -87,3 +95,17 @@ def test_sigterm_stops_the_relay_while_such_peers_keep_their_sockets(relay_facto
     finally:
         for sock in socks:
             sock.close()
+
+
+async def test_sigterm_stops_the_relay_while_a_cut_subscriber_never_reads(relay_factory):
+    relay = relay_factory("--ping-interval", "0", "--max-queue-bytes", "65536")
+    total = stream_size()
+    producer = ResendingProducer(relay.url, "trainer")
+    await producer.publish_all([padded("backlog", i) for i in range(1, total + 1)], batch=BATCH)
+    sock = tiny_receive_socket(relay.port)  # its catch-up fills the kernel's buffers, then the relay's
+    try:
+        send_handshake(sock, relay.port, "/subscribe?run_id=backlog&since=0")
+        await wait_for_metric(relay, "fedrelay_slow_consumers_total", 1, timeout=60)
+        assert await asyncio.to_thread(relay.stop) == 0  # RelayProcess.stop waits 20 s, then fails
+    finally:
+        sock.close()

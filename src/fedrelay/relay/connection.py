@@ -11,7 +11,9 @@
   sets that deadline when the peer sends its close frame but enforces it only when the relay next
   sends something (in practice the next keepalive ping): a peer that answered the handshake and
   kept its socket open held its slot, and the relay's shutdown, until then, or for ever with
-  ``--ping-interval 0``. Here a timer aborts it at the deadline.
+  ``--ping-interval 0``. Here a timer aborts it at the deadline, or up to ``CLOSE_DRAIN_MAX``
+  later while bytes queued before the close frame still wait for the peer (websockets' own
+  ``close()`` waits on those without limit).
 - With permessage-deflate, a few KiB on the wire can inflate to megabytes. websockets decodes
   every complete frame of a socket read before its read-ahead limit (``max_queue`` frames) can
   stop it, so one 256 KiB read of deflated frames could become gigabytes. Here a compressed
@@ -54,6 +56,10 @@ UNREAD_BACKLOG_FACTOR = 4
 TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets for its TLS handshake (asyncio's default waits 60 s)."""
 TLS_SHUTDOWN_TIMEOUT = 5.0
+CLOSE_DRAIN_MAX = 15.0
+"""Seconds a closing connection may last while bytes queued before its close frame still wait
+for the peer (a subscriber cut as a slow consumer reads the rest, then the close code); with
+nothing queued, ``close_timeout``."""
 
 
 class RelayConnection(ServerConnection):
@@ -94,6 +100,7 @@ class RelayConnection(ServerConnection):
     _close_deadline: float | None = None
     _close_timer: asyncio.TimerHandle | None = None
     """Aborts the TCP connection at ``close_deadline`` if the peer has not closed it by then."""
+    _close_began: float = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tls is not None and not self._accepted:
@@ -231,19 +238,31 @@ class RelayConnection(ServerConnection):
         """When the TCP connection must have ended, once a closing handshake has begun.
 
         websockets sets it (whichever side began) and checks it only in its next send; setting it
-        here also starts the timer that enforces it.
+        here also starts the timer that enforces it. websockets also sets it on a connection
+        already lost (its ``close()`` on the way out): no timer then.
         """
         return self._close_deadline
 
     @close_deadline.setter
     def close_deadline(self, deadline: float | None) -> None:
         self._close_deadline = deadline
-        if deadline is not None and self._close_timer is None:
-            self._close_timer = self.loop.call_at(deadline, self._close_overdue)
+        if deadline is None or self._close_timer is not None or self.connection_lost_waiter.done():
+            return
+        self._close_began = self.loop.time()
+        self._close_timer = self.loop.call_at(deadline, self._close_overdue)
 
     def _close_overdue(self) -> None:
-        log.debug("%s did not close its connection after the closing handshake: aborted", self.address)
-        self.transport.abort()  # also when a close() waits on a write buffer the peer never reads
+        """Abort, unless bytes queued before the close frame still wait for the peer: then up to
+        CLOSE_DRAIN_MAX (websockets' ``close()`` waits on them without limit)."""
+        if self.connection_lost_waiter.done():
+            return
+        last = self._close_began + CLOSE_DRAIN_MAX
+        if self.transport.get_write_buffer_size() and self.loop.time() < last:
+            self._close_deadline = last
+            self._close_timer = self.loop.call_at(last, self._close_overdue)
+            return
+        log.debug("%s did not end its connection by the close deadline: aborted", self.address)
+        self.transport.abort()
 
     def _check_unread(self) -> None:
         """Cut a peer whose unread backlog is past the hard bound, whatever queued it.

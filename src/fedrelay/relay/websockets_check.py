@@ -43,6 +43,9 @@ def missing_internals() -> list[str]:
     for name in ("self.loop = ", "self.close_deadline"):
         if name not in init:
             missing.append(f"Connection: {name.strip(' =')} set in __init__()")
+    for method in ("send_context", "data_received"):
+        if "self.close_deadline = " not in _source(getattr(Connection, method, None)):
+            missing.append(f"Connection.{method}() setting self.close_deadline")
     if "self.recv_messages = Assembler(" not in _source(Connection.connection_made):
         missing.append("Connection.recv_messages, an Assembler made in connection_made()")
     for name in ("self.paused", "self.resume = resume"):
