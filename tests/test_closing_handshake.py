@@ -33,9 +33,9 @@ pytestmark = pytest.mark.timeout(120)
 ENDPOINTS = {"/subscribe?run_id=closing": "subscribe", "/publish?producer=closing": "publish", "/": "root"}
 
 
-def close_and_linger(port: int, target: str) -> socket.socket:
+def close_and_linger(port: int, target: str, source: str = "127.0.0.1") -> socket.socket:
     """Open a WebSocket, complete the closing handshake, and keep the socket open, silent."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     sock.sendall(upgrade_request(port, target))
     head = b""
     while b"\r\n\r\n" not in head:
@@ -67,19 +67,22 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("target", list(ENDPOINTS))
-def test_the_connection_ends_at_the_close_deadline_and_frees_its_slot(relay_factory, target):
+def test_the_connection_ends_at_the_close_deadline_and_frees_its_slot(relay_factory):
     relay = relay_factory("--ping-interval", "0", "--max-connections-per-ip", "1")
-    sock = close_and_linger(relay.port, target)
+    # One client address per endpoint (Linux routes all of 127/8 to lo), each with one slot.
+    clients = {target: f"127.0.0.{i}" for i, target in enumerate(ENDPOINTS, start=2)}
+    socks = [close_and_linger(relay.port, target, source) for target, source in clients.items()]
     try:
-        wait_until(lambda: opens(relay.port, target), 30, what="the lingering connection's slot back")
+        for target, source in clients.items():
+            wait_until(lambda t=target, s=source: opens(relay.port, t, s), 30, what=f"{target}'s slot back")
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
-def opens(port: int, target: str) -> bool:
-    """Whether a WebSocket handshake from this address succeeds now (its slot is free)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+def opens(port: int, target: str, source: str) -> bool:
+    """Whether a WebSocket handshake from ``source`` succeeds now (its slot is free)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
         sock.sendall(upgrade_request(port, target))
         head = b""
         while b"\r\n\r\n" not in head and (chunk := sock.recv(1)):

@@ -1,5 +1,8 @@
 """Soak: a 1,000-subscriber run and 100 more runs at once, with slow consumers, for ~60 s.
 
+Marked ``soak``: left out of ``make test`` (``-m soak`` runs it; bench/soak.py runs the same load
+for longer, with a results table). The check of its per-subscriber stream test runs always.
+
 A relay that passes every short test can still fail over time: memory that grows per event
 or per connection, fds not closed, a slow consumer that holds up the others. This runs the
 load of ``soakload.py`` against a real relay process (``FEDRELAY_RELIABILITY_SCALE``
@@ -25,6 +28,7 @@ from tests.reliability.soakload import (
 )
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(int(60 + 100 * scale()))
 def test_soak_fanout_many_runs_and_slow_consumers(relay_factory) -> None:
     raise_fd_limit()  # the relay inherits it: 1,300 sockets
