@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.clients import ResendingProducer
 from tests.support.metrics import wait_for_metric
+from tests.support.raw_http import raw_exchange, status_of
 from tests.support.slow_stream import BATCH, padded, stream_size
 from tests.support.sockets import send_handshake, tiny_receive_socket
 from tests.support.waiting import wait_until
@@ -82,12 +83,7 @@ def test_the_connection_ends_at_the_close_deadline_and_frees_its_slot(relay_fact
 
 def opens(port: int, target: str, source: str) -> bool:
     """Whether a WebSocket handshake from ``source`` succeeds now (its slot is free)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(upgrade_request(port, target))
-        head = b""
-        while b"\r\n\r\n" not in head and (chunk := sock.recv(1)):
-            head += chunk
-        return head.startswith(b"HTTP/1.1 101")
+    return status_of(raw_exchange(port, upgrade_request(port, target), source)) == 101
 
 
 def test_sigterm_stops_the_relay_while_such_peers_keep_their_sockets(relay_factory):

@@ -56,10 +56,13 @@ UNREAD_BACKLOG_FACTOR = 4
 TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection gets for its TLS handshake (asyncio's default waits 60 s)."""
 TLS_SHUTDOWN_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0
+"""Seconds for the TCP connection to end once a closing handshake has begun (websockets'
+``close_timeout``)."""
 CLOSE_DRAIN_MAX = 15.0
 """Seconds a closing connection may last while bytes queued before its close frame still wait
 for the peer (a subscriber cut as a slow consumer reads the rest, then the close code); with
-nothing queued, ``close_timeout``."""
+nothing queued, CLOSE_TIMEOUT."""
 
 
 class RelayConnection(ServerConnection):

@@ -22,7 +22,7 @@ from websockets.asyncio.server import Server, serve
 from .alerts.choice import alert_log_for
 from .alerts.service import AlertService
 from .config import RelayConfig
-from .connection import READ_AHEAD_FRAMES, RelayConnection
+from .connection import CLOSE_TIMEOUT, READ_AHEAD_FRAMES, RelayConnection
 from .eventlog import EventLog, StoreError, is_postgres_url
 from .gate import ANSWERED_PAST_LIMIT as ANSWERED_PAST_LIMIT
 from .gate import Gate
@@ -162,7 +162,7 @@ class Relay:
             max_queue=READ_AHEAD_FRAMES,
             ping_interval=cfg.ping_interval or None,  # 0: no keepalive (websockets takes None)
             ping_timeout=cfg.ping_timeout or None,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT,
             server_header=None,
         )
         self._housekeeping = asyncio.create_task(self._keep_house(), name="fedrelay-housekeeping")
